@@ -1,0 +1,244 @@
+/*
+ * weightsd.h - the public interface of libweightsd.
+ *
+ * libweightsd talks to a running weightsd daemon over its Unix sockets. Workers use the client
+ * socket: wsd_connect(), wsd_open() a model, read its tensors through opaque wsd_tensor_t
+ * handles, wsd_model_free() when done. Operators (and weightsctl) use the admin socket through
+ * wsd_admin_*(), whose replies are JSON documents.
+ *
+ * Conventions (shared by every function here):
+ *  - Fallible functions return int: >= 0 on success, < 0 on failure, either -errno or one of the
+ *    WSD_E* codes below (all <= -1000). wsd_strerror() names any of them.
+ *  - ret_* out-parameters are written only on success.
+ *  - Handles are opaque; *_free() accepts NULL.
+ *  - Nothing here is thread-safe on one handle; distinct handles may be used from distinct threads.
+ */
+#ifndef WEIGHTSD_H
+#define WEIGHTSD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(WSD_BUILDING_LIBRARY)
+#    define WSD_EXTERN __attribute__((visibility("default")))
+#else
+#    define WSD_EXTERN
+#endif
+#define WSD_MUST_CHECK __attribute__((warn_unused_result))
+
+#define WSD_VERSION_MAJOR 0
+#define WSD_VERSION_MINOR 1
+#define WSD_VERSION_PATCH 0
+#define WSD_VERSION_HEX   ((WSD_VERSION_MAJOR << 16) | (WSD_VERSION_MINOR << 8) | WSD_VERSION_PATCH)
+
+/* Wire protocol version carried by HELLO; versioned apart from the library ABI. */
+#define WSD_PROTOCOL_VERSION 1
+
+/* Error codes. Values are part of the wire protocol (Error.code) and of the ABI. */
+enum {
+    WSD_EPROTO = -1000,     /* peer broke the protocol (bad frame, bad message, unexpected fds) */
+    WSD_EVERSION = -1001,   /* protocol version not supported by the peer */
+    WSD_ENOTFOUND = -1002,  /* no model by that name */
+    WSD_EEXIST = -1003,     /* a model by that name exists already */
+    WSD_EBADCKPT = -1004,   /* the checkpoint file is malformed or unsupported */
+    WSD_EBUSY = -1005,      /* model has leases (evict) or is in a state that forbids this */
+    WSD_ELOADING = -1006,   /* model is still loading */
+    WSD_ENODEV = -1007,     /* requested device does not exist or is unavailable */
+    WSD_ELIMIT = -1008,     /* a configured limit was hit (frame size, leases, connections) */
+    WSD_EDENIED = -1009,    /* access policy refused the request */
+    WSD_ENOLEASE = -1010,   /* lease id unknown to this connection */
+    WSD_EIO = -1011,        /* reading the checkpoint failed */
+    WSD_ENOMEM = -1012,     /* memory budget or allocation failure */
+    WSD_EGPU = -1013,       /* CUDA failure */
+    WSD_ESTALE = -1014,     /* model's source changed under it */
+    WSD_ECLOSED = -1015,    /* connection is closed */
+    WSD_EINVAL = -1016,     /* request carries an invalid argument */
+    WSD_EINTERNAL = -1017,  /* bug in weightsd */
+    WSD_EMISMATCH = -1018,  /* content hash differs from the expected one */
+};
+
+/*
+ * Element types. Names (wsd_dtype_name) are the safetensors spellings, whatever the source
+ * format. Numeric values are stable: they travel on the wire.
+ */
+typedef enum wsd_dtype {
+    WSD_DTYPE_BOOL = 0,
+    WSD_DTYPE_U8 = 1,
+    WSD_DTYPE_I8 = 2,
+    WSD_DTYPE_I16 = 3,
+    WSD_DTYPE_U16 = 4,
+    WSD_DTYPE_F16 = 5,
+    WSD_DTYPE_BF16 = 6,
+    WSD_DTYPE_I32 = 7,
+    WSD_DTYPE_U32 = 8,
+    WSD_DTYPE_F32 = 9,
+    WSD_DTYPE_F64 = 10,
+    WSD_DTYPE_I64 = 11,
+    WSD_DTYPE_U64 = 12,
+    WSD_DTYPE_F8_E5M2 = 13,
+    WSD_DTYPE_F8_E4M3 = 14,
+    WSD_DTYPE_F8_E8M0 = 15,
+    WSD_DTYPE_F8_E4M3FNUZ = 16,
+    WSD_DTYPE_F8_E5M2FNUZ = 17,
+    WSD_DTYPE_F4 = 18,
+    WSD_DTYPE_F6_E2M3 = 19,
+    WSD_DTYPE_F6_E3M2 = 20,
+    WSD_DTYPE_C64 = 21,
+    WSD_DTYPE_C128 = 22, /* torch complex128; not a safetensors dtype */
+    _WSD_DTYPE_MAX,
+    _WSD_DTYPE_INVALID = -22 /* -EINVAL */
+} wsd_dtype_t;
+
+/* Most dimensions a tensor may have; deeper tensors are rejected at preload. */
+#define WSD_MAX_NDIM 8
+
+typedef struct wsd_client wsd_client_t;
+typedef struct wsd_model wsd_model_t;
+typedef struct wsd_tensor wsd_tensor_t;
+
+/** \retval WSD_VERSION_HEX of the library actually loaded. */
+WSD_EXTERN unsigned wsd_version(void);
+
+/** \retval a static, human string for any return code of this library (never NULL). */
+WSD_EXTERN const char *wsd_strerror(int err);
+
+/** \retval safetensors name of \p dtype ("F32", ...), or NULL for an unknown value. */
+WSD_EXTERN const char *wsd_dtype_name(int dtype);
+
+/** \retval bits per element of \p dtype (4 for F4, 6 for F6_*), 0 for an unknown value. */
+WSD_EXTERN unsigned wsd_dtype_bits(int dtype);
+
+/** Parses a safetensors dtype name. \retval the wsd_dtype_t value, or -EINVAL. */
+WSD_EXTERN int wsd_dtype_from_name(const char *name);
+
+/**
+ * Default client socket path: $WEIGHTSD_SOCKET, else /run/weightsd/weightsd.sock for root,
+ * else $XDG_RUNTIME_DIR/weightsd/weightsd.sock. Admin: $WEIGHTSD_ADMIN_SOCKET, else admin.sock
+ * in the same directory.
+ * \param[in] admin  non-zero for the admin socket.
+ * \retval pointer to a static buffer (overwritten by the next call), or NULL if no directory is
+ *         known (non-root without $XDG_RUNTIME_DIR).
+ */
+WSD_EXTERN const char *wsd_default_socket(int admin);
+
+/**
+ * Connects to a daemon socket and performs the HELLO exchange.
+ * \param[in]  path        socket path; NULL means wsd_default_socket(0).
+ * \param[out] ret_client  new handle; free with wsd_close().
+ * \retval 0, -errno from connect(), WSD_EVERSION, WSD_EPROTO.
+ */
+WSD_EXTERN WSD_MUST_CHECK int wsd_connect(const char *path, wsd_client_t **ret_client);
+
+/**
+ * Sets the timeout for every later request on \p c, in milliseconds (default 30000; 0 = wait
+ * forever). \retval 0 or -EINVAL.
+ */
+WSD_EXTERN int wsd_set_timeout(wsd_client_t *c, int timeout_ms);
+
+/**
+ * Closes the connection. The daemon releases every lease this connection held. Models opened
+ * through \p c stay mapped and readable until each is passed to wsd_model_free(). NULL is fine.
+ */
+WSD_EXTERN void wsd_close(wsd_client_t *c);
+
+/** \retval message of the last error the daemon sent on \p c ("" if none). Valid until the next call. */
+WSD_EXTERN const char *wsd_last_error(const wsd_client_t *c);
+
+/* Flags for wsd_open(). */
+#define WSD_OPEN_WAIT (1u << 0) /* if the model is still loading, wait instead of WSD_ELOADING */
+
+/**
+ * Opens (leases) a model and maps its memory: MAP_PRIVATE, PROT_READ|PROT_WRITE, so writes stay
+ * private to this process (copy-on-write) and other workers never see them.
+ * \param[in]  c          connected client.
+ * \param[in]  name       model name.
+ * \param[in]  device     "cpu" or NULL (the only device this build serves over the host tier).
+ * \param[in]  flags      WSD_OPEN_* flags.
+ * \param[out] ret_model  new handle; free with wsd_model_free(). Holds its own reference on the
+ *                        connection's state, so it may outlive wsd_close(c).
+ * \retval 0, WSD_ENOTFOUND, WSD_ELOADING, WSD_ENODEV, WSD_EPROTO, WSD_ECLOSED, -errno.
+ */
+WSD_EXTERN WSD_MUST_CHECK int wsd_open(wsd_client_t *c, const char *name, const char *device,
+                                       unsigned flags, wsd_model_t **ret_model);
+
+/**
+ * Releases the lease (if the connection is still open) and unmaps. Every pointer obtained from
+ * the model (tensor handles, data pointers) is invalid afterwards. NULL is fine.
+ */
+WSD_EXTERN void wsd_model_free(wsd_model_t *m);
+
+/** Releases the lease now but keeps the mapping (data stays valid until wsd_model_free()). */
+WSD_EXTERN int wsd_model_release(wsd_model_t *m);
+
+WSD_EXTERN const char *wsd_model_name(const wsd_model_t *m);
+WSD_EXTERN size_t wsd_model_tensor_count(const wsd_model_t *m);
+/** \retval base address of the whole mapping, and in \p ret_size its length (may be NULL). */
+WSD_EXTERN const void *wsd_model_base(const wsd_model_t *m, uint64_t *ret_size);
+/** \retval lease id the daemon granted. */
+WSD_EXTERN uint64_t wsd_model_lease(const wsd_model_t *m);
+/** \retval content hash as lowercase hex ("" when the daemon sent none). */
+WSD_EXTERN const char *wsd_model_hash(const wsd_model_t *m);
+
+/** \retval tensor \p i in manifest order, or NULL when \p i is out of range. */
+WSD_EXTERN const wsd_tensor_t *wsd_model_tensor(const wsd_model_t *m, size_t i);
+/** \retval the tensor named \p name, or NULL. */
+WSD_EXTERN const wsd_tensor_t *wsd_model_find(const wsd_model_t *m, const char *name);
+
+/** Number of storages (byte ranges tensors point into; tied weights share one). */
+WSD_EXTERN size_t wsd_model_storage_count(const wsd_model_t *m);
+/** Storage \p i: its data pointer and length in bytes. \retval 0 or -EINVAL. */
+WSD_EXTERN int wsd_model_storage(const wsd_model_t *m, size_t i, void **ret_data,
+                                 uint64_t *ret_nbytes);
+
+WSD_EXTERN const char *wsd_tensor_name(const wsd_tensor_t *t);
+WSD_EXTERN int wsd_tensor_dtype(const wsd_tensor_t *t);
+WSD_EXTERN unsigned wsd_tensor_ndim(const wsd_tensor_t *t);
+/** \retval array of wsd_tensor_ndim() sizes. */
+WSD_EXTERN const int64_t *wsd_tensor_shape(const wsd_tensor_t *t);
+/** \retval array of wsd_tensor_ndim() strides, in elements. */
+WSD_EXTERN const int64_t *wsd_tensor_strides(const wsd_tensor_t *t);
+/** \retval index of the storage this tensor views. */
+WSD_EXTERN size_t wsd_tensor_storage(const wsd_tensor_t *t);
+/** \retval offset into its storage, in elements. */
+WSD_EXTERN uint64_t wsd_tensor_storage_offset(const wsd_tensor_t *t);
+/** \retval bytes spanned by the tensor's elements (numel * itemsize; 0 for empty tensors). */
+WSD_EXTERN uint64_t wsd_tensor_nbytes(const wsd_tensor_t *t);
+/** \retval address of element 0 (storage data + storage_offset * itemsize). Writable, private. */
+WSD_EXTERN void *wsd_tensor_data(const wsd_tensor_t *t);
+
+/*
+ * Admin interface (admin socket). Each call sends one request and returns the daemon's answer
+ * as a JSON document in *ret_json (malloc'ed; the caller frees it). On failure the daemon's
+ * message is available through wsd_last_error().
+ */
+
+/* Options for wsd_admin_preload(); zero-initialise and set what you need. */
+typedef struct wsd_preload_opts {
+    size_t size;       /* sizeof(wsd_preload_opts_t), for growth (A2) */
+    const char *dtype; /* "bf16", "f16", "f32" or NULL: convert floating tensors */
+    const char *share; /* "memfd" (default) or "file" */
+    const char *key;   /* serve only this subtree of a nested checkpoint */
+    int no_verify;     /* skip CRC-32 checks of zip records */
+} wsd_preload_opts_t;
+
+/** Preloads \p path as \p name. \retval 0, WSD_EEXIST, WSD_EBADCKPT, WSD_EIO, ... */
+WSD_EXTERN WSD_MUST_CHECK int wsd_admin_preload(wsd_client_t *c, const char *name,
+                                                const char *path, const wsd_preload_opts_t *opts,
+                                                char **ret_json);
+/* Flags for wsd_admin_evict(). */
+#define WSD_EVICT_DRAIN (1u << 0) /* refuse new opens; free when the last lease goes */
+#define WSD_EVICT_FORCE (1u << 1) /* free now even with leases (mapped workers keep their pages) */
+WSD_EXTERN WSD_MUST_CHECK int wsd_admin_evict(wsd_client_t *c, const char *name, unsigned flags,
+                                              char **ret_json);
+WSD_EXTERN WSD_MUST_CHECK int wsd_admin_list(wsd_client_t *c, char **ret_json);
+WSD_EXTERN WSD_MUST_CHECK int wsd_admin_info(wsd_client_t *c, const char *name, char **ret_json);
+WSD_EXTERN WSD_MUST_CHECK int wsd_admin_stats(wsd_client_t *c, char **ret_json);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* WEIGHTSD_H */

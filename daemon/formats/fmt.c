@@ -1,0 +1,247 @@
+/*
+ * fmt.c - shared pieces of the checkpoint readers: error reports, the pread-only source file,
+ * content sniffing (FORMATS.md §1) and fmt_load(), which picks the reader for a path.
+ */
+#include "fmt.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "index.h"
+
+int fmt_fail(fmt_err_t *err, int code, const char *rule, const char *fmt, ...)
+{
+    va_list ap;
+    int n = 0;
+
+    if (!err || err->code != 0)
+        return code;
+    err->code = code;
+    if (rule)
+        n = snprintf(err->msg, sizeof(err->msg), "%s: ", rule);
+    if (n < 0 || (size_t)n >= sizeof(err->msg))
+        n = 0;
+    va_start(ap, fmt);
+    (void)vsnprintf(err->msg + n, sizeof(err->msg) - (size_t)n, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+void fmt_warn(manifest_t *m, const char *rule, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    int n;
+
+    if (m->nwarnings >= MANIFEST_WARNINGS_MAX)
+        return;
+    n = snprintf(buf, sizeof(buf), "%s: ", rule);
+    if (n < 0 || (size_t)n >= sizeof(buf))
+        n = 0;
+    va_start(ap, fmt);
+    (void)vsnprintf(buf + n, sizeof(buf) - (size_t)n, fmt, ap);
+    va_end(ap);
+    m->warnings[m->nwarnings] = strdup(buf);
+    if (m->warnings[m->nwarnings])
+        m->nwarnings++;
+}
+
+int source_open(const char *path, source_t *ret, fmt_err_t *err)
+{
+    source_t s = {.fd = -1};
+
+    s.fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    if (s.fd < 0) {
+        int e = errno;
+
+        return fmt_fail(err, e == ENOENT ? WSD_ENOTFOUND : WSD_EIO, "E_OPEN", "cannot open '%s': %s",
+                        path, strerror(e));
+    }
+    if (fstat(s.fd, &s.st) < 0) {
+        int e = errno;
+
+        (void)close(s.fd);
+        return fmt_fail(err, WSD_EIO, "E_OPEN", "cannot stat '%s': %s", path, strerror(e));
+    }
+    if (!S_ISREG(s.st.st_mode)) {
+        (void)close(s.fd);
+        return fmt_fail(err, WSD_EBADCKPT, "E_NOT_REGULAR", "'%s' is %s, not a regular file", path,
+                        S_ISDIR(s.st.st_mode) ? "a directory" : "a special file");
+    }
+    s.size = (uint64_t)s.st.st_size;
+    s.path = strdup(path);
+    if (!s.path) {
+        (void)close(s.fd);
+        return fmt_fail(err, -ENOMEM, NULL, "out of memory");
+    }
+    *ret = s;
+    return 0;
+}
+
+void source_close(source_t *s)
+{
+    if (s->fd >= 0)
+        (void)close(s->fd);
+    s->fd = -1;
+    free(s->path);
+    s->path = NULL;
+}
+
+int source_pread(const source_t *s, void *buf, size_t len, uint64_t off, fmt_err_t *err)
+{
+    size_t done = 0;
+
+    if (off > s->size || len > s->size - off)
+        return fmt_fail(err, WSD_EBADCKPT, "E_TRUNCATED",
+                        "'%s': %zu bytes at offset %llu lie past the end of the file (%llu bytes)",
+                        s->path, len, (unsigned long long)off, (unsigned long long)s->size);
+    while (done < len) {
+        ssize_t n = pread(s->fd, (char *)buf + done, len - done, (off_t)(off + done));
+
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return fmt_fail(err, WSD_EIO, "E_READ", "'%s': read at offset %llu failed: %s", s->path,
+                            (unsigned long long)(off + done), strerror(errno));
+        if (n == 0)
+            return fmt_fail(err, WSD_ESTALE, "E_CHANGED",
+                            "'%s': file shrank while reading (offset %llu)", s->path,
+                            (unsigned long long)(off + done));
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+int source_check_unchanged(const source_t *s, fmt_err_t *err)
+{
+    struct stat st;
+
+    if (fstat(s->fd, &st) < 0)
+        return fmt_fail(err, WSD_EIO, "E_READ", "cannot stat '%s': %s", s->path, strerror(errno));
+    if (st.st_size != s->st.st_size || st.st_ino != s->st.st_ino ||
+        st.st_mtim.tv_sec != s->st.st_mtim.tv_sec || st.st_mtim.tv_nsec != s->st.st_mtim.tv_nsec)
+        return fmt_fail(err, WSD_ESTALE, "E_CHANGED", "'%s' changed while it was being loaded",
+                        s->path);
+    return 0;
+}
+
+int fmt_detect(const source_t *s, fmt_kind_t *ret_kind, fmt_err_t *err)
+{
+    uint8_t head[264];
+    size_t n = s->size < sizeof(head) ? (size_t)s->size : sizeof(head);
+    uint64_t hlen = 0;
+    int r;
+
+    if (s->size < 8)
+        return fmt_fail(err, WSD_EBADCKPT, "E_TOO_SMALL",
+                        "'%s': %llu bytes is too small to be a checkpoint", s->path,
+                        (unsigned long long)s->size);
+    r = source_pread(s, head, n, 0, err);
+    if (r < 0)
+        return r;
+    if (memcmp(head, "PK\x03\x04", 4) == 0) {
+        *ret_kind = FMT_TORCH_ZIP;
+        return 0;
+    }
+    if (memcmp(head, "PYTORCH1", 8) == 0)
+        return fmt_fail(err, WSD_EBADCKPT, "E_TORCH_PREVIEW",
+                        "'%s': unsupported archive format from the PyTorch 1.0 preview release; "
+                        "re-save it with torch >= 1.6",
+                        s->path);
+    if (head[0] == 0x80)
+        return fmt_fail(err, WSD_EBADCKPT, "E_LEGACY_TORCH",
+                        "'%s': legacy PyTorch format (pre-1.6 or _use_new_zipfile_serialization="
+                        "False); re-save with torch>=1.6 or convert to safetensors",
+                        s->path);
+    if (n >= 262 && memcmp(head + 257, "ustar", 5) == 0)
+        return fmt_fail(err, WSD_EBADCKPT, "E_LEGACY_TORCH",
+                        "'%s': tar container of PyTorch < 0.1.10; re-save with torch>=1.6",
+                        s->path);
+    for (int i = 7; i >= 0; i--)
+        hlen = hlen << 8 | head[i];
+    if (hlen >= 2 && hlen <= 100000000ull && hlen + 8 <= s->size) {
+        size_t i = 8;
+
+        while (i < n && (head[i] == ' ' || head[i] == '\t' || head[i] == '\n' || head[i] == '\r'))
+            i++;
+        if (i < n && head[i] == '{') {
+            *ret_kind = FMT_SAFETENSORS;
+            return 0;
+        }
+    }
+    if (memcmp(head, "GGUF", 4) == 0)
+        return fmt_fail(err, WSD_EBADCKPT, "E_UNKNOWN_FORMAT", "'%s' is a GGUF file, not supported",
+                        s->path);
+    if (memcmp(head, "\x93NUMPY", 6) == 0)
+        return fmt_fail(err, WSD_EBADCKPT, "E_UNKNOWN_FORMAT", "'%s' is a NumPy .npy file",
+                        s->path);
+    if (memcmp(head, "\x89HDF\r\n\x1a\n", 8) == 0)
+        return fmt_fail(err, WSD_EBADCKPT, "E_UNKNOWN_FORMAT", "'%s' is an HDF5 file", s->path);
+    return fmt_fail(err, WSD_EBADCKPT, "E_UNKNOWN_FORMAT",
+                    "'%s' is neither a safetensors file nor a torch.save zip archive", s->path);
+}
+
+static bool ends_with(const char *s, const char *suffix)
+{
+    size_t a = strlen(s), b = strlen(suffix);
+
+    return a >= b && strcmp(s + a - b, suffix) == 0;
+}
+
+int fmt_load(const char *path, const fmt_opts_t *opts, manifest_t **ret_m, source_t **ret_sources,
+             size_t *ret_nsources, fmt_err_t *err)
+{
+    manifest_t *m = NULL;
+    source_t *src = NULL;
+    fmt_kind_t kind;
+    int r;
+
+    if (ends_with(path, ".index.json"))
+        return index_load(path, opts, ret_m, ret_sources, ret_nsources, err);
+
+    m = manifest_new();
+    src = calloc(1, sizeof(*src));
+    if (!m || !src) {
+        r = fmt_fail(err, -ENOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    src->fd = -1;
+    r = source_open(path, src, err);
+    if (r < 0)
+        goto fail;
+    r = fmt_detect(src, &kind, err);
+    if (r < 0)
+        goto fail;
+    if (kind == FMT_SAFETENSORS) {
+        if (opts && opts->key) {
+            r = fmt_fail(err, WSD_EINVAL, "E_KEY", "--key applies to torch checkpoints only; "
+                                                   "'%s' is safetensors", path);
+            goto fail;
+        }
+        snprintf(m->format, sizeof(m->format), "safetensors");
+        r = safetensors_read(src, 0, m, err);
+    } else {
+        snprintf(m->format, sizeof(m->format), "torch");
+        r = torch_read(src, 0, opts ? opts->key : NULL, m, err);
+    }
+    if (r < 0)
+        goto fail;
+    r = manifest_validate(m, err);
+    if (r < 0)
+        goto fail;
+    *ret_m = m;
+    *ret_sources = src;
+    *ret_nsources = 1;
+    return 0;
+
+fail:
+    if (src)
+        source_close(src);
+    free(src);
+    manifest_free(m);
+    return r;
+}
