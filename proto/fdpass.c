@@ -6,11 +6,12 @@
 #include "fdpass.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "limits.h"
+#include "wsd_limits.h"
 
 /* Room for the most descriptors one recvmsg() may legally carry, plus slack so that a peer that
  * sends a few more is detected (and refused) rather than silently truncated. */

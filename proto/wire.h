@@ -12,10 +12,17 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "limits.h"
+#include "wsd_limits.h"
 #include "weightsd.pb-c.h"
 
 typedef Weightsd__V1__Frame wire_msg_t;
+
+/* protobuf-c declares string fields char * even when only read while packing; this is the one
+ * place that drops const for it. */
+static inline char *wire_str(const char *s)
+{
+    return (char *)(uintptr_t)s;
+}
 
 /* Incoming byte stream of one connection: buffered bytes plus descriptors not yet claimed. */
 typedef struct wire_reader {

@@ -58,7 +58,7 @@ int source_open(const char *path, source_t *ret, fmt_err_t *err)
     if (s.fd < 0) {
         int e = errno;
 
-        return fmt_fail(err, e == ENOENT ? WSD_ENOTFOUND : WSD_EIO, "E_OPEN", "cannot open '%s': %s",
+        return fmt_fail(err, WSD_EIO, "E_OPEN", "cannot open '%s': %s",
                         path, strerror(e));
     }
     if (fstat(s.fd, &s.st) < 0) {

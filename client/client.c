@@ -1,0 +1,679 @@
+/*
+ * client.c - libweightsd: one blocking connection to a weightsd socket.
+ *
+ * Divided into: connection lifetime and the request/reply exchange (wsd_connect, rpc), models
+ * (wsd_open maps the received fd and builds the tensor table once, so every later lookup is
+ * local), and the admin verbs, which return the daemon's JSON document untouched.
+ *
+ * Lifetimes: a wsd_client_t is reference counted; the caller's reference goes with wsd_close()
+ * and each open model holds one more, so a model stays readable after its connection closed.
+ */
+#include "weightsd.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "fdpass.h"
+#include "wsd_limits.h"
+#include "wire.h"
+
+#define CLIENT_TIMEOUT_DEFAULT_MS 30000
+
+/* Seals every host-tier memfd must carry; extra ones (F_SEAL_EXEC) are fine (RELIABILITY I5). */
+#define REQUIRED_SEALS (F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
+
+struct wsd_client {
+    unsigned refs;           /* caller's reference (until wsd_close) + one per open model */
+    int fd;                  /* connected socket, -1 once closed */
+    bool admin;              /* HELLO said this is the admin socket */
+    wire_reader_t reader;    /* reassembles replies */
+    uint64_t next_id;        /* id of the next request */
+    int timeout_ms;          /* per request; 0 = forever */
+    char last_error[512];    /* message of the last Error frame */
+};
+
+struct wsd_tensor {
+    const wsd_model_t *model;
+    char *name;
+    int dtype;
+    unsigned ndim;
+    int64_t shape[WSD_MAX_NDIM];
+    int64_t strides[WSD_MAX_NDIM];
+    size_t storage;
+    uint64_t storage_offset; /* elements */
+    uint64_t nbytes;
+    void *data;              /* element 0 */
+};
+
+struct wsd_storage {
+    void *data;
+    uint64_t nbytes;
+};
+
+struct wsd_model {
+    wsd_client_t *client;     /* reference held until wsd_model_free */
+    char *name;
+    uint64_t lease;           /* 0 once released */
+    void *base;               /* MAP_PRIVATE mapping of the whole fd, NULL if map_size == 0 */
+    uint64_t map_size;
+    wsd_tensor_t *tensors;
+    size_t ntensors;
+    struct wsd_storage *storages;
+    size_t nstorages;
+    uint32_t *index;          /* open-addressing table of tensor indices by name, size index_cap */
+    size_t index_cap;
+    char hash[72];            /* content hash, hex */
+};
+
+static wsd_client_t *client_ref(wsd_client_t *c)
+{
+    c->refs++;
+    return c;
+}
+
+static void client_close_fd(wsd_client_t *c)
+{
+    if (c->fd >= 0)
+        (void)close(c->fd);
+    c->fd = -1;
+    wire_reader_done(&c->reader);
+}
+
+static void client_unref(wsd_client_t *c)
+{
+    if (!c || --c->refs > 0)
+        return;
+    client_close_fd(c);
+    free(c);
+}
+
+static void set_error(wsd_client_t *c, const char *msg)
+{
+    snprintf(c->last_error, sizeof(c->last_error), "%s", msg);
+}
+
+/*
+ * Sends \p req (its id is assigned here) with no fds and waits for the reply with the same id.
+ * An Error frame becomes its code (and last_error). The caller owns *ret on success.
+ */
+static int rpc(wsd_client_t *c, wire_msg_t *req, wire_frame_t *ret)
+{
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    wire_frame_t f;
+    int r;
+
+    if (c->fd < 0)
+        return WSD_ECLOSED;
+    c->last_error[0] = '\0';
+    req->id = ++c->next_id;
+    r = wire_encode(req, 0, &buf, &len);
+    if (r < 0)
+        return r;
+    r = wire_send_all(c->fd, buf, len, NULL, 0);
+    free(buf);
+    if (r < 0)
+        goto broken;
+    r = wire_recv_frame(&c->reader, c->fd, c->timeout_ms, &f);
+    if (r < 0)
+        goto broken;
+    if (f.msg->id != req->id) {
+        wire_frame_done(&f);
+        set_error(c, "reply does not match the request");
+        r = WSD_EPROTO;
+        goto broken;
+    }
+    if (f.msg->body_case == WEIGHTSD__V1__FRAME__BODY_ERROR) {
+        r = f.msg->error->code;
+        set_error(c, f.msg->error->message ? f.msg->error->message : "");
+        wire_frame_done(&f);
+        return r < 0 ? r : WSD_EPROTO;
+    }
+    *ret = f;
+    return 0;
+
+broken:
+    /* A transport failure or a desynchronised stream leaves no way to match later replies. */
+    if (r == -ECONNRESET || r == -EPIPE)
+        r = WSD_ECLOSED;
+    if (r == -EBADMSG || r == -EMSGSIZE)
+        r = WSD_EPROTO;
+    if (!c->last_error[0])
+        set_error(c, wsd_strerror(r));
+    client_close_fd(c);
+    return r;
+}
+
+WSD_EXTERN const char *wsd_default_socket(int admin)
+{
+    static char path[PATH_MAX];
+    const char *env = getenv(admin ? "WEIGHTSD_ADMIN_SOCKET" : "WEIGHTSD_SOCKET");
+    const char *dir;
+    const char *file = admin ? "admin.sock" : "weightsd.sock";
+
+    if (env && *env)
+        return env;
+    if (geteuid() == 0)
+        dir = "/run/weightsd";
+    else {
+        const char *xdg = getenv("XDG_RUNTIME_DIR");
+
+        if (!xdg || !*xdg)
+            return NULL;
+        snprintf(path, sizeof(path), "%s/weightsd/%s", xdg, file);
+        return path;
+    }
+    snprintf(path, sizeof(path), "%s/%s", dir, file);
+    return path;
+}
+
+WSD_EXTERN int wsd_connect(const char *path, wsd_client_t **ret_client)
+{
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__Hello hello = WEIGHTSD__V1__HELLO__INIT;
+    static char client_name[] = "libweightsd/0.1.0";
+    wsd_client_t *c;
+    wire_frame_t f;
+    int r;
+
+    if (!ret_client)
+        return -EINVAL;
+    if (!path)
+        path = wsd_default_socket(0);
+    if (!path)
+        return -ENOENT;
+    if (strlen(path) >= sizeof(sa.sun_path))
+        return -ENAMETOOLONG;
+    memcpy(sa.sun_path, path, strlen(path) + 1);
+
+    c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->refs = 1;
+    c->timeout_ms = CLIENT_TIMEOUT_DEFAULT_MS;
+    wire_reader_init(&c->reader, WSD_REPLY_MAX);
+    c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->fd < 0) {
+        r = -errno;
+        goto fail;
+    }
+    if (connect(c->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        r = -errno;
+        goto fail;
+    }
+
+    hello.protocol = WSD_PROTOCOL_VERSION;
+    hello.client = client_name;
+    req.body_case = WEIGHTSD__V1__FRAME__BODY_HELLO;
+    req.hello = &hello;
+    r = rpc(c, &req, &f);
+    if (r < 0)
+        goto fail;
+    if (f.msg->body_case != WEIGHTSD__V1__FRAME__BODY_HELLO_REPLY) {
+        wire_frame_done(&f);
+        r = WSD_EPROTO;
+        goto fail;
+    }
+    if (f.msg->hello_reply->protocol != WSD_PROTOCOL_VERSION) {
+        wire_frame_done(&f);
+        r = WSD_EVERSION;
+        goto fail;
+    }
+    c->admin = f.msg->hello_reply->admin;
+    wire_frame_done(&f);
+    *ret_client = c;
+    return 0;
+
+fail:
+    client_unref(c);
+    return r;
+}
+
+WSD_EXTERN int wsd_set_timeout(wsd_client_t *c, int timeout_ms)
+{
+    if (!c || timeout_ms < 0)
+        return -EINVAL;
+    c->timeout_ms = timeout_ms;
+    return 0;
+}
+
+WSD_EXTERN void wsd_close(wsd_client_t *c)
+{
+    if (!c)
+        return;
+    client_close_fd(c);
+    client_unref(c);
+}
+
+WSD_EXTERN const char *wsd_last_error(const wsd_client_t *c)
+{
+    return c ? c->last_error : "";
+}
+
+/* The daemon is trusted less than nothing here: a bad manifest must not make us read outside
+ * the mapping, so every range is checked before any pointer is formed. */
+static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf)
+{
+    m->nstorages = mf->n_storages;
+    m->storages = calloc(mf->n_storages ? mf->n_storages : 1, sizeof(*m->storages));
+    m->ntensors = mf->n_tensors;
+    m->tensors = calloc(mf->n_tensors ? mf->n_tensors : 1, sizeof(*m->tensors));
+    m->index_cap = 16;
+    while (m->index_cap < mf->n_tensors * 2)
+        m->index_cap *= 2;
+    m->index = malloc(m->index_cap * sizeof(*m->index));
+    if (!m->storages || !m->tensors || !m->index)
+        return -ENOMEM;
+    memset(m->index, 0xff, m->index_cap * sizeof(*m->index));
+
+    for (size_t i = 0; i < mf->n_storages; i++) {
+        const Weightsd__V1__StorageInfo *s = mf->storages[i];
+
+        if (s->offset > m->map_size || s->nbytes > m->map_size - s->offset)
+            return WSD_EPROTO;
+        m->storages[i].data = (char *)m->base + s->offset;
+        m->storages[i].nbytes = s->nbytes;
+    }
+    for (size_t i = 0; i < mf->n_tensors; i++) {
+        const Weightsd__V1__TensorInfo *ti = mf->tensors[i];
+        wsd_tensor_t *t = &m->tensors[i];
+        unsigned bits = wsd_dtype_bits((int)ti->dtype);
+        uint64_t h = 1469598103934665603ull;
+        size_t slot;
+
+        if (!bits || ti->n_shape != ti->n_stride || ti->n_shape > WSD_MAX_NDIM ||
+            ti->storage >= m->nstorages || !ti->name)
+            return WSD_EPROTO;
+        if (bits % 8 == 0) {
+            uint64_t itemsize = bits / 8;
+
+            if (ti->storage_offset > m->storages[ti->storage].nbytes / itemsize)
+                return WSD_EPROTO;
+        }
+        t->model = m;
+        t->name = strdup(ti->name);
+        if (!t->name)
+            return -ENOMEM;
+        t->dtype = (int)ti->dtype;
+        t->ndim = (unsigned)ti->n_shape;
+        memcpy(t->shape, ti->shape, ti->n_shape * sizeof(int64_t));
+        memcpy(t->strides, ti->stride, ti->n_stride * sizeof(int64_t));
+        t->storage = ti->storage;
+        t->storage_offset = ti->storage_offset;
+        t->nbytes = ti->nbytes;
+        t->data = (char *)m->storages[ti->storage].data +
+                  (bits % 8 ? 0 : ti->storage_offset * (bits / 8));
+
+        for (const char *p = t->name; *p; p++)
+            h = (h ^ (uint8_t)*p) * 1099511628211ull;
+        slot = (size_t)h & (m->index_cap - 1);
+        while (m->index[slot] != UINT32_MAX)
+            slot = (slot + 1) & (m->index_cap - 1);
+        m->index[slot] = (uint32_t)i;
+    }
+    snprintf(m->hash, sizeof(m->hash), "%s", mf->content_hash ? mf->content_hash : "");
+    return 0;
+}
+
+/* The fd must be unchangeable under us: a fully sealed memfd, or a file opened read-only (the
+ * daemon's file share mode). fstat guards against mapping past the end (SIGBUS). */
+static int check_fd(int fd, uint64_t map_size)
+{
+    struct stat st;
+    int seals, fl;
+
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    if (!S_ISREG(st.st_mode) || (uint64_t)st.st_size < map_size)
+        return WSD_EPROTO;
+    seals = fcntl(fd, F_GET_SEALS);
+    if (seals >= 0)
+        return (seals & REQUIRED_SEALS) == REQUIRED_SEALS ? 0 : WSD_EPROTO;
+    fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || (fl & O_ACCMODE) != O_RDONLY)
+        return WSD_EPROTO;
+    return 0;
+}
+
+WSD_EXTERN int wsd_open(wsd_client_t *c, const char *name, const char *device, unsigned flags,
+                        wsd_model_t **ret_model)
+{
+    Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__OpenRequest open = WEIGHTSD__V1__OPEN_REQUEST__INIT;
+    const Weightsd__V1__Manifest *mf;
+    wsd_model_t *m = NULL;
+    wire_frame_t f = {0};
+    int r;
+
+    if (!c || !name || !ret_model)
+        return -EINVAL;
+    open.model = wire_str(name);
+    open.device = wire_str(device ? device : "cpu");
+    open.flags = flags;
+    req.body_case = WEIGHTSD__V1__FRAME__BODY_OPEN;
+    req.open = &open;
+    r = rpc(c, &req, &f);
+    if (r < 0)
+        return r;
+    if (f.msg->body_case != WEIGHTSD__V1__FRAME__BODY_OPEN_REPLY || f.nfds != 1 ||
+        !f.msg->open_reply->manifest) {
+        r = WSD_EPROTO;
+        set_error(c, "malformed open reply");
+        goto out;
+    }
+    mf = f.msg->open_reply->manifest;
+
+    m = calloc(1, sizeof(*m));
+    if (!m) {
+        r = -ENOMEM;
+        goto out;
+    }
+    m->lease = f.msg->open_reply->lease;
+    m->client = client_ref(c);
+    m->name = strdup(name);
+    m->map_size = mf->map_size;
+    if (!m->name) {
+        r = -ENOMEM;
+        goto out;
+    }
+    r = check_fd(f.fds[0], m->map_size);
+    if (r < 0) {
+        set_error(c, "daemon sent an fd that is not sealed or not read-only");
+        goto out;
+    }
+    if (m->map_size > 0) {
+        void *p = mmap(NULL, m->map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, f.fds[0], 0);
+
+        if (p == MAP_FAILED) {
+            r = -errno;
+            goto out;
+        }
+        m->base = p;
+    }
+    r = model_build(m, mf);
+    if (r < 0) {
+        set_error(c, "daemon sent an inconsistent manifest");
+        goto out;
+    }
+    *ret_model = m;
+    m = NULL;
+
+out:
+    wire_frame_done(&f); /* closes the fd: the mapping keeps the memory */
+    wsd_model_free(m);
+    return r;
+}
+
+WSD_EXTERN int wsd_model_release(wsd_model_t *m)
+{
+    Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__ReleaseRequest rel = WEIGHTSD__V1__RELEASE_REQUEST__INIT;
+    wire_frame_t f;
+    int r;
+
+    if (!m)
+        return -EINVAL;
+    if (!m->lease)
+        return 0;
+    rel.lease = m->lease;
+    m->lease = 0;
+    /* A closed connection released every lease already. */
+    if (m->client->fd < 0)
+        return 0;
+    req.body_case = WEIGHTSD__V1__FRAME__BODY_RELEASE;
+    req.release = &rel;
+    r = rpc(m->client, &req, &f);
+    if (r < 0)
+        return r;
+    wire_frame_done(&f);
+    return 0;
+}
+
+WSD_EXTERN void wsd_model_free(wsd_model_t *m)
+{
+    if (!m)
+        return;
+    if (m->client)
+        (void)wsd_model_release(m);
+    if (m->base)
+        (void)munmap(m->base, m->map_size);
+    for (size_t i = 0; m->tensors && i < m->ntensors; i++)
+        free(m->tensors[i].name);
+    free(m->tensors);
+    free(m->storages);
+    free(m->index);
+    free(m->name);
+    client_unref(m->client);
+    free(m);
+}
+
+WSD_EXTERN const char *wsd_model_name(const wsd_model_t *m)
+{
+    return m ? m->name : NULL;
+}
+
+WSD_EXTERN size_t wsd_model_tensor_count(const wsd_model_t *m)
+{
+    return m ? m->ntensors : 0;
+}
+
+WSD_EXTERN const void *wsd_model_base(const wsd_model_t *m, uint64_t *ret_size)
+{
+    if (!m)
+        return NULL;
+    if (ret_size)
+        *ret_size = m->map_size;
+    return m->base;
+}
+
+WSD_EXTERN uint64_t wsd_model_lease(const wsd_model_t *m)
+{
+    return m ? m->lease : 0;
+}
+
+WSD_EXTERN const char *wsd_model_hash(const wsd_model_t *m)
+{
+    return m ? m->hash : "";
+}
+
+WSD_EXTERN const wsd_tensor_t *wsd_model_tensor(const wsd_model_t *m, size_t i)
+{
+    if (!m || i >= m->ntensors)
+        return NULL;
+    return &m->tensors[i];
+}
+
+WSD_EXTERN const wsd_tensor_t *wsd_model_find(const wsd_model_t *m, const char *name)
+{
+    uint64_t h = 1469598103934665603ull;
+    size_t slot;
+
+    if (!m || !name)
+        return NULL;
+    for (const char *p = name; *p; p++)
+        h = (h ^ (uint8_t)*p) * 1099511628211ull;
+    slot = (size_t)h & (m->index_cap - 1);
+    while (m->index[slot] != UINT32_MAX) {
+        const wsd_tensor_t *t = &m->tensors[m->index[slot]];
+
+        if (strcmp(t->name, name) == 0)
+            return t;
+        slot = (slot + 1) & (m->index_cap - 1);
+    }
+    return NULL;
+}
+
+WSD_EXTERN size_t wsd_model_storage_count(const wsd_model_t *m)
+{
+    return m ? m->nstorages : 0;
+}
+
+WSD_EXTERN int wsd_model_storage(const wsd_model_t *m, size_t i, void **ret_data,
+                                 uint64_t *ret_nbytes)
+{
+    if (!m || i >= m->nstorages)
+        return -EINVAL;
+    if (ret_data)
+        *ret_data = m->storages[i].data;
+    if (ret_nbytes)
+        *ret_nbytes = m->storages[i].nbytes;
+    return 0;
+}
+
+WSD_EXTERN const char *wsd_tensor_name(const wsd_tensor_t *t)
+{
+    return t ? t->name : NULL;
+}
+
+WSD_EXTERN int wsd_tensor_dtype(const wsd_tensor_t *t)
+{
+    return t ? t->dtype : -EINVAL;
+}
+
+WSD_EXTERN unsigned wsd_tensor_ndim(const wsd_tensor_t *t)
+{
+    return t ? t->ndim : 0;
+}
+
+WSD_EXTERN const int64_t *wsd_tensor_shape(const wsd_tensor_t *t)
+{
+    return t ? t->shape : NULL;
+}
+
+WSD_EXTERN const int64_t *wsd_tensor_strides(const wsd_tensor_t *t)
+{
+    return t ? t->strides : NULL;
+}
+
+WSD_EXTERN size_t wsd_tensor_storage(const wsd_tensor_t *t)
+{
+    return t ? t->storage : 0;
+}
+
+WSD_EXTERN uint64_t wsd_tensor_storage_offset(const wsd_tensor_t *t)
+{
+    return t ? t->storage_offset : 0;
+}
+
+WSD_EXTERN uint64_t wsd_tensor_nbytes(const wsd_tensor_t *t)
+{
+    return t ? t->nbytes : 0;
+}
+
+WSD_EXTERN void *wsd_tensor_data(const wsd_tensor_t *t)
+{
+    return t ? t->data : NULL;
+}
+
+/* Sends one admin request and hands back the JSON document of its AdminReply. */
+static int admin_call(wsd_client_t *c, wire_msg_t *req, char **ret_json)
+{
+    wire_frame_t f;
+    char *json;
+    int r;
+
+    if (!c || !ret_json)
+        return -EINVAL;
+    r = rpc(c, req, &f);
+    if (r < 0)
+        return r;
+    if (f.msg->body_case != WEIGHTSD__V1__FRAME__BODY_ADMIN_REPLY) {
+        wire_frame_done(&f);
+        set_error(c, "unexpected reply to an admin request");
+        return WSD_EPROTO;
+    }
+    json = strdup(f.msg->admin_reply->json ? f.msg->admin_reply->json : "null");
+    wire_frame_done(&f);
+    if (!json)
+        return -ENOMEM;
+    *ret_json = json;
+    return 0;
+}
+
+WSD_EXTERN int wsd_admin_preload(wsd_client_t *c, const char *name, const char *path,
+                                 const wsd_preload_opts_t *opts, char **ret_json)
+{
+    Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__PreloadRequest p = WEIGHTSD__V1__PRELOAD_REQUEST__INIT;
+
+    if (!name || !path)
+        return -EINVAL;
+    if (opts && opts->size < sizeof(size_t))
+        return -EINVAL;
+    p.name = wire_str(name);
+    p.path = wire_str(path);
+    if (opts) {
+        /* Read only the fields the caller's struct is large enough to hold (A2). */
+#define HAS(field) (opts->size >= offsetof(wsd_preload_opts_t, field) + sizeof(opts->field))
+        if (HAS(dtype) && opts->dtype)
+            p.dtype = wire_str(opts->dtype);
+        if (HAS(share) && opts->share)
+            p.share = wire_str(opts->share);
+        if (HAS(key) && opts->key)
+            p.key = wire_str(opts->key);
+        if (HAS(no_verify))
+            p.no_verify = opts->no_verify != 0;
+#undef HAS
+    }
+    req.body_case = WEIGHTSD__V1__FRAME__BODY_PRELOAD;
+    req.preload = &p;
+    return admin_call(c, &req, ret_json);
+}
+
+WSD_EXTERN int wsd_admin_evict(wsd_client_t *c, const char *name, unsigned flags, char **ret_json)
+{
+    Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__EvictRequest e = WEIGHTSD__V1__EVICT_REQUEST__INIT;
+
+    if (!name)
+        return -EINVAL;
+    e.name = wire_str(name);
+    e.flags = flags;
+    req.body_case = WEIGHTSD__V1__FRAME__BODY_EVICT;
+    req.evict = &e;
+    return admin_call(c, &req, ret_json);
+}
+
+WSD_EXTERN int wsd_admin_list(wsd_client_t *c, char **ret_json)
+{
+    Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__ListRequest l = WEIGHTSD__V1__LIST_REQUEST__INIT;
+
+    req.body_case = WEIGHTSD__V1__FRAME__BODY_LIST;
+    req.list = &l;
+    return admin_call(c, &req, ret_json);
+}
+
+WSD_EXTERN int wsd_admin_info(wsd_client_t *c, const char *name, char **ret_json)
+{
+    Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__InfoRequest i = WEIGHTSD__V1__INFO_REQUEST__INIT;
+
+    if (!name)
+        return -EINVAL;
+    i.name = wire_str(name);
+    req.body_case = WEIGHTSD__V1__FRAME__BODY_INFO;
+    req.info = &i;
+    return admin_call(c, &req, ret_json);
+}
+
+WSD_EXTERN int wsd_admin_stats(wsd_client_t *c, char **ret_json)
+{
+    Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__StatsRequest s = WEIGHTSD__V1__STATS_REQUEST__INIT;
+
+    req.body_case = WEIGHTSD__V1__FRAME__BODY_STATS;
+    req.stats = &s;
+    return admin_call(c, &req, ret_json);
+}

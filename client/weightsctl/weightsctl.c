@@ -1,0 +1,377 @@
+/*
+ * weightsctl - the operator's command line for weightsd's admin socket. Uses only the public
+ * libweightsd API; every structured answer comes from the daemon as JSON, printed as it is with
+ * --json or rendered as a table otherwise. Failures print one line on stderr and exit 1.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <limits.h>
+
+#include <jansson.h>
+
+#include "weightsd.h"
+
+static const char usage_text[] =
+    "Usage: weightsctl [OPTIONS] COMMAND [ARGS]\n"
+    "\n"
+    "Drive a running weightsd through its admin socket.\n"
+    "\n"
+    "Commands:\n"
+    "  preload NAME FILE    load a checkpoint (safetensors, torch.save zip, or an HF\n"
+    "                       *.index.json) and serve it as NAME\n"
+    "      --dtype bf16|f16|f32   convert floating tensors once at preload\n"
+    "      --share memfd|file     sealed copy (default) or the file itself\n"
+    "      --key KEY              serve only this subtree of a nested torch checkpoint\n"
+    "      --no-verify            skip CRC-32 checks of zip records\n"
+    "  evict NAME           free a model (refused while workers hold leases)\n"
+    "      --drain                refuse new opens, free when the last lease goes\n"
+    "      --force                free now; mapped workers keep their pages\n"
+    "  list                 models with state, bytes and lease count\n"
+    "  info NAME            one model: source, tensors, metadata\n"
+    "  stats                daemon counters\n"
+    "\n"
+    "Options:\n"
+    "  -s, --admin-socket PATH  admin socket (default: $WEIGHTSD_ADMIN_SOCKET, else\n"
+    "                           /run/weightsd/admin.sock for root or\n"
+    "                           $XDG_RUNTIME_DIR/weightsd/admin.sock)\n"
+    "  -j, --json               print the daemon's JSON answer (list, info, stats, preload)\n"
+    "  -t, --timeout MS         request timeout in milliseconds (default 600000; 0 = none)\n"
+    "  -h, --help               show this help\n"
+    "  -V, --version            show the version\n";
+
+enum {
+    OPT_DTYPE = 256,
+    OPT_SHARE,
+    OPT_KEY,
+    OPT_NO_VERIFY,
+    OPT_DRAIN,
+    OPT_FORCE,
+};
+
+static const char *prog = "weightsctl";
+
+static int fail(const char *cmd, int r, wsd_client_t *c)
+{
+    const char *msg = c ? wsd_last_error(c) : "";
+
+    if (msg && *msg)
+        fprintf(stderr, "%s: %s: %s (%s)\n", prog, cmd, msg, wsd_strerror(r));
+    else
+        fprintf(stderr, "%s: %s: %s\n", prog, cmd, wsd_strerror(r));
+    return 1;
+}
+
+static void human_bytes(uint64_t n, char *buf, size_t len)
+{
+    static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = (double)n;
+    unsigned u = 0;
+
+    while (v >= 1024 && u < 4) {
+        v /= 1024;
+        u++;
+    }
+    if (u == 0)
+        snprintf(buf, len, "%" PRIu64 " B", n);
+    else
+        snprintf(buf, len, "%.1f %s", v, units[u]);
+}
+
+static uint64_t jint(json_t *o, const char *key)
+{
+    json_t *v = json_object_get(o, key);
+
+    return json_is_integer(v) ? (uint64_t)json_integer_value(v) : 0;
+}
+
+static const char *jstr(json_t *o, const char *key)
+{
+    const char *s = json_string_value(json_object_get(o, key));
+
+    return s ? s : "-";
+}
+
+static void print_list(json_t *doc)
+{
+    size_t i;
+    json_t *m;
+
+    printf("%-24s %-10s %12s %7s\n", "NAME", "STATE", "BYTES", "LEASES");
+    json_array_foreach(doc, i, m)
+    {
+        char b[32];
+
+        human_bytes(jint(m, "bytes"), b, sizeof(b));
+        printf("%-24s %-10s %12s %7" PRIu64 "\n", jstr(m, "name"), jstr(m, "state"), b,
+               jint(m, "leases"));
+    }
+}
+
+static void print_shape(json_t *arr)
+{
+    size_t i;
+    json_t *v;
+
+    putchar('(');
+    json_array_foreach(arr, i, v)
+    {
+        printf("%s%" JSON_INTEGER_FORMAT, i ? ", " : "", json_integer_value(v));
+    }
+    if (json_array_size(arr) == 1)
+        putchar(',');
+    putchar(')');
+}
+
+static void print_info(json_t *doc)
+{
+    json_t *tensors = json_object_get(doc, "tensors");
+    json_t *meta = json_object_get(doc, "metadata");
+    json_t *warnings = json_object_get(doc, "warnings");
+    const char *key;
+    size_t i;
+    json_t *v;
+    char b[32];
+
+    human_bytes(jint(doc, "bytes"), b, sizeof(b));
+    printf("name:     %s\n", jstr(doc, "name"));
+    printf("source:   %s\n", jstr(doc, "source"));
+    printf("format:   %s\n", jstr(doc, "format"));
+    printf("state:    %s\n", jstr(doc, "state"));
+    printf("bytes:    %s (%" PRIu64 ")\n", b, jint(doc, "bytes"));
+    printf("leases:   %" PRIu64 "\n", jint(doc, "leases"));
+    if (json_is_string(json_object_get(doc, "hash")))
+        printf("hash:     %s\n", jstr(doc, "hash"));
+    json_array_foreach(warnings, i, v)
+    {
+        printf("warning:  %s\n", json_string_value(v));
+    }
+    if (json_object_size(meta) > 0) {
+        printf("metadata:\n");
+        json_object_foreach(meta, key, v)
+        {
+            char *s = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+
+            printf("  %s = %s\n", key, s ? s : "?");
+            free(s);
+        }
+    }
+    printf("tensors:  %zu\n", json_array_size(tensors));
+    json_array_foreach(tensors, i, v)
+    {
+        printf("  %-40s %-8s ", jstr(v, "name"), jstr(v, "dtype"));
+        print_shape(json_object_get(v, "shape"));
+        printf(" stride ");
+        print_shape(json_object_get(v, "stride"));
+        printf(" %" PRIu64 " B\n", jint(v, "nbytes"));
+    }
+}
+
+static void print_flat(json_t *doc, const char *prefix)
+{
+    const char *key;
+    json_t *v;
+
+    json_object_foreach(doc, key, v)
+    {
+        if (json_is_object(v)) {
+            char p[256];
+
+            snprintf(p, sizeof(p), "%s%s.", prefix, key);
+            print_flat(v, p);
+        } else {
+            char *s = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+
+            printf("%s%s: %s\n", prefix, key, s ? s : "?");
+            free(s);
+        }
+    }
+}
+
+/* Prints the daemon's document: verbatim with --json, else through \p render. */
+static int emit(const char *json, int as_json, void (*render)(json_t *))
+{
+    json_error_t jerr;
+    json_t *doc;
+
+    if (as_json) {
+        printf("%s\n", json);
+        return 0;
+    }
+    doc = json_loads(json, JSON_DECODE_ANY, &jerr);
+    if (!doc) {
+        fprintf(stderr, "%s: daemon sent invalid JSON: %s\n", prog, jerr.text);
+        return 1;
+    }
+    render(doc);
+    json_decref(doc);
+    return 0;
+}
+
+static void render_stats(json_t *doc)
+{
+    print_flat(doc, "");
+}
+
+static void render_preload(json_t *doc)
+{
+    json_t *warnings = json_object_get(doc, "warnings");
+    size_t i;
+    json_t *v;
+    char b[32];
+
+    human_bytes(jint(doc, "bytes"), b, sizeof(b));
+    printf("preloaded %s: %" PRIu64 " tensors, %s, %s, in %" PRIu64 " ms\n", jstr(doc, "name"),
+           jint(doc, "ntensors"), b, jstr(doc, "format"), jint(doc, "load_ms"));
+    json_array_foreach(warnings, i, v)
+    {
+        printf("warning: %s\n", json_string_value(v));
+    }
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"admin-socket", required_argument, NULL, 's'},
+        {"json", no_argument, NULL, 'j'},
+        {"timeout", required_argument, NULL, 't'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
+        {"dtype", required_argument, NULL, OPT_DTYPE},
+        {"share", required_argument, NULL, OPT_SHARE},
+        {"key", required_argument, NULL, OPT_KEY},
+        {"no-verify", no_argument, NULL, OPT_NO_VERIFY},
+        {"drain", no_argument, NULL, OPT_DRAIN},
+        {"force", no_argument, NULL, OPT_FORCE},
+        {NULL, 0, NULL, 0},
+    };
+    wsd_preload_opts_t popts = {.size = sizeof(popts)};
+    const char *socket_path = NULL, *cmd;
+    unsigned evict_flags = 0;
+    int as_json = 0, timeout_ms = 600000, opt, r, rc = 0;
+    wsd_client_t *c = NULL;
+    char *json = NULL;
+
+    /* Options may follow the command ("weightsctl list --json"), as getopt permutes argv. */
+    while ((opt = getopt_long(argc, argv, "s:jt:hV", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 's':
+            socket_path = optarg;
+            break;
+        case 'j':
+            as_json = 1;
+            break;
+        case 't': {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+
+            if (*end || v < 0 || v > 86400000) {
+                fprintf(stderr, "%s: --timeout wants milliseconds, got '%s'\n", prog, optarg);
+                return 2;
+            }
+            timeout_ms = (int)v;
+            break;
+        }
+        case 'h':
+            fputs(usage_text, stdout);
+            return 0;
+        case 'V':
+            printf("weightsctl %u.%u.%u\n", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
+                   WSD_VERSION_PATCH);
+            return 0;
+        case OPT_DTYPE:
+            popts.dtype = optarg;
+            break;
+        case OPT_SHARE:
+            popts.share = optarg;
+            break;
+        case OPT_KEY:
+            popts.key = optarg;
+            break;
+        case OPT_NO_VERIFY:
+            popts.no_verify = 1;
+            break;
+        case OPT_DRAIN:
+            evict_flags |= WSD_EVICT_DRAIN;
+            break;
+        case OPT_FORCE:
+            evict_flags |= WSD_EVICT_FORCE;
+            break;
+        default:
+            fprintf(stderr, "Try '%s --help'.\n", prog);
+            return 2;
+        }
+    }
+    if (optind >= argc) {
+        fputs(usage_text, stderr);
+        return 2;
+    }
+    cmd = argv[optind++];
+
+#define NEED_ARGS(n)                                                                               \
+    do {                                                                                           \
+        if (argc - optind != (n)) {                                                                \
+            fprintf(stderr, "%s: %s takes %d argument%s; see --help\n", prog, cmd, (n),            \
+                    (n) == 1 ? "" : "s");                                                          \
+            return 2;                                                                              \
+        }                                                                                          \
+    } while (0)
+
+    if (strcmp(cmd, "preload") == 0)
+        NEED_ARGS(2);
+    else if (strcmp(cmd, "evict") == 0 || strcmp(cmd, "info") == 0)
+        NEED_ARGS(1);
+    else if (strcmp(cmd, "list") == 0 || strcmp(cmd, "stats") == 0)
+        NEED_ARGS(0);
+    else {
+        fprintf(stderr, "%s: unknown command '%s'; see --help\n", prog, cmd);
+        return 2;
+    }
+
+    if (!socket_path)
+        socket_path = wsd_default_socket(1);
+    if (!socket_path) {
+        fprintf(stderr, "%s: no admin socket: pass --admin-socket or set XDG_RUNTIME_DIR\n",
+                prog);
+        return 1;
+    }
+    r = wsd_connect(socket_path, &c);
+    if (r < 0) {
+        fprintf(stderr, "%s: cannot connect to %s: %s\n", prog, socket_path, wsd_strerror(r));
+        return 1;
+    }
+    (void)wsd_set_timeout(c, timeout_ms);
+
+    if (strcmp(cmd, "preload") == 0) {
+        /* The daemon resolves nothing against its own working directory: send an absolute
+         * path. A file that does not exist is left as given for the daemon to report. */
+        char *abs = realpath(argv[optind + 1], NULL);
+
+        r = wsd_admin_preload(c, argv[optind], abs ? abs : argv[optind + 1], &popts, &json);
+        free(abs);
+        rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, render_preload);
+    } else if (strcmp(cmd, "evict") == 0) {
+        r = wsd_admin_evict(c, argv[optind], evict_flags, &json);
+        if (r < 0)
+            rc = fail(cmd, r, c);
+        else if (as_json)
+            printf("%s\n", json);
+        else
+            printf("evicted %s\n", argv[optind]);
+    } else if (strcmp(cmd, "list") == 0) {
+        r = wsd_admin_list(c, &json);
+        rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, print_list);
+    } else if (strcmp(cmd, "info") == 0) {
+        r = wsd_admin_info(c, argv[optind], &json);
+        rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, print_info);
+    } else {
+        r = wsd_admin_stats(c, &json);
+        rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, render_stats);
+    }
+    free(json);
+    wsd_close(c);
+    return rc;
+}

@@ -1,0 +1,263 @@
+/*
+ * admin.c - the admin socket's verbs: preload, evict, list, info, stats. Answers are JSON
+ * documents (their shape is documented in README.md, and scripts rely on it); errors are typed
+ * Error frames like everywhere else.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "log.h"
+#include "server.h"
+
+typedef struct preload_ctx {
+    conn_t *conn; /* reference until the preload ends */
+    uint64_t id;
+} preload_ctx_t;
+
+/* Sends \p doc (stolen) as an AdminReply. */
+static void send_json(conn_t *c, uint64_t id, json_t *doc)
+{
+    Weightsd__V1__Frame out = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__AdminReply ar = WEIGHTSD__V1__ADMIN_REPLY__INIT;
+    char *text = doc ? json_dumps(doc, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+
+    json_decref(doc);
+    if (!text) {
+        conn_send_error(c, id, -ENOMEM, "out of memory building the reply");
+        return;
+    }
+    ar.json = text;
+    out.id = id;
+    out.body_case = WEIGHTSD__V1__FRAME__BODY_ADMIN_REPLY;
+    out.admin_reply = &ar;
+    conn_send_msg(c, &out);
+    free(text);
+}
+
+static json_t *int_array(const int64_t *v, uint32_t n)
+{
+    json_t *a = json_array();
+
+    for (uint32_t i = 0; i < n; i++)
+        json_array_append_new(a, json_integer(v[i]));
+    return a;
+}
+
+static json_t *warnings_json(const model_t *m)
+{
+    json_t *a = json_array();
+
+    for (size_t i = 0; m->mf && i < m->mf->nwarnings; i++)
+        json_array_append_new(a, json_string(m->mf->warnings[i]));
+    return a;
+}
+
+static json_t *summary_json(const model_t *m)
+{
+    return json_pack("{s:s, s:s, s:I, s:I}", "name", m->name, "state", model_state_name(m->state),
+                     "bytes", (json_int_t)m->bytes, "leases", (json_int_t)m->leases);
+}
+
+/* Who holds leases on \p m: one entry per (pid, uid), from SO_PEERCRED. */
+static json_t *holders_json(const server_t *s, const model_t *m)
+{
+    json_t *a = json_array();
+
+    for (const conn_t *c = s->conns; c; c = c->next) {
+        json_int_t n = 0;
+
+        for (size_t i = 0; i < c->nleases; i++)
+            n += c->leases[i].model == m;
+        if (n)
+            json_array_append_new(a, json_pack("{s:i, s:i, s:I}", "pid", (int)c->cred.pid, "uid",
+                                               (int)c->cred.uid, "leases", n));
+    }
+    return a;
+}
+
+static json_t *info_json(const server_t *s, const model_t *m)
+{
+    json_t *doc = summary_json(m);
+    json_t *tensors = json_array(), *meta = json_object();
+
+    json_object_set_new(doc, "source", json_string(m->source));
+    json_object_set_new(doc, "format", json_string(m->mf ? m->mf->format : ""));
+    json_object_set_new(doc, "map_bytes", json_integer((json_int_t)m->arena.size));
+    json_object_set_new(doc, "opens", json_integer((json_int_t)m->opens));
+    json_object_set_new(doc, "load_ms", json_integer((json_int_t)m->load_ms));
+    json_object_set_new(doc, "holders", holders_json(s, m));
+    json_object_set_new(doc, "warnings", warnings_json(m));
+    for (size_t i = 0; m->mf && i < m->mf->ntensors; i++) {
+        const mf_tensor_t *t = &m->mf->tensors[i];
+
+        json_array_append_new(
+            tensors, json_pack("{s:s, s:s, s:o, s:o, s:I, s:I, s:I}", "name", t->name, "dtype",
+                               wsd_dtype_name(t->dtype), "shape", int_array(t->shape, t->ndim),
+                               "stride", int_array(t->stride, t->ndim), "nbytes",
+                               (json_int_t)t->nbytes, "storage", (json_int_t)t->storage,
+                               "storage_offset", (json_int_t)t->storage_offset));
+    }
+    for (size_t i = 0; m->mf && i < m->mf->nmeta; i++) {
+        json_t *v = json_loads(m->mf->meta[i].value, JSON_DECODE_ANY, NULL);
+
+        json_object_set_new(meta, m->mf->meta[i].key, v ? v : json_string(m->mf->meta[i].value));
+    }
+    json_object_set_new(doc, "ntensors", json_integer((json_int_t)(m->mf ? m->mf->ntensors : 0)));
+    json_object_set_new(doc, "tensors", tensors);
+    json_object_set_new(doc, "metadata", meta);
+    return doc;
+}
+
+static void preload_done_cb(void *data, model_t *m, int status, const char *msg)
+{
+    preload_ctx_t *ctx = data;
+    conn_t *c = ctx->conn;
+
+    if (!c->closing) {
+        if (status == 0) {
+            json_t *doc = summary_json(m);
+
+            json_object_set_new(doc, "source", json_string(m->source));
+            json_object_set_new(doc, "format", json_string(m->mf->format));
+            json_object_set_new(doc, "ntensors", json_integer((json_int_t)m->mf->ntensors));
+            json_object_set_new(doc, "load_ms", json_integer((json_int_t)m->load_ms));
+            json_object_set_new(doc, "warnings", warnings_json(m));
+            send_json(c, ctx->id, doc);
+        } else
+            conn_send_error(c, ctx->id, status, "%s", msg);
+    }
+    conn_unref(c);
+    free(ctx);
+}
+
+static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRequest *req)
+{
+    preload_args_t a = {
+        .name = req->name,
+        .path = req->path,
+        .key = req->key && *req->key ? req->key : NULL,
+        .no_verify = req->no_verify,
+    };
+    preload_ctx_t *ctx;
+    char msg[512];
+    int r;
+
+    /* Transforms and file sharing are refused by name rather than silently ignored. */
+    if (req->dtype && *req->dtype) {
+        conn_send_error(c, id, WSD_EINVAL, "--dtype %s: dtype conversion is not supported by this "
+                                           "daemon version", req->dtype);
+        return;
+    }
+    if (req->share && *req->share && strcmp(req->share, "memfd") != 0) {
+        conn_send_error(c, id, WSD_EINVAL, "--share %s: only 'memfd' is supported by this daemon "
+                                           "version", req->share);
+        return;
+    }
+    ctx = calloc(1, sizeof(*ctx));
+    if (!ctx) {
+        conn_send_error(c, id, -ENOMEM, "out of memory");
+        return;
+    }
+    ctx->conn = conn_ref(c);
+    ctx->id = id;
+    r = registry_preload(c->srv->reg, &a, preload_done_cb, ctx, msg, sizeof(msg));
+    if (r < 0) {
+        log_warning("preload '%s' refused: %s", a.name ? a.name : "", msg);
+        conn_unref(c);
+        free(ctx);
+        conn_send_error(c, id, r, "%s", msg);
+    }
+}
+
+static void handle_evict(conn_t *c, uint64_t id, const Weightsd__V1__EvictRequest *req)
+{
+    const char *name = req->name ? req->name : "";
+    char msg[512];
+    int r = registry_evict(c->srv->reg, name, req->flags, msg, sizeof(msg));
+
+    if (r < 0) {
+        conn_send_error(c, id, r, "%s", msg);
+        return;
+    }
+    send_json(c, id, json_pack("{s:s, s:s}", "name", name, "result", msg));
+}
+
+static void handle_list(conn_t *c, uint64_t id)
+{
+    json_t *a = json_array();
+
+    for (const model_t *m = c->srv->reg->models; m; m = m->next)
+        json_array_append_new(a, summary_json(m));
+    send_json(c, id, a);
+}
+
+static void handle_info(conn_t *c, uint64_t id, const Weightsd__V1__InfoRequest *req)
+{
+    const model_t *m = registry_find(c->srv->reg, req->name ? req->name : "");
+
+    if (!m) {
+        conn_send_error(c, id, WSD_ENOTFOUND, "no model named '%s'", req->name ? req->name : "");
+        return;
+    }
+    send_json(c, id, info_json(c->srv, m));
+}
+
+static void handle_stats(conn_t *c, uint64_t id)
+{
+    const server_t *s = c->srv;
+    const registry_t *r = s->reg;
+    json_int_t leases = 0, client_conns = 0;
+
+    for (const conn_t *k = s->conns; k; k = k->next) {
+        leases += (json_int_t)k->nleases;
+        client_conns += !k->admin;
+    }
+    send_json(c, id,
+              json_pack("{s:I, s:I, s:I, s:{s:I, s:I, s:I, s:I}, s:I, s:I, s:I, s:I, s:I, s:I, "
+                        "s:I, s:I}",
+                        "uptime_s", (json_int_t)((uv_now(s->loop) - s->started_ms) / 1000),
+                        "models", (json_int_t)r->nmodels, "resident_bytes",
+                        (json_int_t)r->resident_bytes, "connections", "current",
+                        (json_int_t)s->nconns, "clients", client_conns, "total",
+                        (json_int_t)s->stats.connections_total, "rejected",
+                        (json_int_t)s->stats.connections_rejected, "leases", leases, "opens_total",
+                        (json_int_t)s->stats.opens_total, "open_errors",
+                        (json_int_t)s->stats.open_errors, "releases_total",
+                        (json_int_t)s->stats.releases_total, "leases_released_on_close",
+                        (json_int_t)s->stats.leases_released_on_close, "preloads_ok",
+                        (json_int_t)r->preloads_ok, "preloads_failed",
+                        (json_int_t)r->preloads_failed, "protocol_violations",
+                        (json_int_t)s->stats.protocol_violations));
+}
+
+int admin_dispatch(conn_t *c, wire_frame_t *f)
+{
+    const wire_msg_t *m = f->msg;
+
+    switch (m->body_case) {
+    case WEIGHTSD__V1__FRAME__BODY_PRELOAD:
+        handle_preload(c, m->id, m->preload);
+        return 0;
+    case WEIGHTSD__V1__FRAME__BODY_EVICT:
+        handle_evict(c, m->id, m->evict);
+        return 0;
+    case WEIGHTSD__V1__FRAME__BODY_LIST:
+        handle_list(c, m->id);
+        return 0;
+    case WEIGHTSD__V1__FRAME__BODY_INFO:
+        handle_info(c, m->id, m->info);
+        return 0;
+    case WEIGHTSD__V1__FRAME__BODY_STATS:
+        handle_stats(c, m->id);
+        return 0;
+    case WEIGHTSD__V1__FRAME__BODY_OPEN:
+    case WEIGHTSD__V1__FRAME__BODY_RELEASE:
+        conn_send_error(c, m->id, WSD_EINVAL, "workers open models on the client socket");
+        return 0;
+    default:
+        return -1;
+    }
+}

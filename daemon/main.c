@@ -1,0 +1,221 @@
+/*
+ * main.c - weightsd's entry point: command line, default socket paths, signals, then the loop.
+ * Nothing else lives here (STYLE LAYOUT), so tests link the same core the daemon runs.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "log.h"
+#include "server.h"
+
+static const char usage_text[] =
+    "Usage: weightsd [OPTIONS]\n"
+    "\n"
+    "Load model checkpoints once and share them with every worker on this host through\n"
+    "sealed shared memory. Runs in the foreground and logs to stderr; SIGTERM or SIGINT\n"
+    "stops it cleanly.\n"
+    "\n"
+    "Options:\n"
+    "  -s, --socket PATH          client (worker) socket\n"
+    "                             default: /run/weightsd/weightsd.sock for root,\n"
+    "                             else $XDG_RUNTIME_DIR/weightsd/weightsd.sock\n"
+    "  -a, --admin-socket PATH    admin (operator) socket; default admin.sock beside it\n"
+    "      --max-connections N    connections on both sockets together (default 4096)\n"
+    "      --max-leases N         leases one connection may hold (default 1024)\n"
+    "  -l, --log-level LEVEL      err, warning, notice, info (default) or debug\n"
+    "  -h, --help                 show this help\n"
+    "  -V, --version              show the version\n";
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    server_t *s = h->data;
+
+    log_info("received %s, stopping", strsignal(signum));
+    server_stop(s);
+}
+
+/* Makes the directory holding a socket (one level: its parent must exist). */
+static int ensure_dir(const char *sock_path)
+{
+    char dir[PATH_MAX];
+    char *slash;
+
+    snprintf(dir, sizeof(dir), "%s", sock_path);
+    slash = strrchr(dir, '/');
+    if (!slash || slash == dir)
+        return 0;
+    *slash = '\0';
+    if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+        return -errno;
+    return 0;
+}
+
+static int parse_uint(const char *s, unsigned max, unsigned *ret)
+{
+    char *end;
+    unsigned long v;
+
+    errno = 0;
+    v = strtoul(s, &end, 10);
+    if (errno || *end || end == s || v == 0 || v > max)
+        return -EINVAL;
+    *ret = (unsigned)v;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"socket", required_argument, NULL, 's'},
+        {"admin-socket", required_argument, NULL, 'a'},
+        {"max-connections", required_argument, NULL, 'C'},
+        {"max-leases", required_argument, NULL, 'L'},
+        {"log-level", required_argument, NULL, 'l'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
+        {NULL, 0, NULL, 0},
+    };
+    server_opts_t opts = {
+        .socket_fd = -1,
+        .admin_fd = -1,
+        .max_connections = WSD_CONNECTIONS_MAX_DEFAULT,
+        .max_leases_per_conn = WSD_LEASES_PER_CONN_DEFAULT,
+        .max_outq_bytes = WSD_OUTQ_BYTES_MAX_DEFAULT,
+    };
+    char sock_default[PATH_MAX], admin_default[PATH_MAX];
+    uv_signal_t sigterm, sigint;
+    uv_loop_t loop;
+    registry_t *reg;
+    server_t srv;
+    int opt, r;
+
+    while ((opt = getopt_long(argc, argv, "s:a:l:hV", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 's':
+            opts.socket_path = optarg;
+            break;
+        case 'a':
+            opts.admin_path = optarg;
+            break;
+        case 'C':
+            if (parse_uint(optarg, 1u << 20, &opts.max_connections) < 0) {
+                fprintf(stderr, "weightsd: --max-connections wants 1..1048576, got '%s'\n",
+                        optarg);
+                return 2;
+            }
+            break;
+        case 'L':
+            if (parse_uint(optarg, 1u << 20, &opts.max_leases_per_conn) < 0) {
+                fprintf(stderr, "weightsd: --max-leases wants 1..1048576, got '%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case 'l':
+            r = log_level_from_name(optarg);
+            if (r < 0) {
+                fprintf(stderr, "weightsd: unknown log level '%s'\n", optarg);
+                return 2;
+            }
+            log_set_level(r);
+            break;
+        case 'h':
+            fputs(usage_text, stdout);
+            return 0;
+        case 'V':
+            printf("weightsd %u.%u.%u (protocol %u)\n", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
+                   WSD_VERSION_PATCH, WSD_PROTOCOL_VERSION);
+            return 0;
+        default:
+            fprintf(stderr, "Try 'weightsd --help'.\n");
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "weightsd: unexpected argument '%s'\n", argv[optind]);
+        return 2;
+    }
+
+    if (!opts.socket_path) {
+        const char *xdg = getenv("XDG_RUNTIME_DIR");
+
+        if (geteuid() == 0)
+            snprintf(sock_default, sizeof(sock_default), "/run/weightsd/weightsd.sock");
+        else if (xdg && *xdg)
+            snprintf(sock_default, sizeof(sock_default), "%s/weightsd/weightsd.sock", xdg);
+        else {
+            fprintf(stderr, "weightsd: XDG_RUNTIME_DIR is unset; pass --socket PATH\n");
+            return 2;
+        }
+        opts.socket_path = sock_default;
+    }
+    if (!opts.admin_path) {
+        char *slash;
+
+        snprintf(admin_default, sizeof(admin_default), "%s", opts.socket_path);
+        slash = strrchr(admin_default, '/');
+        snprintf(slash ? slash + 1 : admin_default,
+                 sizeof(admin_default) - (size_t)(slash ? slash + 1 - admin_default : 0),
+                 "admin.sock");
+        opts.admin_path = admin_default;
+    }
+    if (strcmp(opts.socket_path, opts.admin_path) == 0) {
+        fprintf(stderr, "weightsd: the client and admin sockets must be different files\n");
+        return 2;
+    }
+    if (ensure_dir(opts.socket_path) < 0 || ensure_dir(opts.admin_path) < 0) {
+        fprintf(stderr, "weightsd: cannot create the socket directory: %s\n", strerror(errno));
+        return 1;
+    }
+
+    signal(SIGPIPE, SIG_IGN);
+    r = uv_loop_init(&loop);
+    if (r < 0) {
+        log_error("uv_loop_init: %s", uv_strerror(r));
+        return 1;
+    }
+    reg = registry_new(&loop);
+    if (!reg) {
+        log_error("out of memory");
+        return 1;
+    }
+    r = server_start(&srv, &loop, reg, &opts);
+    if (r < 0) {
+        (void)uv_run(&loop, UV_RUN_DEFAULT);
+        registry_free(reg);
+        (void)uv_loop_close(&loop);
+        return 1;
+    }
+    uv_signal_init(&loop, &sigterm);
+    uv_signal_init(&loop, &sigint);
+    sigterm.data = sigint.data = &srv;
+    uv_signal_start_oneshot(&sigterm, on_signal, SIGTERM);
+    uv_signal_start_oneshot(&sigint, on_signal, SIGINT);
+    /* Signal handles alone must not keep the loop running once the server has stopped. */
+    uv_unref((uv_handle_t *)&sigterm);
+    uv_unref((uv_handle_t *)&sigint);
+    log_info("weightsd %u.%u.%u ready (pid %d)", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
+             WSD_VERSION_PATCH, (int)getpid());
+
+    (void)uv_run(&loop, UV_RUN_DEFAULT);
+
+    /* Both signal handles must be closed for the loop to be closable. */
+    if (!uv_is_closing((uv_handle_t *)&sigterm))
+        uv_close((uv_handle_t *)&sigterm, NULL);
+    if (!uv_is_closing((uv_handle_t *)&sigint))
+        uv_close((uv_handle_t *)&sigint, NULL);
+    (void)uv_run(&loop, UV_RUN_DEFAULT);
+    registry_free(reg);
+    r = uv_loop_close(&loop);
+    if (r < 0)
+        log_warning("loop closed with handles open: %s", uv_strerror(r));
+    log_info("stopped");
+    return 0;
+}

@@ -1,0 +1,24 @@
+/*
+ * manifest_pb.h - the wire form of a manifest. Built once per model at preload (on the thread
+ * pool) and reused byte for byte by every open, so attaching costs no encoding.
+ */
+#ifndef WSD_MANIFEST_PB_H
+#define WSD_MANIFEST_PB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "manifest.h"
+
+/* Packs \p m (with arena offsets set) as a weightsd.v1.Manifest into a malloc'ed buffer. */
+int manifest_pb_encode(const manifest_t *m, uint64_t map_size, const char *hash, uint8_t **ret,
+                       size_t *ret_len);
+
+/*
+ * Encodes a whole Frame{id, open_reply{lease, manifest}} around an already packed Manifest,
+ * with its frame header announcing \p nfds descriptors. Same bytes protobuf-c would produce.
+ */
+int manifest_pb_open_reply(uint64_t id, uint64_t lease, const uint8_t *manifest, size_t len,
+                           size_t nfds, uint8_t **ret, size_t *ret_len);
+
+#endif /* WSD_MANIFEST_PB_H */

@@ -1,0 +1,330 @@
+/*
+ * registry.c - the model table and the preload pipeline.
+ *
+ * A preload lists its model at once (state loading, so a second preload of the name fails fast
+ * and opens can wait), then runs parse + copy + seal + manifest encoding in one uv_work item.
+ * Only after_work, on the loop thread, publishes the result. Models are reference counted so
+ * that an evicted model lives on while leases still point at it.
+ */
+#include "registry.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "manifest_pb.h"
+#include "wsd_limits.h"
+
+const char *model_state_name(model_state_t s)
+{
+    switch (s) {
+    case MODEL_LOADING:
+        return "loading";
+    case MODEL_READY:
+        return "ready";
+    case MODEL_DRAINING:
+        return "draining";
+    default:
+        return "invalid";
+    }
+}
+
+registry_t *registry_new(uv_loop_t *loop)
+{
+    registry_t *r = calloc(1, sizeof(*r));
+
+    if (r)
+        r->loop = loop;
+    return r;
+}
+
+static void model_free(model_t *m)
+{
+    if (m->reg && m->arena.fd >= 0)
+        m->reg->resident_bytes -= m->arena.size;
+    host_arena_close(&m->arena);
+    manifest_free(m->mf);
+    free(m->manifest_pb);
+    free(m->name);
+    free(m->source);
+    free(m);
+}
+
+static model_t *model_unref(model_t *m)
+{
+    if (m && --m->refs == 0)
+        model_free(m);
+    return NULL;
+}
+
+static void registry_unlist(registry_t *r, model_t *m)
+{
+    for (model_t **p = &r->models; *p; p = &(*p)->next)
+        if (*p == m) {
+            *p = m->next;
+            m->next = NULL;
+            m->listed = false;
+            r->nmodels--;
+            model_unref(m);
+            return;
+        }
+}
+
+registry_t *registry_free(registry_t *r)
+{
+    if (!r)
+        return NULL;
+    while (r->models)
+        registry_unlist(r, r->models);
+    free(r);
+    return NULL;
+}
+
+model_t *registry_find(registry_t *r, const char *name)
+{
+    for (model_t *m = r->models; m; m = m->next)
+        if (strcmp(m->name, name) == 0)
+            return m;
+    return NULL;
+}
+
+void model_lease_get(model_t *m)
+{
+    m->refs++;
+    m->leases++;
+    m->opens++;
+}
+
+void model_lease_put(model_t *m)
+{
+    m->leases--;
+    if (m->leases == 0 && m->state == MODEL_DRAINING && m->listed) {
+        log_info("model '%s' drained, freeing %llu bytes", m->name,
+                 (unsigned long long)m->arena.size);
+        registry_unlist(m->reg, m);
+    }
+    model_unref(m);
+}
+
+typedef struct preload_work {
+    uv_work_t req;
+    model_t *model;          /* reference held until after_work */
+    char *key;               /* subtree, or NULL */
+    bool no_verify;
+    registry_preload_cb cb;
+    void *data;
+    uint64_t t0;             /* uv_hrtime() at queueing */
+    /* Results, written by the pool thread. */
+    int status;
+    fmt_err_t err;
+    manifest_t *mf;
+    host_arena_t arena;
+    uint8_t *pb;
+    size_t pb_len;
+} preload_work_t;
+
+/* Runs on the thread pool: touches only the work item (and the path string, immutable). */
+static void preload_work_cb(uv_work_t *req)
+{
+    preload_work_t *w = req->data;
+    fmt_opts_t opts = {.key = w->key, .no_verify = w->no_verify};
+    source_t *sources = NULL;
+    size_t nsources = 0;
+    int r;
+
+    w->arena.fd = -1;
+    r = fmt_load(w->model->source, &opts, &w->mf, &sources, &nsources, &w->err);
+    if (r < 0)
+        goto out;
+    r = host_build(w->model->name, w->mf, sources, nsources, !w->no_verify, &w->arena, &w->err);
+    if (r < 0)
+        goto out;
+    r = manifest_pb_encode(w->mf, w->arena.size, NULL, &w->pb, &w->pb_len);
+    if (r < 0)
+        r = fmt_fail(&w->err, r, "E_LIMIT", "manifest of %zu tensors too large to send",
+                     w->mf->ntensors);
+out:
+    for (size_t i = 0; i < nsources; i++)
+        source_close(&sources[i]);
+    free(sources);
+    if (r < 0 && !w->err.code)
+        (void)fmt_fail(&w->err, r, NULL, "%s", wsd_strerror(r));
+    w->status = r;
+}
+
+static void notify_waiters(model_t *m, int status, const char *msg)
+{
+    model_waiter_t *w = m->waiters;
+
+    m->waiters = NULL;
+    while (w) {
+        model_waiter_t *next = w->next;
+
+        w->next = NULL;
+        w->cb(w, status == 0 ? m : NULL, status, msg);
+        w = next;
+    }
+}
+
+static void preload_after_cb(uv_work_t *req, int uvstatus)
+{
+    preload_work_t *w = req->data;
+    model_t *m = w->model;
+    registry_t *r = m->reg;
+    uint64_t ms = (uv_hrtime() - w->t0) / 1000000;
+
+    if (uvstatus < 0 && w->status == 0)
+        w->status = fmt_fail(&w->err, WSD_EINTERNAL, NULL, "preload cancelled");
+    if (w->status == 0) {
+        m->mf = w->mf;
+        m->arena = w->arena;
+        m->manifest_pb = w->pb;
+        m->manifest_pb_len = w->pb_len;
+        m->bytes = 0;
+        for (size_t i = 0; i < m->mf->nstorages; i++)
+            m->bytes += m->mf->storages[i].nbytes;
+        m->load_ms = ms;
+        m->state = MODEL_READY;
+        r->resident_bytes += m->arena.size;
+        r->preloads_ok++;
+        log_info("preloaded '%s' from '%s': %zu tensors, %llu bytes, %s, %llu ms", m->name,
+                 m->source, m->mf->ntensors, (unsigned long long)m->bytes, m->mf->format,
+                 (unsigned long long)ms);
+        for (size_t i = 0; i < m->mf->nwarnings; i++)
+            log_warning("model '%s': %s", m->name, m->mf->warnings[i]);
+        notify_waiters(m, 0, NULL);
+        w->cb(w->data, m, 0, NULL);
+    } else {
+        r->preloads_failed++;
+        log_error("preload of '%s' from '%s' failed: %s", m->name, m->source, w->err.msg);
+        manifest_free(w->mf);
+        host_arena_close(&w->arena);
+        free(w->pb);
+        if (m->listed)
+            registry_unlist(r, m);
+        notify_waiters(m, w->status, w->err.msg);
+        w->cb(w->data, NULL, w->status, w->err.msg);
+    }
+    model_unref(m);
+    free(w->key);
+    free(w);
+}
+
+static bool name_ok(const char *s)
+{
+    size_t n = strlen(s);
+
+    if (n == 0 || n > WSD_MODEL_NAME_MAX)
+        return false;
+    for (; *s; s++)
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+              strchr("._:@/+-", *s)))
+            return false;
+    return true;
+}
+
+int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb cb, void *data,
+                     char *msg, size_t msglen)
+{
+    preload_work_t *w;
+    model_t *m;
+    int k;
+
+    if (!a->name || !name_ok(a->name)) {
+        snprintf(msg, msglen, "model name '%s' is invalid: 1 to %u characters of [A-Za-z0-9._:@/+-]",
+                 a->name ? a->name : "", WSD_MODEL_NAME_MAX);
+        return WSD_EINVAL;
+    }
+    if (!a->path || a->path[0] != '/' || strlen(a->path) >= WSD_PATH_MAX) {
+        snprintf(msg, msglen, "checkpoint path '%s' must be absolute (the daemon's working "
+                              "directory is not yours)", a->path ? a->path : "");
+        return WSD_EINVAL;
+    }
+    if (registry_find(r, a->name)) {
+        snprintf(msg, msglen, "a model named '%s' exists already", a->name);
+        return WSD_EEXIST;
+    }
+    m = calloc(1, sizeof(*m));
+    w = calloc(1, sizeof(*w));
+    if (!m || !w)
+        goto nomem;
+    m->arena.fd = -1;
+    m->reg = r;
+    m->name = strdup(a->name);
+    m->source = strdup(a->path);
+    if (!m->name || !m->source)
+        goto nomem;
+    if (a->key) {
+        w->key = strdup(a->key);
+        if (!w->key)
+            goto nomem;
+    }
+    w->no_verify = a->no_verify;
+    w->model = m;
+    w->cb = cb;
+    w->data = data;
+    w->t0 = uv_hrtime();
+    w->req.data = w;
+    m->state = MODEL_LOADING;
+    k = uv_queue_work(r->loop, &w->req, preload_work_cb, preload_after_cb);
+    if (k < 0) {
+        snprintf(msg, msglen, "cannot queue preload: %s", uv_strerror(k));
+        free(w->key);
+        free(w);
+        model_free(m);
+        return WSD_EINTERNAL;
+    }
+    /* One reference for the list, one for the running work. */
+    m->refs = 2;
+    m->listed = true;
+    m->next = r->models;
+    r->models = m;
+    r->nmodels++;
+    return 0;
+
+nomem:
+    if (w)
+        free(w->key);
+    free(w);
+    if (m)
+        model_free(m);
+    snprintf(msg, msglen, "out of memory");
+    return -ENOMEM;
+}
+
+int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, size_t msglen)
+{
+    model_t *m = registry_find(r, name);
+
+    if (!m) {
+        snprintf(msg, msglen, "no model named '%s'", name);
+        return WSD_ENOTFOUND;
+    }
+    if (m->state == MODEL_LOADING) {
+        snprintf(msg, msglen, "model '%s' is still loading", name);
+        return WSD_ELOADING;
+    }
+    if (m->leases > 0 && !(flags & (WSD_EVICT_FORCE | WSD_EVICT_DRAIN))) {
+        snprintf(msg, msglen,
+                 "model '%s' has %u lease%s; use --drain to free it when they end or --force",
+                 name, m->leases, m->leases == 1 ? "" : "s");
+        return WSD_EBUSY;
+    }
+    if (m->leases > 0 && !(flags & WSD_EVICT_FORCE)) {
+        m->state = MODEL_DRAINING;
+        log_info("model '%s' draining: %u leases left", name, m->leases);
+        snprintf(msg, msglen, "draining");
+        return 0;
+    }
+    log_info("evicted model '%s'%s", name, m->leases ? " (forced, leases remain)" : "");
+    snprintf(msg, msglen, m->leases ? "forced" : "evicted");
+    /* The daemon lets go of its memory now; workers that mapped it keep their pages, and
+     * their leases keep the model record until they release. */
+    if (m->arena.fd >= 0)
+        r->resident_bytes -= m->arena.size;
+    host_arena_close(&m->arena);
+    registry_unlist(r, m);
+    return 0;
+}

@@ -1,0 +1,104 @@
+/*
+ * registry.h - models by name and their lifecycle: loading (a preload runs on the thread pool)
+ * -> ready (served) -> draining (no new opens; freed with the last lease) -> gone.
+ *
+ * Everything here runs on the loop thread only (STYLE M7); the preload work callback touches
+ * nothing but its own work item.
+ */
+#ifndef WSD_REGISTRY_H
+#define WSD_REGISTRY_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "fmt.h"
+#include "host.h"
+
+typedef enum model_state {
+    MODEL_LOADING,
+    MODEL_READY,
+    MODEL_DRAINING,
+    _MODEL_STATE_MAX,
+    _MODEL_STATE_INVALID = -22
+} model_state_t;
+
+const char *model_state_name(model_state_t s);
+
+typedef struct model model_t;
+typedef struct registry registry_t;
+
+/* Someone waiting for a loading model (an open with WSD_OPEN_WAIT). status is 0 when the model
+ * became ready, else the preload's error code with its message. The waiter is unlinked before
+ * the call and owned by the callee afterwards. */
+typedef struct model_waiter {
+    struct model_waiter *next;
+    void (*cb)(struct model_waiter *w, model_t *m, int status, const char *msg);
+} model_waiter_t;
+
+struct model {
+    model_t *next;            /* registry list, most recently used first */
+    registry_t *reg;
+    char *name;
+    char *source;             /* path as given to preload */
+    model_state_t state;
+    bool listed;              /* in the registry's list (false once evicted) */
+    unsigned refs;            /* 1 while listed + 1 per lease + 1 per running preload */
+    unsigned leases;          /* live leases on this model */
+    manifest_t *mf;           /* NULL until ready */
+    host_arena_t arena;       /* sealed memfd; fd -1 until ready or after eviction */
+    uint8_t *manifest_pb;     /* packed weightsd.v1.Manifest, built once at preload */
+    size_t manifest_pb_len;
+    uint64_t bytes;           /* tensor-storage bytes (sum over storages) */
+    uint64_t load_ms;         /* preload duration */
+    uint64_t opens;           /* opens served */
+    model_waiter_t *waiters;  /* opens waiting while loading */
+};
+
+struct registry {
+    uv_loop_t *loop;
+    model_t *models;          /* listed models */
+    size_t nmodels;
+    uint64_t resident_bytes;  /* arena bytes of listed, ready models plus unlisted ones still leased */
+    uint64_t preloads_ok;
+    uint64_t preloads_failed;
+};
+
+registry_t *registry_new(uv_loop_t *loop);
+/* Frees every model; call after all connections are gone and the loop has drained. */
+registry_t *registry_free(registry_t *r);
+
+model_t *registry_find(registry_t *r, const char *name);
+
+/* A preload request as the admin socket passes it on. Strings are copied. */
+typedef struct preload_args {
+    const char *name;
+    const char *path;
+    const char *key;   /* NULL or subtree */
+    bool no_verify;
+} preload_args_t;
+
+/* Called on the loop thread when a preload ends: \p m is the ready model, or NULL with a code
+ * and one-line message. */
+typedef void (*registry_preload_cb)(void *data, model_t *m, int status, const char *msg);
+
+/*
+ * Lists a new model in state loading and queues its load on the thread pool.
+ * \retval 0 (the callback will run), or WSD_EEXIST / WSD_EINVAL / -ENOMEM with \p msg filled
+ *         (the callback will not run).
+ */
+int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb cb, void *data,
+                     char *msg, size_t msglen);
+
+/*
+ * Evicts a model: refused with WSD_EBUSY while leases exist unless WSD_EVICT_DRAIN (stop new
+ * opens, free with the last lease) or WSD_EVICT_FORCE (unlist now; memory goes when the last
+ * lease and every client mapping go). WSD_ELOADING while loading.
+ */
+int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, size_t msglen);
+
+/* Lease bookkeeping for sessions. */
+void model_lease_get(model_t *m);
+void model_lease_put(model_t *m);
+
+#endif /* WSD_REGISTRY_H */

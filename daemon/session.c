@@ -1,0 +1,195 @@
+/*
+ * session.c - the client socket's verbs: OPEN (lease a model, get its manifest and fd) and
+ * RELEASE. Leases belong to the connection: closing it releases them all, which is how a crashed
+ * worker gives its models back.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "manifest_pb.h"
+#include "server.h"
+
+/* An open that waits for a loading model. */
+typedef struct open_waiter {
+    model_waiter_t w;
+    conn_t *conn;       /* reference */
+    uint64_t id;        /* request id */
+} open_waiter_t;
+
+static int lease_add(conn_t *c, model_t *m, uint64_t *ret_id)
+{
+    if (c->nleases == c->leases_cap) {
+        size_t cap = c->leases_cap ? c->leases_cap * 2 : 8;
+        lease_t *p = realloc(c->leases, cap * sizeof(*p));
+
+        if (!p)
+            return -ENOMEM;
+        c->leases = p;
+        c->leases_cap = cap;
+    }
+    c->leases[c->nleases].id = ++c->srv->next_lease_id;
+    c->leases[c->nleases].model = m;
+    c->nleases++;
+    model_lease_get(m);
+    *ret_id = c->srv->next_lease_id;
+    return 0;
+}
+
+/* Grants a lease on a ready model and sends OpenReply with the sealed fd. */
+static void open_grant(conn_t *c, uint64_t id, model_t *m)
+{
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    uint64_t lease;
+    int fd, r;
+
+    if (c->nleases >= c->srv->opts.max_leases_per_conn) {
+        conn_send_error(c, id, WSD_ELIMIT, "connection holds %zu leases (limit %u)", c->nleases,
+                        c->srv->opts.max_leases_per_conn);
+        return;
+    }
+    /* The queued frame owns a duplicate, so eviction can close the model's fd meanwhile. */
+    fd = fcntl(m->arena.fd, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0) {
+        conn_send_error(c, id, -errno, "cannot duplicate the model's fd: %s", strerror(errno));
+        return;
+    }
+    r = lease_add(c, m, &lease);
+    if (r == 0)
+        r = manifest_pb_open_reply(id, lease, m->manifest_pb, m->manifest_pb_len, 1, &buf, &len);
+    if (r < 0) {
+        (void)close(fd);
+        conn_send_error(c, id, r, "cannot build the reply: %s", wsd_strerror(r));
+        return;
+    }
+    c->srv->stats.opens_total++;
+    conn_send(c, buf, len, &fd, 1);
+}
+
+static void open_waiter_cb(model_waiter_t *w, model_t *m, int status, const char *msg)
+{
+    open_waiter_t *ow = (open_waiter_t *)w;
+    conn_t *c = ow->conn;
+
+    if (!c->closing) {
+        if (status == 0)
+            open_grant(c, ow->id, m);
+        else
+            conn_send_error(c, ow->id, status, "%s", msg ? msg : wsd_strerror(status));
+    }
+    conn_unref(c);
+    free(ow);
+}
+
+static bool device_is_cpu(const char *d)
+{
+    return !d || !*d || strcmp(d, "cpu") == 0;
+}
+
+static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest *req)
+{
+    model_t *m = registry_find(c->srv->reg, req->model ? req->model : "");
+
+    if (!m) {
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_ENOTFOUND, "no model named '%s'", req->model ? req->model : "");
+        return;
+    }
+    if (!device_is_cpu(req->device)) {
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_ENODEV,
+                        "device '%s' unavailable: this daemon serves model '%s' on the host tier "
+                        "only (device \"cpu\")",
+                        req->device, m->name);
+        return;
+    }
+    switch (m->state) {
+    case MODEL_READY:
+        open_grant(c, id, m);
+        return;
+    case MODEL_LOADING:
+        if (req->flags & WSD_OPEN_WAIT) {
+            open_waiter_t *ow = calloc(1, sizeof(*ow));
+
+            if (!ow) {
+                conn_send_error(c, id, -ENOMEM, "out of memory");
+                return;
+            }
+            ow->w.cb = open_waiter_cb;
+            ow->conn = conn_ref(c);
+            ow->id = id;
+            ow->w.next = m->waiters;
+            m->waiters = &ow->w;
+            return;
+        }
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_ELOADING, "model '%s' is still loading", m->name);
+        return;
+    default:
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_EBUSY, "model '%s' is %s: no new opens", m->name,
+                        model_state_name(m->state));
+        return;
+    }
+}
+
+static void handle_release(conn_t *c, uint64_t id, const Weightsd__V1__ReleaseRequest *req)
+{
+    Weightsd__V1__Frame out = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__ReleaseReply rr = WEIGHTSD__V1__RELEASE_REPLY__INIT;
+
+    for (size_t i = 0; i < c->nleases; i++) {
+        if (c->leases[i].id != req->lease)
+            continue;
+        model_lease_put(c->leases[i].model);
+        c->leases[i] = c->leases[--c->nleases];
+        c->srv->stats.releases_total++;
+        out.id = id;
+        out.body_case = WEIGHTSD__V1__FRAME__BODY_RELEASE_REPLY;
+        out.release_reply = &rr;
+        conn_send_msg(c, &out);
+        return;
+    }
+    conn_send_error(c, id, WSD_ENOLEASE, "lease %llu is not held by this connection",
+                    (unsigned long long)req->lease);
+}
+
+void session_release_all(conn_t *c)
+{
+    if (c->nleases)
+        log_debug("connection %llu (pid %d) gone: releasing %zu leases", (unsigned long long)c->id,
+                  (int)c->cred.pid, c->nleases);
+    c->srv->stats.leases_released_on_close += c->nleases;
+    while (c->nleases > 0)
+        model_lease_put(c->leases[--c->nleases].model);
+}
+
+int session_dispatch(conn_t *c, wire_frame_t *f)
+{
+    const wire_msg_t *m = f->msg;
+
+    switch (m->body_case) {
+    case WEIGHTSD__V1__FRAME__BODY_OPEN:
+        handle_open(c, m->id, m->open);
+        return 0;
+    case WEIGHTSD__V1__FRAME__BODY_RELEASE:
+        handle_release(c, m->id, m->release);
+        return 0;
+    case WEIGHTSD__V1__FRAME__BODY_PRELOAD:
+    case WEIGHTSD__V1__FRAME__BODY_EVICT:
+    case WEIGHTSD__V1__FRAME__BODY_LIST:
+    case WEIGHTSD__V1__FRAME__BODY_INFO:
+    case WEIGHTSD__V1__FRAME__BODY_STATS:
+        /* Whatever the file modes say, operators' verbs need the admin socket. */
+        log_warning("pid %d uid %u sent an admin request on the client socket, refused",
+                    (int)c->cred.pid, (unsigned)c->cred.uid);
+        conn_send_error(c, m->id, WSD_EDENIED, "admin requests are served on the admin socket only");
+        return 0;
+    default:
+        return -1;
+    }
+}

@@ -1,0 +1,34 @@
+/*
+ * host.h - the host tier: one sealed memfd arena per model holding every storage, laid out at
+ * HOST_ALIGN-byte boundaries. Built on the thread pool; afterwards the fd is immutable (sealed
+ * against write, shrink and grow) and is what clients map.
+ */
+#ifndef WSD_HOST_H
+#define WSD_HOST_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "fmt.h"
+
+/* Storage alignment inside the arena: enough for any dtype and for vector loads. */
+#define HOST_ALIGN 64u
+
+typedef struct host_arena {
+    int fd;        /* sealed memfd, owned; -1 when empty */
+    uint64_t size; /* bytes in the arena */
+} host_arena_t;
+
+/*
+ * Sets every storage's arena_offset, then creates the memfd named after \p label, copies each
+ * storage from its source with pread() (verifying zip CRC-32s when \p verify_crc), checks that
+ * no source changed meanwhile, and seals. On failure nothing is left behind.
+ * \retval 0 or a WSD_E* code with \p err filled.
+ */
+int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,
+               bool verify_crc, host_arena_t *ret, fmt_err_t *err);
+
+/* Closes the arena's fd. Memory stays alive while clients map it. */
+void host_arena_close(host_arena_t *a);
+
+#endif /* WSD_HOST_H */
