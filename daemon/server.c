@@ -223,15 +223,15 @@ static int handle_hello(conn_t *c, wire_frame_t *f)
     static char server_name[] = "weightsd/0.1.0";
 
     if (f->msg->body_case != WEIGHTSD__V1__FRAME__BODY_HELLO) {
+        c->close_when_flushed = true; /* before sending: the send may complete at once */
         conn_send_error(c, f->msg->id, WSD_EPROTO, "the first frame must be HELLO");
-        c->close_when_flushed = true;
         return 0;
     }
     if (f->msg->hello->protocol != WSD_PROTOCOL_VERSION) {
+        c->close_when_flushed = true;
         conn_send_error(c, f->msg->id, WSD_EVERSION,
                         "protocol version %u not supported; this daemon speaks %u",
                         f->msg->hello->protocol, WSD_PROTOCOL_VERSION);
-        c->close_when_flushed = true;
         return 0;
     }
     c->hello_done = true;

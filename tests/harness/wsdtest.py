@@ -1,0 +1,145 @@
+"""Shared harness for weightsd's Python-driven tests (integration and pytest+torch).
+
+Starts the real daemon on private sockets in a temporary directory, runs the real weightsctl,
+and writes safetensors files byte by byte (no safetensors package needed). Nothing here is a
+stand-in for the daemon: every test talks to the built binaries in $WSD_BUILD_DIR.
+"""
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+BUILD_DIR = os.environ.get("WSD_BUILD_DIR") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "build")
+BIN = os.path.join(BUILD_DIR, "bin")
+
+
+class Daemon:
+    """A weightsd process on sockets under `tmpdir`; stop() checks it exits 0 on SIGTERM."""
+
+    def __init__(self, tmpdir, extra_args=()):
+        self.dir = str(tmpdir)
+        self.sock = os.path.join(self.dir, "c.sock")
+        self.admin = os.path.join(self.dir, "a.sock")
+        self.log_path = os.path.join(self.dir, "weightsd.log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [os.path.join(BIN, "weightsd"), "--socket", self.sock, "--admin-socket", self.admin,
+             "--log-level", "debug", *extra_args],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        # Ready means both sockets accept: a stale socket file from a killed daemon may exist
+        # before this one has replaced it.
+        deadline = time.time() + 10
+        while not (self._accepts(self.sock) and self._accepts(self.admin)):
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("weightsd did not start:\n" + self.log())
+            time.sleep(0.01)
+
+    @staticmethod
+    def _accepts(path):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def ctl(self, *args, check=True, timeout=120):
+        """Runs weightsctl against this daemon; returns CompletedProcess (text)."""
+        p = subprocess.run([os.path.join(BIN, "weightsctl"), "--admin-socket", self.admin, *args],
+                           capture_output=True, text=True, timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"weightsctl {' '.join(args)} failed ({p.returncode}): "
+                                 f"{p.stderr}")
+        return p
+
+    def ctl_json(self, *args):
+        return json.loads(self.ctl(*args, "--json").stdout)
+
+    def preload(self, name, path, *opts):
+        return self.ctl_json("preload", name, str(path), *opts)
+
+    def fd_count(self):
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def alive(self):
+        """The daemon still answers an admin request."""
+        return self.proc.poll() is None and self.ctl("list", check=False).returncode == 0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            rc = self.proc.wait(timeout=30)
+        else:
+            rc = self.proc.returncode
+        self._log.close()
+        return rc
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._log.close()
+
+
+def attach(daemon, model, *args, timeout=60):
+    """Runs the C worker wsd-attach; returns its JSON lines as a list of dicts."""
+    p = subprocess.run([os.path.join(BIN, "wsd-attach"), "--socket", daemon.sock, *args, model],
+                       capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"wsd-attach {model} failed: {p.stderr}")
+    return [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+
+
+def fnv1a(data, h=1469598103934665603):
+    for b in data:
+        h = ((h ^ b) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+ST_DTYPE_SIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4,
+                 "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8, "F8_E5M2": 1, "F8_E4M3": 1,
+                 "C64": 8}
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Writes a safetensors file the way the reference writer does (FORMATS.md §4.7).
+
+    tensors: list of (name, dtype, shape, data bytes), stored in the given order.
+    """
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, dtype, shape, data in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for _, _, _, data in tensors:
+            f.write(data)
+    return path
+
+
+def raw_connect(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.settimeout(5)
+    return s
