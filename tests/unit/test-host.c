@@ -1,0 +1,206 @@
+/*
+ * test-host.c - the host tier (daemon/tiers/host.c): layout, copy, CRC verification, change
+ * detection, and that the fd it hands out cannot be modified by anyone (RELIABILITY I3).
+ */
+#include "test.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include "host.h"
+
+static char tmpl[] = "/tmp/wsd-test-host-XXXXXX";
+
+/* A 3-storage "model" straight from a file of known bytes. */
+static manifest_t *make_model(const char *path, source_t *src, size_t n)
+{
+    manifest_t *m = manifest_new();
+    uint8_t *data = malloc(n);
+    fmt_err_t err = {0};
+    int fd;
+
+    for (size_t i = 0; i < n; i++)
+        data[i] = (uint8_t)(i * 31 + 7);
+    fd = open(path, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
+    ASSERT(fd >= 0);
+    ASSERT_EQ(write(fd, data, n), (ssize_t)n);
+    close(fd);
+    free(data);
+    ASSERT_EQ(source_open(path, src, &err), 0);
+    ASSERT_EQ(manifest_add_storage(m, "a", 0, 0, 100, WSD_DTYPE_U8, NULL), 0);
+    ASSERT_EQ(manifest_add_storage(m, "b", 0, 100, 1, WSD_DTYPE_U8, NULL), 0);
+    ASSERT_EQ(manifest_add_storage(m, "c", 0, 101, n - 101, WSD_DTYPE_U8, NULL), 0);
+    return m;
+}
+
+static char *tmpfile_path(void)
+{
+    static char path[64];
+    char *dir = mkdtemp(tmpl);
+
+    ASSERT(dir);
+    snprintf(path, sizeof(path), "%s/ckpt", dir);
+    return path;
+}
+
+TEST(arena_layout_copy_and_seals)
+{
+    source_t src;
+    fmt_err_t err = {0};
+    host_arena_t a;
+    size_t n = 3 * 4096 + 17;
+    char *path = tmpfile_path();
+    manifest_t *m = make_model(path, &src, n);
+    uint8_t *map, *expect = malloc(n);
+    int seals;
+
+    ASSERT_EQ(host_build("t", m, &src, 1, true, &a, &err), 0);
+    ASSERT_EQ(m->storages[0].arena_offset, 0);
+    ASSERT_EQ(m->storages[1].arena_offset, 128); /* 100 rounded up to HOST_ALIGN */
+    ASSERT_EQ(m->storages[2].arena_offset, 192);
+    ASSERT_EQ(a.size, 192 + n - 101);
+    seals = fcntl(a.fd, F_GET_SEALS);
+    ASSERT_EQ(seals & (F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE),
+              F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE);
+
+    map = mmap(NULL, a.size, PROT_READ, MAP_PRIVATE, a.fd, 0);
+    ASSERT(map != MAP_FAILED);
+    ASSERT_EQ(pread(src.fd, expect, n, 0), (ssize_t)n);
+    ASSERT(memcmp(map, expect, 100) == 0);
+    ASSERT_EQ(map[128], expect[100]);
+    ASSERT(memcmp(map + 192, expect + 101, n - 101) == 0);
+    munmap(map, a.size);
+    free(expect);
+    host_arena_close(&a);
+    source_close(&src);
+    manifest_free(m);
+}
+
+TEST(sealed_fd_resists_every_modification)
+{
+    source_t src;
+    fmt_err_t err = {0};
+    host_arena_t a;
+    char *path = tmpfile_path();
+    manifest_t *m = make_model(path, &src, 8192);
+    char proc[64];
+    uint8_t *p1, *p2, before;
+    int rw;
+
+    ASSERT_EQ(host_build("t", m, &src, 1, true, &a, &err), 0);
+    ASSERT_EQ(write(a.fd, "x", 1), -1);
+    ASSERT_EQ(errno, EPERM);
+    ASSERT_EQ(pwrite(a.fd, "x", 1, 0), -1);
+    ASSERT_EQ(ftruncate(a.fd, 10), -1);
+    ASSERT_EQ(ftruncate(a.fd, (off_t)a.size * 2), -1);
+    ASSERT_EQ(fallocate(a.fd, 0, 0, (off_t)a.size * 2), -1);
+    ASSERT(mmap(NULL, a.size, PROT_READ | PROT_WRITE, MAP_SHARED, a.fd, 0) == MAP_FAILED);
+    ASSERT_EQ(errno, EPERM);
+    ASSERT_EQ(fcntl(a.fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE), -1);
+    /* A read-only shared map cannot be upgraded with mprotect either. */
+    p1 = mmap(NULL, a.size, PROT_READ, MAP_SHARED, a.fd, 0);
+    if (p1 != MAP_FAILED) {
+        ASSERT_EQ(mprotect(p1, a.size, PROT_READ | PROT_WRITE), -1);
+        munmap(p1, a.size);
+    }
+    /* Reopening through /proc gives a new file description: still sealed. */
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", a.fd);
+    rw = open(proc, O_RDWR | O_CLOEXEC);
+    if (rw >= 0) {
+        ASSERT_EQ(write(rw, "x", 1), -1);
+        close(rw);
+    }
+    /* Private mappings may be written: copy-on-write, invisible to any other mapping. */
+    p1 = mmap(NULL, a.size, PROT_READ | PROT_WRITE, MAP_PRIVATE, a.fd, 0);
+    p2 = mmap(NULL, a.size, PROT_READ, MAP_PRIVATE, a.fd, 0);
+    ASSERT(p1 != MAP_FAILED && p2 != MAP_FAILED);
+    before = p2[5];
+    p1[5] = (uint8_t)~p1[5];
+    ASSERT_EQ(p2[5], before);
+    ASSERT_NE(p1[5], before);
+    munmap(p1, a.size);
+    munmap(p2, a.size);
+    host_arena_close(&a);
+    source_close(&src);
+    manifest_free(m);
+}
+
+TEST(crc_mismatch_named)
+{
+    source_t src;
+    fmt_err_t err = {0};
+    host_arena_t a = {.fd = -1};
+    char *path = tmpfile_path();
+    manifest_t *m = make_model(path, &src, 4096);
+    uint8_t buf[100];
+
+    ASSERT_EQ(pread(src.fd, buf, 100, 0), 100);
+    m->storages[0].has_crc = true;
+    m->storages[0].crc32 = (uint32_t)crc32(0, buf, 100);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, &a, &err), 0);
+    host_arena_close(&a);
+
+    m->storages[0].crc32 ^= 1;
+    ASSERT_EQ(host_build("t", m, &src, 1, true, &a, &err), WSD_EBADCKPT);
+    ASSERT_STR_CONTAINS(err.msg, "E_ZIP_CRC");
+    ASSERT_STR_CONTAINS(err.msg, "'a'");
+    ASSERT_EQ(a.fd, -1);
+    /* --no-verify skips the check. */
+    memset(&err, 0, sizeof(err));
+    ASSERT_EQ(host_build("t", m, &src, 1, false, &a, &err), 0);
+    host_arena_close(&a);
+    source_close(&src);
+    manifest_free(m);
+}
+
+TEST(source_changed_during_load)
+{
+    source_t src;
+    fmt_err_t err = {0};
+    host_arena_t a = {.fd = -1};
+    char *path = tmpfile_path();
+    manifest_t *m = make_model(path, &src, 4096);
+
+    /* Truncated under us: the copy meets the end of the file, never SIGBUS. */
+    ASSERT_EQ(truncate(path, 50), 0);
+    ASSERT_LT(host_build("t", m, &src, 1, true, &a, &err), 0);
+    ASSERT_STR_CONTAINS(err.msg, "E_CHANGED");
+    ASSERT_EQ(a.fd, -1);
+    source_close(&src);
+    manifest_free(m);
+
+    m = make_model(path, &src, 4096);
+    /* Rewritten in place with the same size: caught by the mtime check after the copy. */
+    {
+        struct timespec ts[2] = {{0, UTIME_OMIT}, {12345, 0}};
+
+        ASSERT_EQ(utimensat(AT_FDCWD, path, ts, 0), 0);
+    }
+    memset(&err, 0, sizeof(err));
+    ASSERT_EQ(host_build("t", m, &src, 1, true, &a, &err), WSD_ESTALE);
+    ASSERT_STR_CONTAINS(err.msg, "changed while it was being loaded");
+    source_close(&src);
+    manifest_free(m);
+}
+
+TEST(empty_model)
+{
+    manifest_t *m = manifest_new();
+    fmt_err_t err = {0};
+    host_arena_t a;
+
+    ASSERT_EQ(host_build("empty", m, NULL, 0, true, &a, &err), 0);
+    ASSERT_EQ(a.size, 0);
+    ASSERT(fcntl(a.fd, F_GET_SEALS) & F_SEAL_WRITE);
+    host_arena_close(&a);
+    manifest_free(m);
+}
+
+int main(int argc, char **argv)
+{
+    return test_main(argc, argv);
+}

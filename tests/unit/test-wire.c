@@ -1,0 +1,295 @@
+/*
+ * test-wire.c - framing and fd passing (proto/wire.c, proto/fdpass.c) on real socketpairs,
+ * plus the hand-assembled OpenReply checked against protobuf-c's own packing.
+ */
+#include "test.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "fdpass.h"
+#include "manifest_pb.h"
+#include "wire.h"
+
+static void pair(int sv[2])
+{
+    ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv), 0);
+}
+
+static int open_fds(void)
+{
+    int n = 0;
+
+    for (int fd = 0; fd < 1024; fd++)
+        n += fcntl(fd, F_GETFD) >= 0;
+    return n;
+}
+
+static void encode_hello(uint64_t id, uint8_t **buf, size_t *len)
+{
+    Weightsd__V1__Frame f = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__Hello h = WEIGHTSD__V1__HELLO__INIT;
+
+    h.protocol = 1;
+    h.client = wire_str("test");
+    f.id = id;
+    f.body_case = WEIGHTSD__V1__FRAME__BODY_HELLO;
+    f.hello = &h;
+    ASSERT_EQ(wire_encode(&f, 0, buf, len), 0);
+}
+
+TEST(frame_roundtrip_byte_by_byte)
+{
+    int sv[2];
+    uint8_t *buf;
+    size_t len;
+    wire_reader_t r;
+    wire_frame_t f;
+    int got = 0;
+
+    pair(sv);
+    encode_hello(42, &buf, &len);
+    wire_reader_init(&r, WSD_REQUEST_MAX);
+    /* Every split point: the reader must reassemble one byte at a time. */
+    for (size_t i = 0; i < len; i++) {
+        ASSERT_EQ(write(sv[0], buf + i, 1), 1);
+        ASSERT_EQ(wire_reader_fill(&r, sv[1]), 1);
+        int k = wire_reader_next(&r, &f);
+
+        ASSERT(k >= 0);
+        if (k == 1) {
+            ASSERT_EQ(i, len - 1);
+            ASSERT_UINT_EQ(f.msg->id, 42);
+            ASSERT_EQ(f.msg->body_case, WEIGHTSD__V1__FRAME__BODY_HELLO);
+            ASSERT_STR_EQ(f.msg->hello->client, "test");
+            wire_frame_done(&f);
+            got = 1;
+        }
+    }
+    ASSERT_EQ(got, 1);
+    free(buf);
+    wire_reader_done(&r);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+TEST(two_frames_in_one_write)
+{
+    int sv[2];
+    uint8_t *a, *b, both[256];
+    size_t la, lb;
+    wire_reader_t r;
+    wire_frame_t f;
+
+    pair(sv);
+    encode_hello(1, &a, &la);
+    encode_hello(2, &b, &lb);
+    memcpy(both, a, la);
+    memcpy(both + la, b, lb);
+    ASSERT_EQ(write(sv[0], both, la + lb), (ssize_t)(la + lb));
+    wire_reader_init(&r, WSD_REQUEST_MAX);
+    for (uint64_t want = 1; want <= 2; want++) {
+        ASSERT_EQ(wire_recv_frame(&r, sv[1], 1000, &f), 1);
+        ASSERT_UINT_EQ(f.msg->id, want);
+        wire_frame_done(&f);
+    }
+    ASSERT_EQ(wire_recv_frame(&r, sv[1], 50, &f), -ETIMEDOUT);
+    free(a);
+    free(b);
+    wire_reader_done(&r);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+TEST(oversized_and_bad_headers_rejected)
+{
+    static const struct {
+        uint8_t hdr[8];
+        int expect;
+    } cases[] = {
+        {{0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0}, -EMSGSIZE}, /* 2 GiB payload */
+        {{0x01, 0x00, 0x01, 0x00, 0, 0, 0, 0}, -EMSGSIZE}, /* just over 64 KiB */
+        {{0x02, 0, 0, 0, 0, 0, 1, 0}, -EBADMSG},           /* reserved bits */
+        {{0x02, 0, 0, 0, 99, 0, 0, 0}, -EBADMSG},          /* fd count over the limit */
+        {{0x00, 0, 0, 0, 0, 0, 0, 0}, -EBADMSG},           /* empty payload */
+    };
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        wire_reader_t r;
+        wire_frame_t f;
+        int sv[2];
+        int k;
+
+        pair(sv);
+        wire_reader_init(&r, WSD_REQUEST_MAX);
+        ASSERT_EQ(write(sv[0], cases[i].hdr, 8), 8);
+        ASSERT_EQ(write(sv[0], "\x08\x01", 2), 2);
+        k = wire_reader_fill(&r, sv[1]);
+        if (k > 0)
+            k = wire_reader_next(&r, &f);
+        ASSERT_EQ(k, cases[i].expect);
+        wire_reader_done(&r);
+        close(sv[0]);
+        close(sv[1]);
+    }
+}
+
+TEST(garbage_payload_rejected)
+{
+    uint8_t frame[8 + 6] = {6, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+    wire_reader_t r;
+    wire_frame_t f;
+    int sv[2];
+
+    pair(sv);
+    wire_reader_init(&r, WSD_REQUEST_MAX);
+    ASSERT_EQ(write(sv[0], frame, sizeof(frame)), (ssize_t)sizeof(frame));
+    ASSERT_EQ(wire_recv_frame(&r, sv[1], 1000, &f), -EBADMSG);
+    wire_reader_done(&r);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+TEST(fd_travels_with_its_frame)
+{
+    int sv[2], p[2];
+    uint8_t *buf;
+    size_t len;
+    wire_reader_t r;
+    wire_frame_t f;
+    Weightsd__V1__Frame m = WEIGHTSD__V1__FRAME__INIT;
+    char c = 0;
+
+    pair(sv);
+    ASSERT_EQ(pipe2(p, O_CLOEXEC), 0);
+    m.id = 9;
+    ASSERT_EQ(wire_encode(&m, 1, &buf, &len), 0);
+    ASSERT_EQ(wire_send_all(sv[0], buf, len, &p[0], 1), 0);
+    wire_reader_init(&r, WSD_REPLY_MAX);
+    ASSERT_EQ(wire_recv_frame(&r, sv[1], 1000, &f), 1);
+    ASSERT_EQ(f.nfds, 1);
+    ASSERT_NE(f.fds[0], p[0]);
+    ASSERT(fcntl(f.fds[0], F_GETFD) & FD_CLOEXEC);
+    ASSERT_EQ(write(p[1], "x", 1), 1);
+    ASSERT_EQ(read(f.fds[0], &c, 1), 1);
+    ASSERT_EQ(c, 'x');
+    wire_frame_done(&f);
+    free(buf);
+    wire_reader_done(&r);
+    close(p[0]);
+    close(p[1]);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+TEST(header_lying_about_fds_rejected)
+{
+    int sv[2];
+    uint8_t *buf;
+    size_t len;
+    wire_reader_t r;
+    wire_frame_t f;
+    Weightsd__V1__Frame m = WEIGHTSD__V1__FRAME__INIT;
+
+    pair(sv);
+    m.id = 3;
+    ASSERT_EQ(wire_encode(&m, 2, &buf, &len), 0); /* announces 2, sends none */
+    ASSERT_EQ(wire_send_all(sv[0], buf, len, NULL, 0), 0);
+    wire_reader_init(&r, WSD_REPLY_MAX);
+    ASSERT_EQ(wire_recv_frame(&r, sv[1], 1000, &f), -EBADMSG);
+    free(buf);
+    wire_reader_done(&r);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+TEST(too_many_fds_all_closed)
+{
+    int sv[2], fds[12], got[16];
+    size_t n = 99;
+    char byte = 'a', rbuf[4];
+    int before;
+
+    pair(sv);
+    for (int i = 0; i < 12; i++)
+        fds[i] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    ASSERT_EQ(fdpass_send(sv[0], &byte, 1, fds, 12), 1);
+    before = open_fds();
+    ASSERT_EQ(fdpass_recv(sv[1], rbuf, sizeof(rbuf), got, 4, &n), -EBADMSG);
+    ASSERT_EQ(n, 0);
+    /* Nothing the peer sent stays open in our process. */
+    ASSERT_EQ(open_fds(), before);
+    for (int i = 0; i < 12; i++)
+        close(fds[i]);
+    close(sv[0]);
+    close(sv[1]);
+}
+
+TEST(unpack_memory_is_capped)
+{
+    Weightsd__V1__Frame f = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__OpenRequest o = WEIGHTSD__V1__OPEN_REQUEST__INIT;
+    char name[4000];
+    uint8_t *buf;
+    size_t len;
+    wire_msg_t *msg;
+
+    memset(name, 'a', sizeof(name) - 1);
+    name[sizeof(name) - 1] = '\0';
+    o.model = name;
+    f.body_case = WEIGHTSD__V1__FRAME__BODY_OPEN;
+    f.open = &o;
+    ASSERT_EQ(wire_encode(&f, 0, &buf, &len), 0);
+    ASSERT_EQ(wire_decode(buf + 8, len - 8, 1024, &msg), -EBADMSG);
+    ASSERT_EQ(wire_decode(buf + 8, len - 8, 64 * 1024, &msg), 0);
+    ASSERT_STR_EQ(msg->open->model, name);
+    wire_msg_free(msg);
+    free(buf);
+}
+
+/* The open path skips protobuf-c; its bytes must be exactly what protobuf-c would write. */
+TEST(open_reply_matches_protobuf_c)
+{
+    static const uint64_t ids[] = {0, 1, 127, 128, 1ull << 40};
+    static const uint64_t leases[] = {0, 5, 300, 1ull << 33};
+    manifest_t *m = manifest_new();
+    mf_tensor_t t = {.name = wire_str("w"), .dtype = WSD_DTYPE_F32, .ndim = 2,
+                     .shape = {2, 3}, .stride = {3, 1}};
+    uint8_t *mpb;
+    size_t mlen;
+
+    ASSERT_EQ(manifest_add_storage(m, "w", 0, 8, 24, WSD_DTYPE_F32, NULL), 0);
+    ASSERT_EQ(manifest_add_tensor(m, &t), 0);
+    ASSERT_EQ(manifest_pb_encode(m, 64, "abc", &mpb, &mlen), 0);
+    for (size_t i = 0; i < sizeof(ids) / sizeof(ids[0]); i++)
+        for (size_t j = 0; j < sizeof(leases) / sizeof(leases[0]); j++) {
+            Weightsd__V1__Frame f = WEIGHTSD__V1__FRAME__INIT;
+            Weightsd__V1__OpenReply o = WEIGHTSD__V1__OPEN_REPLY__INIT;
+            Weightsd__V1__Manifest *pm = weightsd__v1__manifest__unpack(NULL, mlen, mpb);
+            uint8_t *a, *b;
+            size_t la, lb;
+
+            ASSERT(pm);
+            o.lease = leases[j];
+            o.manifest = pm;
+            f.id = ids[i];
+            f.body_case = WEIGHTSD__V1__FRAME__BODY_OPEN_REPLY;
+            f.open_reply = &o;
+            ASSERT_EQ(wire_encode(&f, 1, &a, &la), 0);
+            ASSERT_EQ(manifest_pb_open_reply(ids[i], leases[j], mpb, mlen, 1, &b, &lb), 0);
+            ASSERT_EQ(la, lb);
+            ASSERT(memcmp(a, b, la) == 0);
+            free(a);
+            free(b);
+            weightsd__v1__manifest__free_unpacked(pm, NULL);
+        }
+    free(mpb);
+    manifest_free(m);
+}
+
+int main(int argc, char **argv)
+{
+    return test_main(argc, argv);
+}
