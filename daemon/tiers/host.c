@@ -100,6 +100,13 @@ int host_build(const char *label, manifest_t *m, const source_t *sources, size_t
         goto fail;
     }
     if (size > 0) {
+        /* Allocating every page up front turns "no memory" (tmpfs limits, cgroup) into a
+         * clean error here rather than SIGBUS halfway through the copy. */
+        if (fallocate(fd, 0, 0, (off_t)size) < 0) {
+            r = fmt_fail(err, WSD_ENOMEM, "E_MEMFD", "cannot allocate %llu bytes for the arena: %s",
+                         (unsigned long long)size, strerror(errno));
+            goto fail;
+        }
         map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (map == MAP_FAILED) {
             map = NULL;
