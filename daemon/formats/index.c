@@ -432,6 +432,23 @@ static int read_shard(const source_t *s, uint32_t ix, const char *shard, index_k
     return torch_read(s, ix, NULL, part, err);
 }
 
+/*
+ * A shard reader's error, with the shard named after the rule when the reader did not already
+ * name the file: "E_ST_OFFSETS: shard 'model-00002-of-00002.safetensors': tensor 'w' ...".
+ */
+static int shard_fail(fmt_err_t *err, const fmt_err_t *serr, const char *shard, const char *path)
+{
+    const char *colon = strstr(serr->msg, ": ");
+    char rule[64];
+
+    if (strstr(serr->msg, path) || !colon || (size_t)(colon - serr->msg) >= sizeof(rule) ||
+        strncmp(serr->msg, "E_", 2) != 0)
+        return fmt_fail(err, serr->code, NULL, "%s", serr->msg);
+    memcpy(rule, serr->msg, (size_t)(colon - serr->msg));
+    rule[colon - serr->msg] = '\0';
+    return fmt_fail(err, serr->code, rule, "shard '%s': %s", SHOWN(shard), colon + 2);
+}
+
 /* Checks metadata.total_size against the bytes actually served; warnings only (§5.3). */
 static void check_total_size(manifest_t *m, const json_t *meta, uint64_t total, const char *path)
 {
@@ -494,6 +511,7 @@ int index_load(const char *path, const fmt_opts_t *opts, manifest_t **ret_m, sou
     manifest_t *m = NULL, *part = NULL;
     bool *keep = NULL;
     name_table_t tab = {0};
+    fmt_err_t serr = {0};
     uint64_t total = 0;
     char *dir = NULL;
     const char *slash;
@@ -553,9 +571,11 @@ int index_load(const char *path, const fmt_opts_t *opts, manifest_t **ret_m, sou
             r = fmt_fail(err, -ENOMEM, NULL, "out of memory");
             goto out;
         }
-        r = read_shard(&src[i], (uint32_t)i, shards[i], kind, part, err);
-        if (r < 0)
+        r = read_shard(&src[i], (uint32_t)i, shards[i], kind, part, &serr);
+        if (r < 0) {
+            r = shard_fail(err, &serr, shards[i], src[i].path);
             goto out;
+        }
         keep = calloc(part->ntensors ? part->ntensors : 1, sizeof(*keep));
         if (!keep || table_build(&tab, part) < 0) {
             r = fmt_fail(err, -ENOMEM, NULL, "out of memory");

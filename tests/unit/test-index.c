@@ -422,6 +422,7 @@ TEST(shard_errors_propagate)
     free(f.p);
     l = load(st_put_str(INDEX, "{\"weight_map\":{\"w\":\"" SHARD1 "\"}}"));
     expect_rule("bad shard", &l, WSD_EBADCKPT, "E_ST_SIZE_MISMATCH");
+    ASSERT_STR_CONTAINS(l.err.msg, "E_ST_SIZE_MISMATCH: shard '" SHARD1 "': tensor 'w'");
     ld_free(&l);
     /* A directory where a shard should be. */
     ASSERT_EQ(mkdir(st_path("dir.safetensors"), 0755), 0);
