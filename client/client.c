@@ -307,8 +307,10 @@ static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf)
             return -ENOMEM;
         t->dtype = (int)ti->dtype;
         t->ndim = (unsigned)ti->n_shape;
-        memcpy(t->shape, ti->shape, ti->n_shape * sizeof(int64_t));
-        memcpy(t->strides, ti->stride, ti->n_stride * sizeof(int64_t));
+        if (t->ndim) { /* a 0-dim tensor arrives with NULL arrays */
+            memcpy(t->shape, ti->shape, ti->n_shape * sizeof(int64_t));
+            memcpy(t->strides, ti->stride, ti->n_stride * sizeof(int64_t));
+        }
         t->storage = ti->storage;
         t->storage_offset = ti->storage_offset;
         t->nbytes = ti->nbytes;

@@ -167,7 +167,8 @@ void conn_send(conn_t *c, uint8_t *buf, size_t len, const int *fds, size_t nfds)
     }
     o->buf = buf;
     o->len = len;
-    memcpy(o->fds, fds, nfds * sizeof(int));
+    if (nfds)
+        memcpy(o->fds, fds, nfds * sizeof(int));
     o->nfds = nfds;
     *c->outq_tail = o;
     c->outq_tail = &o->next;

@@ -200,7 +200,12 @@ int fmt_load(const char *path, const fmt_opts_t *opts, manifest_t **ret_m, sourc
     fmt_kind_t kind;
     int r;
 
-    if (ends_with(path, ".index.json"))
+    /* HF index files: model.safetensors.index.json, pytorch_model.bin.index.json and variants
+     * such as model.safetensors.index.fp16.json. */
+    const char *base = strrchr(path, '/');
+
+    base = base ? base + 1 : path;
+    if (ends_with(base, ".json") && strstr(base, ".index."))
         return index_load(path, opts, ret_m, ret_sources, ret_nsources, err);
 
     m = manifest_new();
