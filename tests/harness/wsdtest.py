@@ -20,19 +20,19 @@ BIN = os.path.join(BUILD_DIR, "bin")
 class Daemon:
     """A weightsd process on sockets under `tmpdir`; stop() checks it exits 0 on SIGTERM."""
 
-    def __init__(self, tmpdir, extra_args=()):
+    def __init__(self, tmpdir, extra_args=(), wrapper=(), start_timeout=10):
         self.dir = str(tmpdir)
         self.sock = os.path.join(self.dir, "c.sock")
         self.admin = os.path.join(self.dir, "a.sock")
         self.log_path = os.path.join(self.dir, "weightsd.log")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [os.path.join(BIN, "weightsd"), "--socket", self.sock, "--admin-socket", self.admin,
+            [*wrapper, os.path.join(BIN, "weightsd"), "--socket", self.sock, "--admin-socket", self.admin,
              "--log-level", "debug", *extra_args],
             stdout=self._log, stderr=subprocess.STDOUT)
         # Ready means both sockets accept: a stale socket file from a killed daemon may exist
         # before this one has replaced it.
-        deadline = time.time() + 10
+        deadline = time.time() + start_timeout
         while not (self._accepts(self.sock) and self._accepts(self.admin)):
             if self.proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("weightsd did not start:\n" + self.log())
