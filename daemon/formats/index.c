@@ -502,7 +502,7 @@ static int add_index_meta(manifest_t *m, json_t *meta, fmt_err_t *err)
 int index_load(const char *path, const fmt_opts_t *opts, manifest_t **ret_m, source_t **ret_sources,
                size_t *ret_nsources, fmt_err_t *err)
 {
-    index_kind_t kind;
+    index_kind_t kind = INDEX_SAFETENSORS; /* set by the name check; gcc cannot see it */
     json_t *root = NULL, *map, *meta;
     idx_entry_t *ents = NULL;
     const char **shards = NULL;
