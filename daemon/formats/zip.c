@@ -130,8 +130,8 @@ static bool z64_agrees(uint64_t eocd_val, uint64_t sat, uint64_t z64_val)
 
 static int read_end(const source_t *s, struct end_info *ret, fmt_err_t *err)
 {
-    uint8_t e[EOCD_LEN], loc[Z64_LOC_LEN], z[Z64_EOCD_LEN];
-    uint64_t pos, disk, cd_disk, n_disk, n_total, cd_size, cd_off;
+    uint8_t e[EOCD_LEN] = {0}, loc[Z64_LOC_LEN] = {0}, z[Z64_EOCD_LEN] = {0};
+    uint64_t pos = 0, disk, cd_disk, n_disk, n_total, cd_size, cd_off;
     int r;
 
     r = find_eocd(s, e, &pos, err);
@@ -169,8 +169,9 @@ static int read_end(const source_t *s, struct end_info *ret, fmt_err_t *err)
         if (r < 0)
             return r;
         rem = le64(z + 4);
-        if (le32(z) != SIG_Z64_EOCD || rem < Z64_EOCD_LEN - 12 || !ck_add_u64(z64_off, 12, &z_end) ||
-            !ck_add_u64(z_end, rem, &z_end) || z_end != loc_pos)
+        if (le32(z) != SIG_Z64_EOCD || rem < Z64_EOCD_LEN - 12 ||
+            !ck_add_u64(z64_off, 12, &z_end) || !ck_add_u64(z_end, rem, &z_end) ||
+            z_end != loc_pos)
             return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_BAD_ZIP64",
                             "'%s': no valid ZIP64 end record at offset %llu (signature %08x, "
                             "size %llu, locator at %llu)",
@@ -415,8 +416,8 @@ static int check_local(const source_t *s, const zip_t *z, zip_entry_t *e, uint8_
         return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_LOCAL_MISMATCH",
                         "'%s': record '%s': local header method %u, central directory %u",
                         s->path, e->name, le16(buf + 8), e->method);
-    if (!local_agrees(le32(buf + 14), e->crc32, dd) || !local_agrees(le32(buf + 18), e->csize, dd) ||
-        !local_agrees(le32(buf + 22), e->usize, dd))
+    if (!local_agrees(le32(buf + 14), e->crc32, dd) ||
+        !local_agrees(le32(buf + 18), e->csize, dd) || !local_agrees(le32(buf + 22), e->usize, dd))
         return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_LOCAL_MISMATCH",
                         "'%s': record '%s': local header CRC or sizes (%08x, %u, %u) disagree "
                         "with the central directory (%08x, %llu, %llu)",
