@@ -351,6 +351,14 @@ static int check_fd(int fd, uint64_t map_size)
 WSD_EXTERN int wsd_open(wsd_client_t *c, const char *name, const char *device, unsigned flags,
                         wsd_model_t **ret_model)
 {
+    wsd_open_opts_t o = {.size = sizeof(o), .device = device, .flags = flags};
+
+    return wsd_open_with(c, name, &o, ret_model);
+}
+
+WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_opts_t *opts,
+                             wsd_model_t **ret_model)
+{
     Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
     Weightsd__V1__OpenRequest open = WEIGHTSD__V1__OPEN_REQUEST__INIT;
     const Weightsd__V1__Manifest *mf;
@@ -358,11 +366,24 @@ WSD_EXTERN int wsd_open(wsd_client_t *c, const char *name, const char *device, u
     wire_frame_t f = {0};
     int r;
 
-    if (!c || !name || !ret_model)
+    const char *device = NULL, *expect = NULL;
+    unsigned flags = 0;
+
+    if (!c || !name || !ret_model || !opts || opts->size < sizeof(size_t))
         return -EINVAL;
+    /* Read only the fields the caller's struct is large enough to hold (A2). */
+#define HAS(field) (opts->size >= offsetof(wsd_open_opts_t, field) + sizeof(opts->field))
+    if (HAS(device))
+        device = opts->device;
+    if (HAS(flags))
+        flags = opts->flags;
+    if (HAS(expect_hash))
+        expect = opts->expect_hash;
+#undef HAS
     open.model = wire_str(name);
     open.device = wire_str(device ? device : "cpu");
     open.flags = flags;
+    open.expect_hash = wire_str(expect ? expect : "");
     req.body_case = WEIGHTSD__V1__FRAME__BODY_OPEN;
     req.open = &open;
     r = rpc(c, &req, &f);

@@ -88,6 +88,9 @@ static json_t *info_json(const server_t *s, const model_t *m)
     json_object_set_new(doc, "map_bytes", json_integer((json_int_t)m->arena.size));
     json_object_set_new(doc, "opens", json_integer((json_int_t)m->opens));
     json_object_set_new(doc, "load_ms", json_integer((json_int_t)m->load_ms));
+    json_object_set_new(doc, "hash", json_string(m->hash));
+    json_object_set_new(doc, "dtype", m->dtype >= 0 ? json_string(wsd_dtype_name(m->dtype))
+                                                   : json_null());
     json_object_set_new(doc, "holders", holders_json(s, m));
     json_object_set_new(doc, "warnings", warnings_json(m));
     for (size_t i = 0; m->mf && i < m->mf->ntensors; i++) {
@@ -124,6 +127,7 @@ static void preload_done_cb(void *data, model_t *m, int status, const char *msg)
             json_object_set_new(doc, "format", json_string(m->mf->format));
             json_object_set_new(doc, "ntensors", json_integer((json_int_t)m->mf->ntensors));
             json_object_set_new(doc, "load_ms", json_integer((json_int_t)m->load_ms));
+            json_object_set_new(doc, "hash", json_string(m->hash));
             json_object_set_new(doc, "warnings", warnings_json(m));
             send_json(c, ctx->id, doc);
         } else
@@ -133,24 +137,47 @@ static void preload_done_cb(void *data, model_t *m, int status, const char *msg)
     free(ctx);
 }
 
+/* --dtype accepts torch's names and the safetensors ones. */
+static int parse_dtype(const char *s)
+{
+    static const struct {
+        const char *name;
+        int dtype;
+    } names[] = {
+        {"bf16", WSD_DTYPE_BF16},    {"bfloat16", WSD_DTYPE_BF16}, {"BF16", WSD_DTYPE_BF16},
+        {"f16", WSD_DTYPE_F16},      {"float16", WSD_DTYPE_F16},   {"half", WSD_DTYPE_F16},
+        {"F16", WSD_DTYPE_F16},      {"f32", WSD_DTYPE_F32},       {"float32", WSD_DTYPE_F32},
+        {"float", WSD_DTYPE_F32},    {"F32", WSD_DTYPE_F32},
+    };
+
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (strcmp(s, names[i].name) == 0)
+            return names[i].dtype;
+    return -1;
+}
+
 static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRequest *req)
 {
     preload_args_t a = {
         .name = req->name,
         .path = req->path,
         .key = req->key && *req->key ? req->key : NULL,
+        .dtype = -1,
         .no_verify = req->no_verify,
     };
     preload_ctx_t *ctx;
     char msg[512];
     int r;
 
-    /* Transforms and file sharing are refused by name rather than silently ignored. */
     if (req->dtype && *req->dtype) {
-        conn_send_error(c, id, WSD_EINVAL, "--dtype %s: dtype conversion is not supported by this "
-                                           "daemon version", req->dtype);
-        return;
+        a.dtype = parse_dtype(req->dtype);
+        if (a.dtype < 0) {
+            conn_send_error(c, id, WSD_EINVAL, "--dtype %s: expected bf16, f16 or f32",
+                            req->dtype);
+            return;
+        }
     }
+    /* File sharing is refused by name rather than silently ignored. */
     if (req->share && *req->share && strcmp(req->share, "memfd") != 0) {
         conn_send_error(c, id, WSD_EINVAL, "--share %s: only 'memfd' is supported by this daemon "
                                            "version", req->share);

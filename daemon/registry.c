@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "convert.h"
 #include "log.h"
 #include "manifest_pb.h"
 #include "wsd_limits.h"
@@ -112,6 +113,7 @@ typedef struct preload_work {
     uv_work_t req;
     model_t *model;          /* reference held until after_work */
     char *key;               /* subtree, or NULL */
+    int dtype;               /* conversion target or -1 */
     bool no_verify;
     registry_preload_cb cb;
     void *data;
@@ -138,10 +140,15 @@ static void preload_work_cb(uv_work_t *req)
     r = fmt_load(w->model->source, &opts, &w->mf, &sources, &nsources, &w->err);
     if (r < 0)
         goto out;
+    if (w->dtype >= 0) {
+        r = convert_manifest(w->mf, w->dtype, &w->err);
+        if (r < 0)
+            goto out;
+    }
     r = host_build(w->model->name, w->mf, sources, nsources, !w->no_verify, &w->arena, &w->err);
     if (r < 0)
         goto out;
-    r = manifest_pb_encode(w->mf, w->arena.size, NULL, &w->pb, &w->pb_len);
+    r = manifest_pb_encode(w->mf, w->arena.size, w->arena.hash, &w->pb, &w->pb_len);
     if (r < 0)
         r = fmt_fail(&w->err, r, "E_LIMIT", "manifest of %zu tensors too large to send",
                      w->mf->ntensors);
@@ -186,12 +193,14 @@ static void preload_after_cb(uv_work_t *req, int uvstatus)
         for (size_t i = 0; i < m->mf->nstorages; i++)
             m->bytes += m->mf->storages[i].nbytes;
         m->load_ms = ms;
+        snprintf(m->hash, sizeof(m->hash), "%s", w->arena.hash);
         m->state = MODEL_READY;
         r->resident_bytes += m->arena.size;
         r->preloads_ok++;
-        log_info("preloaded '%s' from '%s': %zu tensors, %llu bytes, %s, %llu ms", m->name,
-                 m->source, m->mf->ntensors, (unsigned long long)m->bytes, m->mf->format,
-                 (unsigned long long)ms);
+        log_info("preloaded '%s' from '%s': %zu tensors, %llu bytes, %s%s%s, %llu ms, hash %s",
+                 m->name, m->source, m->mf->ntensors, (unsigned long long)m->bytes,
+                 m->mf->format, m->dtype >= 0 ? " as " : "",
+                 m->dtype >= 0 ? wsd_dtype_name(m->dtype) : "", (unsigned long long)ms, m->hash);
         for (size_t i = 0; i < m->mf->nwarnings; i++)
             log_warning("model '%s': %s", m->name, m->mf->warnings[i]);
         notify_waiters(m, 0, NULL);
@@ -262,6 +271,8 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
             goto nomem;
     }
     w->no_verify = a->no_verify;
+    w->dtype = a->dtype;
+    m->dtype = a->dtype;
     w->model = m;
     w->cb = cb;
     w->data = data;

@@ -52,6 +52,8 @@ struct model {
     uint64_t bytes;           /* tensor-storage bytes (sum over storages) */
     uint64_t load_ms;         /* preload duration */
     uint64_t opens;           /* opens served */
+    int dtype;                /* --dtype target, or -1 */
+    char hash[33];            /* content hash (host_arena_t.hash), "" until ready */
     model_waiter_t *waiters;  /* opens waiting while loading */
 };
 
@@ -75,6 +77,7 @@ typedef struct preload_args {
     const char *name;
     const char *path;
     const char *key;   /* NULL or subtree */
+    int dtype;         /* convert floating tensors to this wsd_dtype_t, or -1 to keep */
     bool no_verify;
 } preload_args_t;
 

@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@ typedef struct open_waiter {
     model_waiter_t w;
     conn_t *conn;       /* reference */
     uint64_t id;        /* request id */
+    char expect[72];    /* required content hash, or "" */
 } open_waiter_t;
 
 static int lease_add(conn_t *c, model_t *m, uint64_t *ret_id)
@@ -70,6 +72,18 @@ static void open_grant(conn_t *c, uint64_t id, model_t *m)
     conn_send(c, buf, len, &fd, 1);
 }
 
+/* A ready model: refuse it if the worker pinned another content hash, else lease it. */
+static void open_ready(conn_t *c, uint64_t id, model_t *m, const char *expect)
+{
+    if (expect && *expect && strcmp(expect, m->hash) != 0) {
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_EMISMATCH, "model '%s' has content hash %s, the worker expects %s",
+                        m->name, m->hash, expect);
+        return;
+    }
+    open_grant(c, id, m);
+}
+
 static void open_waiter_cb(model_waiter_t *w, model_t *m, int status, const char *msg)
 {
     open_waiter_t *ow = (open_waiter_t *)w;
@@ -77,7 +91,7 @@ static void open_waiter_cb(model_waiter_t *w, model_t *m, int status, const char
 
     if (!c->closing) {
         if (status == 0)
-            open_grant(c, ow->id, m);
+            open_ready(c, ow->id, m, ow->expect);
         else
             conn_send_error(c, ow->id, status, "%s", msg ? msg : wsd_strerror(status));
     }
@@ -109,7 +123,7 @@ static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest 
     }
     switch (m->state) {
     case MODEL_READY:
-        open_grant(c, id, m);
+        open_ready(c, id, m, req->expect_hash);
         return;
     case MODEL_LOADING:
         if (req->flags & WSD_OPEN_WAIT) {
@@ -122,6 +136,7 @@ static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest 
             ow->w.cb = open_waiter_cb;
             ow->conn = conn_ref(c);
             ow->id = id;
+            snprintf(ow->expect, sizeof(ow->expect), "%s", req->expect_hash ? req->expect_hash : "");
             ow->w.next = m->waiters;
             m->waiters = &ow->w;
             return;

@@ -31,6 +31,7 @@ static const char usage_text[] =
     "                      again (0 = until SIGTERM)\n"
     "      --wait          wait for a model that is still loading\n"
     "      --repeat N      open and release N times, then report the median open time\n"
+    "      --expect HASH   refuse the model unless its content hash is HASH\n"
     "  -h, --help          show this help\n";
 
 static volatile sig_atomic_t stop;
@@ -111,9 +112,10 @@ int main(int argc, char **argv)
         {"socket", required_argument, NULL, 's'}, {"tensors", no_argument, NULL, 'T'},
         {"write", no_argument, NULL, 'W'},        {"hold", required_argument, NULL, 'H'},
         {"wait", no_argument, NULL, 'w'},         {"repeat", required_argument, NULL, 'R'},
-        {"help", no_argument, NULL, 'h'},         {NULL, 0, NULL, 0},
+        {"expect", required_argument, NULL, 'E'}, {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
     };
-    const char *socket_path = NULL, *name;
+    const char *socket_path = NULL, *name, *expect = NULL;
     int tensors = 0, do_write = 0, hold = -1, repeat = 0, opt, r;
     unsigned flags = 0;
     uint64_t sum = 1469598103934665603ull, size = 0;
@@ -141,6 +143,9 @@ int main(int argc, char **argv)
             break;
         case 'R':
             repeat = atoi(optarg);
+            break;
+        case 'E':
+            expect = optarg;
             break;
         case 'h':
             fputs(usage_text, stdout);
@@ -187,7 +192,11 @@ int main(int argc, char **argv)
         wsd_close(c);
         return 0;
     }
-    r = wsd_open(c, name, "cpu", flags, &m);
+    {
+        wsd_open_opts_t o = {.size = sizeof(o), .flags = flags, .expect_hash = expect};
+
+        r = wsd_open_with(c, name, &o, &m);
+    }
     open_us = now_us() - t0;
     if (r < 0) {
         fprintf(stderr, "wsd-attach: open '%s': %s (%s)\n", name, wsd_last_error(c),
@@ -215,9 +224,10 @@ int main(int argc, char **argv)
             print_tensor(wsd_model_tensor(m, i));
     mapping_memory(wsd_model_base(m, NULL), &rss, &pss);
     printf("{\"pid\":%d,\"model\":\"%s\",\"tensors\":%zu,\"bytes\":%" PRIu64
-           ",\"checksum\":\"%016" PRIx64 "\",\"lease\":%" PRIu64
+           ",\"checksum\":\"%016" PRIx64 "\",\"hash\":\"%s\",\"lease\":%" PRIu64
            ",\"attach_us\":%.1f,\"rss_kb\":%ld,\"pss_kb\":%ld}\n",
-           (int)getpid(), name, wsd_model_tensor_count(m), size, sum, wsd_model_lease(m), open_us,
+           (int)getpid(), name, wsd_model_tensor_count(m), size, sum, wsd_model_hash(m),
+           wsd_model_lease(m), open_us,
            rss, pss);
     fflush(stdout);
     if (hold == 0)

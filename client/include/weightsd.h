@@ -165,6 +165,18 @@ WSD_EXTERN const char *wsd_last_error(const wsd_client_t *c);
 WSD_EXTERN WSD_MUST_CHECK int wsd_open(wsd_client_t *c, const char *name, const char *device,
                                        unsigned flags, wsd_model_t **ret_model);
 
+/* Options for wsd_open_with(); zero-initialise, set size, then what you need. */
+typedef struct wsd_open_opts {
+    size_t size;             /* sizeof(wsd_open_opts_t), for growth (A2) */
+    const char *device;      /* as wsd_open(); NULL = "cpu" */
+    unsigned flags;          /* WSD_OPEN_* */
+    const char *expect_hash; /* refuse (WSD_EMISMATCH) unless the model's content hash is this */
+} wsd_open_opts_t;
+
+/** wsd_open() with options; \retval as wsd_open(), plus WSD_EMISMATCH. */
+WSD_EXTERN WSD_MUST_CHECK int wsd_open_with(wsd_client_t *c, const char *name,
+                                            const wsd_open_opts_t *opts, wsd_model_t **ret_model);
+
 /**
  * Releases the lease (if the connection is still open) and unmaps. Every pointer obtained from
  * the model (tensor handles, data pointers) is invalid afterwards. NULL is fine.
@@ -237,6 +249,40 @@ WSD_EXTERN WSD_MUST_CHECK int wsd_admin_evict(wsd_client_t *c, const char *name,
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_list(wsd_client_t *c, char **ret_json);
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_info(wsd_client_t *c, const char *name, char **ret_json);
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_stats(wsd_client_t *c, char **ret_json);
+
+/*
+ * DLPack export (client/dlpack.c). The structs come from <dlpack/dlpack.h>; this header only
+ * names them, so including weightsd.h does not require the DLPack header.
+ */
+struct DLManagedTensor;
+
+/** Run once by the deleter of a DLManagedTensor made below, with the \p ctx given there. */
+typedef void (*wsd_dlpack_release_fn)(void *ctx);
+
+/**
+ * Describes tensor \p i of \p m as a DLPack tensor: kDLCPU, its dtype, shape and strides, data
+ * at element 0 with byte_offset 0. The memory is the model's mapping: the caller keeps \p m
+ * alive (not wsd_model_free()'d) until \p release has run.
+ * \param[in]  m            open model.
+ * \param[in]  i            tensor index, as for wsd_model_tensor().
+ * \param[in]  release      called once from the deleter before it frees the struct; may be NULL.
+ * \param[in]  ctx          passed to \p release.
+ * \param[out] ret_managed  new DLManagedTensor; its consumer calls ->deleter (or, if it was
+ *                          never consumed, the producer calls wsd_dlpack_free()).
+ * \retval 0, -EINVAL, -EOPNOTSUPP (a dtype the installed DLPack cannot name: BOOL before
+ *         DLPack 0.8, F8_*, F6_*, F4), WSD_EPROTO (view outside its storage), -ENOMEM.
+ */
+WSD_EXTERN WSD_MUST_CHECK int wsd_tensor_dlpack(const wsd_model_t *m, size_t i,
+                                                wsd_dlpack_release_fn release, void *ctx,
+                                                struct DLManagedTensor **ret_managed);
+
+/** Storage \p i of \p m as a 1-D uint8 DLPack tensor of its nbytes; otherwise as above. */
+WSD_EXTERN WSD_MUST_CHECK int wsd_storage_dlpack(const wsd_model_t *m, size_t i,
+                                                 wsd_dlpack_release_fn release, void *ctx,
+                                                 struct DLManagedTensor **ret_managed);
+
+/** Runs \p managed's deleter (a tensor nobody consumed). NULL is fine. */
+WSD_EXTERN void wsd_dlpack_free(struct DLManagedTensor *managed);
 
 #ifdef __cplusplus
 }

@@ -77,6 +77,8 @@ int manifest_add_storage(manifest_t *m, const char *key, uint32_t source, uint64
     s->src_offset = src_offset;
     s->nbytes = nbytes;
     s->dtype = dtype;
+    s->src_dtype = dtype;
+    s->src_nbytes = nbytes;
     if (ret_index)
         *ret_index = (uint32_t)m->nstorages;
     m->nstorages++;

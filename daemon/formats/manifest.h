@@ -26,7 +26,9 @@ typedef struct mf_storage {
     uint32_t source;       /* index of the source file (shards) */
     uint64_t src_offset;   /* byte offset of the data in that file */
     uint64_t nbytes;       /* length in bytes */
-    int dtype;             /* element type the storage was declared with (wsd_dtype_t) */
+    int dtype;             /* element type served (wsd_dtype_t) */
+    int src_dtype;         /* element type in the file; differs from dtype after --dtype */
+    uint64_t src_nbytes;   /* bytes in the file (nbytes above is what is served) */
     bool has_crc;          /* crc32 below is the zip record's CRC-32 and must be checked */
     uint32_t crc32;        /* expected CRC-32 of the bytes (zip) */
     uint64_t arena_offset; /* where the host tier put it in the model's arena (set by the tier) */

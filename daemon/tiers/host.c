@@ -10,20 +10,25 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <xxhash.h>
 #include <zlib.h>
 
 #include "checked.h"
+#include "convert.h"
 
 #ifndef MFD_NOEXEC_SEAL
 #    define MFD_NOEXEC_SEAL 0x0008U
 #endif
 
 #define HOST_SEALS   (F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
-#define COPY_CHUNK   (8u << 20)
+#define COPY_CHUNK   (8u << 20) /* a multiple of every itemsize */
 
 static int arena_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err)
 {
@@ -57,33 +62,188 @@ static int memfd_new(const char *label)
     return fd < 0 ? -errno : fd;
 }
 
-static int copy_storage(uint8_t *dst, const mf_storage_t *s, const source_t *src, bool verify_crc,
-                        fmt_err_t *err)
+/*
+ * The copy is split into chunks of at most COPY_CHUNK source bytes (a whole number of elements)
+ * that any of a few threads may take, so one huge tensor is copied as fast as many small ones.
+ * Per-chunk CRC-32s are joined with crc32_combine() and per-chunk hashes hashed in order, so
+ * the results do not depend on which thread did what.
+ */
+typedef struct chunk {
+    uint32_t storage;
+    uint64_t off;      /* source byte offset within the storage */
+    uint64_t len;      /* source bytes */
+    uint32_t crc;      /* CRC-32 of the source bytes */
+    uint64_t hash;     /* XXH3-64 of the served bytes */
+} chunk_t;
+
+typedef struct copy_job {
+    manifest_t *m;
+    const source_t *sources;
+    uint8_t *map;
+    bool verify_crc;
+    chunk_t *chunks;
+    size_t nchunks;
+    atomic_size_t next;     /* next chunk to take */
+    atomic_bool failed;     /* stop taking chunks */
+    pthread_mutex_t lock;   /* guards err */
+    fmt_err_t *err;
+} copy_job_t;
+
+static int copy_chunk(copy_job_t *job, chunk_t *c, uint8_t *bounce)
 {
-    uLong crc = crc32(0L, Z_NULL, 0);
-    uint64_t done = 0;
+    const mf_storage_t *s = &job->m->storages[c->storage];
+    const source_t *src = &job->sources[s->source];
+    fmt_err_t err = {0};
+    bool convert = s->dtype != s->src_dtype;
+    unsigned in = wsd_dtype_bits(s->src_dtype) / 8, out = wsd_dtype_bits(s->dtype) / 8;
+    uint64_t dst_off = convert ? c->off / in * out : c->off;
+    uint8_t *dst = job->map + s->arena_offset + dst_off;
+    uint8_t *raw = convert ? bounce : dst;
+    uint64_t out_len = convert ? c->len / in * out : c->len;
     int r;
 
-    while (done < s->nbytes) {
-        size_t n = s->nbytes - done > COPY_CHUNK ? COPY_CHUNK : (size_t)(s->nbytes - done);
-
-        r = source_pread(src, dst + done, n, s->src_offset + done, err);
-        if (r < 0)
-            return r;
-        if (verify_crc && s->has_crc)
-            crc = crc32(crc, dst + done, (uInt)n);
-        done += n;
+    r = source_pread(src, raw, (size_t)c->len, s->src_offset + c->off, &err);
+    if (r < 0) {
+        pthread_mutex_lock(&job->lock);
+        (void)fmt_fail(job->err, err.code, NULL, "%s", err.msg);
+        pthread_mutex_unlock(&job->lock);
+        return r;
     }
-    if (verify_crc && s->has_crc && (uint32_t)crc != s->crc32)
-        return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_CRC",
-                        "record '%s' at offset %llu: CRC-32 %08x, central directory says %08x",
-                        s->key, (unsigned long long)s->src_offset, (unsigned)crc, s->crc32);
+    if (job->verify_crc && s->has_crc)
+        c->crc = (uint32_t)crc32(0L, raw, (uInt)c->len);
+    if (convert)
+        convert_run(s->src_dtype, s->dtype, raw, dst, (size_t)(c->len / in));
+    c->hash = XXH3_64bits(dst, (size_t)out_len);
     return 0;
+}
+
+static void *copy_thread(void *arg)
+{
+    copy_job_t *job = arg;
+    uint8_t *bounce = NULL;
+
+    for (;;) {
+        size_t i = atomic_fetch_add(&job->next, 1);
+        chunk_t *c;
+
+        if (i >= job->nchunks || atomic_load(&job->failed))
+            break;
+        c = &job->chunks[i];
+        if (job->m->storages[c->storage].dtype != job->m->storages[c->storage].src_dtype &&
+            !bounce) {
+            bounce = malloc(COPY_CHUNK);
+            if (!bounce) {
+                pthread_mutex_lock(&job->lock);
+                (void)fmt_fail(job->err, WSD_ENOMEM, NULL, "out of memory for copy buffers");
+                pthread_mutex_unlock(&job->lock);
+                atomic_store(&job->failed, true);
+                break;
+            }
+        }
+        if (copy_chunk(job, c, bounce) < 0)
+            atomic_store(&job->failed, true);
+    }
+    free(bounce);
+    return NULL;
+}
+
+static int make_chunks(const manifest_t *m, chunk_t **ret, size_t *ret_n, fmt_err_t *err)
+{
+    size_t n = 0, k = 0;
+    chunk_t *c;
+
+    for (size_t i = 0; i < m->nstorages; i++)
+        n += (size_t)((m->storages[i].src_nbytes + COPY_CHUNK - 1) / COPY_CHUNK);
+    c = calloc(n ? n : 1, sizeof(*c));
+    if (!c)
+        return fmt_fail(err, WSD_ENOMEM, NULL, "out of memory planning the copy");
+    for (size_t i = 0; i < m->nstorages; i++)
+        for (uint64_t off = 0; off < m->storages[i].src_nbytes; off += COPY_CHUNK) {
+            uint64_t left = m->storages[i].src_nbytes - off;
+
+            c[k].storage = (uint32_t)i;
+            c[k].off = off;
+            c[k].len = left < COPY_CHUNK ? left : COPY_CHUNK;
+            k++;
+        }
+    *ret = c;
+    *ret_n = n;
+    return 0;
+}
+
+static unsigned copy_threads(size_t nchunks)
+{
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned n = cpus > 0 ? (unsigned)cpus : 1;
+
+    if (n > HOST_COPY_THREADS_MAX)
+        n = HOST_COPY_THREADS_MAX;
+    if (n > nchunks)
+        n = nchunks ? (unsigned)nchunks : 1;
+    return n;
+}
+
+/* Copies every chunk with a few threads, then checks CRCs and derives the content hash:
+ * XXH3-128 over the manifest's geometry and each storage's chunk hashes. */
+static int copy_all(copy_job_t *job, char *ret_hash, size_t hashlen)
+{
+    const manifest_t *m = job->m;
+    unsigned nthreads = copy_threads(job->nchunks);
+    pthread_t tids[HOST_COPY_THREADS_MAX];
+    unsigned started = 0;
+    XXH3_state_t *st;
+    XXH128_hash_t h;
+    size_t k = 0;
+    int r = 0;
+
+    for (unsigned i = 1; i < nthreads; i++)
+        if (pthread_create(&tids[started], NULL, copy_thread, job) == 0)
+            started++;
+    (void)copy_thread(job);
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(tids[i], NULL);
+    if (atomic_load(&job->failed))
+        return job->err->code ? job->err->code : WSD_EIO;
+
+    st = XXH3_createState();
+    if (!st)
+        return fmt_fail(job->err, WSD_ENOMEM, NULL, "out of memory hashing");
+    XXH3_128bits_reset(st);
+    for (size_t i = 0; i < m->ntensors && r == 0; i++) {
+        const mf_tensor_t *t = &m->tensors[i];
+        int64_t geo[4 + 2 * WSD_MAX_NDIM] = {t->dtype, t->ndim, t->storage,
+                                             (int64_t)t->storage_offset};
+
+        memcpy(geo + 4, t->shape, sizeof(t->shape));
+        memcpy(geo + 4 + WSD_MAX_NDIM, t->stride, sizeof(t->stride));
+        XXH3_128bits_update(st, t->name, strlen(t->name) + 1);
+        XXH3_128bits_update(st, geo, sizeof(geo));
+    }
+    for (size_t i = 0; i < m->nstorages; i++) {
+        const mf_storage_t *s = &m->storages[i];
+        uint32_t crc = (uint32_t)crc32(0L, Z_NULL, 0);
+
+        XXH3_128bits_update(st, &s->nbytes, sizeof(s->nbytes));
+        for (; k < job->nchunks && job->chunks[k].storage == i; k++) {
+            crc = (uint32_t)crc32_combine(crc, job->chunks[k].crc, (z_off_t)job->chunks[k].len);
+            XXH3_128bits_update(st, &job->chunks[k].hash, sizeof(job->chunks[k].hash));
+        }
+        if (r == 0 && job->verify_crc && s->has_crc && crc != s->crc32)
+            r = fmt_fail(job->err, WSD_EBADCKPT, "E_ZIP_CRC",
+                         "record '%s' at offset %llu: CRC-32 %08x, central directory says %08x",
+                         s->key, (unsigned long long)s->src_offset, crc, s->crc32);
+    }
+    h = XXH3_128bits_digest(st);
+    XXH3_freeState(st);
+    snprintf(ret_hash, hashlen, "%016llx%016llx", (unsigned long long)h.high64,
+             (unsigned long long)h.low64);
+    return r;
 }
 
 int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,
                bool verify_crc, host_arena_t *ret, fmt_err_t *err)
 {
+    copy_job_t job = {0};
     uint64_t size = 0;
     uint8_t *map = NULL;
     int fd = -1, r;
@@ -115,18 +275,27 @@ int host_build(const char *label, manifest_t *m, const source_t *sources, size_t
             goto fail;
         }
     }
-    for (size_t i = 0; i < m->nstorages; i++) {
-        const mf_storage_t *s = &m->storages[i];
-
-        if (s->source >= nsources) {
-            r = fmt_fail(err, WSD_EINTERNAL, NULL, "storage '%s' names source %u of %zu", s->key,
-                         s->source, nsources);
+    for (size_t i = 0; i < m->nstorages; i++)
+        if (m->storages[i].source >= nsources) {
+            r = fmt_fail(err, WSD_EINTERNAL, NULL, "storage '%s' names source %u of %zu",
+                         m->storages[i].key, m->storages[i].source, nsources);
             goto fail;
         }
-        r = copy_storage(map + s->arena_offset, s, &sources[s->source], verify_crc, err);
-        if (r < 0)
-            goto fail;
-    }
+    job.m = m;
+    job.sources = sources;
+    job.map = map;
+    job.verify_crc = verify_crc;
+    job.err = err;
+    atomic_init(&job.next, 0);
+    atomic_init(&job.failed, false);
+    pthread_mutex_init(&job.lock, NULL);
+    r = make_chunks(m, &job.chunks, &job.nchunks, err);
+    if (r == 0)
+        r = copy_all(&job, ret->hash, sizeof(ret->hash));
+    free(job.chunks);
+    pthread_mutex_destroy(&job.lock);
+    if (r < 0)
+        goto fail;
     for (size_t i = 0; i < nsources; i++) {
         r = source_check_unchanged(&sources[i], err);
         if (r < 0)

@@ -14,15 +14,20 @@
 /* Storage alignment inside the arena: enough for any dtype and for vector loads. */
 #define HOST_ALIGN 64u
 
+/* Copy threads per preload (bounded also by the CPU count). */
+#define HOST_COPY_THREADS_MAX 8u
+
 typedef struct host_arena {
     int fd;        /* sealed memfd, owned; -1 when empty */
     uint64_t size; /* bytes in the arena */
+    char hash[33]; /* content identity: XXH3-128 of geometry and served bytes, hex */
 } host_arena_t;
 
 /*
  * Sets every storage's arena_offset, then creates the memfd named after \p label, copies each
- * storage from its source with pread() (verifying zip CRC-32s when \p verify_crc), checks that
- * no source changed meanwhile, and seals. On failure nothing is left behind.
+ * storage from its source with pread() (verifying zip CRC-32s when \p verify_crc, converting
+ * where a storage's dtype differs from its src_dtype), hashes what it wrote, checks that no
+ * source changed meanwhile, and seals. On failure nothing is left behind.
  * \retval 0 or a WSD_E* code with \p err filled.
  */
 int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,

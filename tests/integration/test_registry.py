@@ -1,0 +1,184 @@
+"""Registry behaviour operators rely on: --dtype conversion bit-identical to torch, content
+hashes, and eviction with live leases (refuse, --drain, --force), all through the real daemon."""
+import os
+import struct
+import subprocess
+import time
+
+import pytest
+
+import wsdtest
+from wsdtest import Daemon, attach, fnv1a, write_safetensors
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path)
+    yield d
+    assert d.stop() == 0
+
+
+def special_f32():
+    """Random bit patterns plus every edge a rounding rule can get wrong."""
+    g = torch.Generator().manual_seed(5)
+    rand = torch.randint(-2**31, 2**31 - 1, (20000,), generator=g, dtype=torch.int64)
+    edges = [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000,
+             0x7F800001, 0x7FBFFFFF, 0xFFFFFFFF, 0x00000001, 0x807FFFFF, 0x00800000,
+             0x3F808000, 0x3F818000, 0x3F808001, 0x3F80FFFF, 0x7F7FFFFF, 0xFF7FFFFF,
+             0x477FE000, 0x477FF000, 0x477FEFFF, 0x38800000, 0x33800000, 0x33000000,
+             0x33000001, 0x387FC000, 0x3F800FFF, 0x3F801000, 0x3F803000]
+    bits = [b & 0xFFFFFFFF for b in rand.tolist()] + edges
+    raw = struct.pack(f"<{len(bits)}I", *bits)
+    return raw, torch.frombuffer(bytearray(raw), dtype=torch.float32)
+
+
+def model_checksum(d, name):
+    return attach(d, name)[-1]["checksum"]
+
+
+@pytest.mark.parametrize("target,tdtype", [("bf16", torch.bfloat16), ("f16", torch.float16)])
+def test_f32_conversion_bit_identical_to_torch(daemon, tmp_path, target, tdtype):
+    raw, t = special_f32()
+    path = write_safetensors(tmp_path / "f32.safetensors",
+                             [("x", "F32", [t.numel()], raw)])
+    out = daemon.preload("m", path, "--dtype", target)
+    assert out["bytes"] == t.numel() * 2
+    expect = t.to(tdtype).view(torch.int16).numpy().tobytes()
+    assert model_checksum(daemon, "m") == f"{fnv1a(expect):016x}"
+    info = daemon.ctl_json("info", "m")
+    assert info["tensors"][0]["dtype"] == {"bf16": "BF16", "f16": "F16"}[target]
+    assert info["dtype"] == {"bf16": "BF16", "f16": "F16"}[target]
+
+
+@pytest.mark.parametrize("src,sdtype,target,tdtype", [
+    ("F16", torch.float16, "f32", torch.float32),
+    ("BF16", torch.bfloat16, "f32", torch.float32),
+    ("F16", torch.float16, "bf16", torch.bfloat16),
+    ("BF16", torch.bfloat16, "f16", torch.float16),
+    ("F64", torch.float64, "bf16", torch.bfloat16),
+    ("F64", torch.float64, "f16", torch.float16),
+    ("F64", torch.float64, "f32", torch.float32),
+])
+def test_other_conversions_match_torch(daemon, tmp_path, src, sdtype, target, tdtype):
+    g = torch.Generator().manual_seed(7)
+    if sdtype == torch.float64:
+        x = torch.randn(5000, generator=g, dtype=torch.float64) * 1e3
+        x = torch.cat([x, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-40,
+                                        65520.0, 65519.99, 3.4e38, 1e300, -1e-320])])
+    else:
+        # Every 16-bit pattern but NaNs (whose payloads torch's own kernels treat differently
+        # depending on the CPU's vector unit).
+        x = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(sdtype)
+        x = x[~torch.isnan(x)]
+    raw = x.contiguous().numpy().tobytes() if sdtype != torch.bfloat16 else \
+        x.view(torch.int16).numpy().tobytes()
+    path = write_safetensors(tmp_path / "s.safetensors", [("x", src, [x.numel()], raw)])
+    daemon.preload("m", path, "--dtype", target)
+    y = x.to(tdtype)
+    expect = (y.view(torch.int16) if y.element_size() == 2 else y).numpy().tobytes()
+    assert model_checksum(daemon, "m") == f"{fnv1a(expect):016x}"
+
+
+def test_integers_untouched_and_same_file_two_dtypes(daemon, tmp_path):
+    ints = struct.pack("<4q", 1, -2, 3, 1 << 40)
+    flt = struct.pack("<4f", 1.0, 2.5, -3.0, 0.1)
+    path = write_safetensors(tmp_path / "m.safetensors",
+                             [("ids", "I64", [4], ints), ("w", "F32", [4], flt),
+                              ("mask", "BOOL", [2], b"\x01\x00")])
+    daemon.preload("full", path)
+    daemon.preload("half", path, "--dtype", "bf16")
+    by = {t["name"]: t for t in daemon.ctl_json("info", "half")["tensors"]}
+    assert by["ids"]["dtype"] == "I64" and by["mask"]["dtype"] == "BOOL"
+    assert by["w"]["dtype"] == "BF16" and by["w"]["nbytes"] == 8
+    w16 = torch.frombuffer(bytearray(flt), dtype=torch.float32).to(torch.bfloat16)
+    expect = fnv1a(b"\x01\x00", fnv1a(w16.view(torch.int16).numpy().tobytes(), fnv1a(ints)))
+    assert model_checksum(daemon, "half") == f"{expect:016x}"
+    assert model_checksum(daemon, "full") != model_checksum(daemon, "half")
+    bad = daemon.ctl("preload", "x", str(path), "--dtype", "int8", check=False)
+    assert bad.returncode != 0 and "bf16, f16 or f32" in bad.stderr
+
+
+def test_content_hash_identity(tmp_path):
+    data = os.urandom(1 << 20)
+    path = write_safetensors(tmp_path / "a.safetensors", [("w", "U8", [len(data)], data)])
+    hashes = []
+    for _ in range(2):  # same bytes, two daemon lifetimes
+        d = Daemon(tmp_path)
+        hashes.append(d.preload("m", path)["hash"])
+        seen = attach(d, "m")[-1]["hash"]
+        assert seen == hashes[-1]
+        assert attach(d, "m", "--expect", hashes[-1])[-1]["hash"] == hashes[-1]
+        r = subprocess.run([os.path.join(wsdtest.BIN, "wsd-attach"), "--socket", d.sock,
+                            "--expect", "0" * 32, "m"], capture_output=True, text=True)
+        assert r.returncode != 0 and "content hash" in r.stderr
+        assert d.stop() == 0
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 32
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 1
+    path2 = write_safetensors(tmp_path / "b.safetensors", [("w", "U8", [len(data)], flipped)])
+    renamed = write_safetensors(tmp_path / "c.safetensors", [("v", "U8", [len(data)], data)])
+    d = Daemon(tmp_path)
+    try:
+        assert d.preload("m2", path2)["hash"] != hashes[0]
+        assert d.preload("m3", renamed)["hash"] != hashes[0]   # the manifest counts too
+        assert d.preload("m4", path, "--dtype", "f32")["hash"] == hashes[0]  # U8: untouched
+    finally:
+        assert d.stop() == 0
+
+
+def holder(d, model):
+    p = subprocess.Popen([os.path.join(wsdtest.BIN, "wsd-attach"), "--socket", d.sock,
+                          "--hold", "0", model], stdout=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    return p
+
+
+def wait_for(pred, timeout=2.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+def test_evict_drain_and_force_with_live_holders(daemon, tmp_path):
+    data = os.urandom(64 * 1024)
+    path = write_safetensors(tmp_path / "m.safetensors", [("w", "U8", [len(data)], data)])
+    expect = f"{fnv1a(data):016x}"
+    daemon.preload("m", path)
+    a, b = holder(daemon, "m"), holder(daemon, "m")
+    refused = daemon.ctl("evict", "m", check=False)
+    assert refused.returncode != 0 and "2 leases" in refused.stderr
+
+    assert daemon.ctl_json("evict", "m", "--drain")["result"] == "draining"
+    assert daemon.ctl_json("list")[0]["state"] == "draining"
+    r = subprocess.run([os.path.join(wsdtest.BIN, "wsd-attach"), "--socket", daemon.sock, "m"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "draining" in r.stderr
+    a.kill()        # a crashed holder releases its lease ...
+    a.wait()
+    assert wait_for(lambda: daemon.ctl_json("list")[0]["leases"] == 1, 1.0)
+    b.terminate()   # ... and when the last one goes, the drain completes
+    b.wait()
+    assert wait_for(lambda: daemon.ctl_json("list") == [])
+    assert daemon.ctl_json("stats")["resident_bytes"] == 0
+
+    daemon.preload("m", path)
+    c = holder(daemon, "m")
+    assert daemon.ctl_json("evict", "m", "--force")["result"] == "forced"
+    assert daemon.ctl_json("list") == []
+    assert daemon.ctl_json("stats")["resident_bytes"] == 0
+    # The forced-out worker still reads valid bytes from its mapping.
+    fnv = subprocess.run(["/usr/bin/python3", "-c", f"""
+import re
+maps = open('/proc/{c.pid}/maps').read()
+assert 'memfd:weightsd:m' in maps, maps
+"""], capture_output=True, text=True)
+    assert fnv.returncode == 0, fnv.stderr
+    c.terminate()
+    assert c.wait() == 0
+    daemon.preload("m", path)   # the name is free again
+    assert model_checksum(daemon, "m") == expect
