@@ -244,7 +244,7 @@ static void handle_stats(conn_t *c, uint64_t id)
     }
     send_json(c, id,
               json_pack("{s:I, s:I, s:I, s:{s:I, s:I, s:I, s:I}, s:I, s:I, s:I, s:I, s:I, s:I, "
-                        "s:I, s:I}",
+                        "s:I, s:I, s:I, s:I, s:I}",
                         "uptime_s", (json_int_t)((uv_now(s->loop) - s->started_ms) / 1000),
                         "models", (json_int_t)r->nmodels, "resident_bytes",
                         (json_int_t)r->resident_bytes, "connections", "current",
@@ -257,7 +257,10 @@ static void handle_stats(conn_t *c, uint64_t id)
                         (json_int_t)s->stats.leases_released_on_close, "preloads_ok",
                         (json_int_t)r->preloads_ok, "preloads_failed",
                         (json_int_t)r->preloads_failed, "protocol_violations",
-                        (json_int_t)s->stats.protocol_violations));
+                        (json_int_t)s->stats.protocol_violations, "memory_budget",
+                        (json_int_t)r->budget_bytes, "reserved_bytes",
+                        (json_int_t)r->reserved_bytes, "budget_evictions",
+                        (json_int_t)r->budget_evictions));
 }
 
 int admin_dispatch(conn_t *c, wire_frame_t *f)

@@ -30,6 +30,9 @@ static const char usage_text[] =
     "  -a, --admin-socket PATH    admin (operator) socket; default admin.sock beside it\n"
     "      --max-connections N    connections on both sockets together (default 4096)\n"
     "      --max-leases N         leases one connection may hold (default 1024)\n"
+    "      --memory-budget SIZE   host-tier memory for models: bytes with K/M/G/T, or N% of\n"
+    "                             RAM; idle models are evicted (least recently used first)\n"
+    "                             to make room, else the preload is refused (default: none)\n"
     "  -l, --log-level LEVEL      err, warning, notice, info (default) or debug\n"
     "  -h, --help                 show this help\n"
     "  -V, --version              show the version\n";
@@ -78,6 +81,7 @@ int main(int argc, char **argv)
         {"admin-socket", required_argument, NULL, 'a'},
         {"max-connections", required_argument, NULL, 'C'},
         {"max-leases", required_argument, NULL, 'L'},
+        {"memory-budget", required_argument, NULL, 'B'},
         {"log-level", required_argument, NULL, 'l'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
@@ -95,6 +99,7 @@ int main(int argc, char **argv)
     uv_loop_t loop;
     registry_t *reg;
     server_t srv;
+    uint64_t budget = 0;
     int opt, r;
 
     while ((opt = getopt_long(argc, argv, "s:a:l:hV", longopts, NULL)) != -1) {
@@ -115,6 +120,13 @@ int main(int argc, char **argv)
         case 'L':
             if (parse_uint(optarg, 1u << 20, &opts.max_leases_per_conn) < 0) {
                 fprintf(stderr, "weightsd: --max-leases wants 1..1048576, got '%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case 'B':
+            if (registry_parse_size(optarg, &budget) < 0) {
+                fprintf(stderr, "weightsd: --memory-budget wants bytes (K/M/G/T suffixes) or a "
+                                "percentage of RAM, got '%s'\n", optarg);
                 return 2;
             }
             break;
@@ -186,6 +198,7 @@ int main(int argc, char **argv)
         log_error("out of memory");
         return 1;
     }
+    reg->budget_bytes = budget;
     r = server_start(&srv, &loop, reg, &opts);
     if (r < 0) {
         (void)uv_run(&loop, UV_RUN_DEFAULT);

@@ -12,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "checked.h"
 #include "convert.h"
 #include "log.h"
 #include "manifest_pb.h"
@@ -83,6 +85,52 @@ registry_t *registry_free(registry_t *r)
     return NULL;
 }
 
+int registry_parse_size(const char *s, uint64_t *ret)
+{
+    char *end;
+    unsigned long long v;
+    uint64_t mult = 1;
+
+    if (!s || !*s || *s == '-')
+        return -EINVAL;
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno || end == s)
+        return -EINVAL;
+    if (*end == '%' && end[1] == '\0') {
+        long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGESIZE);
+
+        if (v == 0 || v > 100 || pages <= 0 || psize <= 0)
+            return -EINVAL;
+        *ret = (uint64_t)pages * (uint64_t)psize / 100 * v;
+        return 0;
+    }
+    switch (*end) {
+    case '\0':
+        break;
+    case 'K': case 'k':
+        mult = 1ull << 10;
+        break;
+    case 'M': case 'm':
+        mult = 1ull << 20;
+        break;
+    case 'G': case 'g':
+        mult = 1ull << 30;
+        break;
+    case 'T': case 't':
+        mult = 1ull << 40;
+        break;
+    default:
+        return -EINVAL;
+    }
+    if (*end && end[1] != '\0' && !(end[1] == 'i' && end[2] == 'B' && end[3] == '\0') &&
+        !(end[1] == 'B' && end[2] == '\0'))
+        return -EINVAL;
+    if (!ck_mul_u64(v, mult, ret) || *ret == 0)
+        return -EINVAL;
+    return 0;
+}
+
 model_t *registry_find(registry_t *r, const char *name)
 {
     for (model_t *m = r->models; m; m = m->next)
@@ -93,6 +141,7 @@ model_t *registry_find(registry_t *r, const char *name)
 
 void model_lease_get(model_t *m)
 {
+    m->last_used_ms = uv_now(m->reg->loop);
     m->refs++;
     m->leases++;
     m->opens++;
@@ -100,6 +149,7 @@ void model_lease_get(model_t *m)
 
 void model_lease_put(model_t *m)
 {
+    m->last_used_ms = uv_now(m->reg->loop);
     m->leases--;
     if (m->leases == 0 && m->state == MODEL_DRAINING && m->listed) {
         log_info("model '%s' drained, freeing %llu bytes", m->name,
@@ -118,7 +168,11 @@ typedef struct preload_work {
     registry_preload_cb cb;
     void *data;
     uint64_t t0;             /* uv_hrtime() at queueing */
-    /* Results, written by the pool thread. */
+    /* Results, written by the pool threads. */
+    source_t *sources;       /* open checkpoint files, between the two phases */
+    size_t nsources;
+    uint64_t need;           /* arena bytes (page-rounded), known after parsing */
+    bool reserved;           /* need is counted in registry.reserved_bytes */
     int status;
     fmt_err_t err;
     manifest_t *mf;
@@ -127,35 +181,52 @@ typedef struct preload_work {
     size_t pb_len;
 } preload_work_t;
 
-/* Runs on the thread pool: touches only the work item (and the path string, immutable). */
-static void preload_work_cb(uv_work_t *req)
+static void close_sources(preload_work_t *w)
+{
+    for (size_t i = 0; i < w->nsources; i++)
+        source_close(&w->sources[i]);
+    free(w->sources);
+    w->sources = NULL;
+    w->nsources = 0;
+}
+
+/* Phase 1, on the thread pool: parse, retype, lay out. Touches only the work item (and the
+ * model's path, immutable). */
+static void preload_parse_cb(uv_work_t *req)
 {
     preload_work_t *w = req->data;
     fmt_opts_t opts = {.key = w->key, .no_verify = w->no_verify};
-    source_t *sources = NULL;
-    size_t nsources = 0;
+    uint64_t size = 0;
     int r;
 
     w->arena.fd = -1;
-    r = fmt_load(w->model->source, &opts, &w->mf, &sources, &nsources, &w->err);
-    if (r < 0)
-        goto out;
-    if (w->dtype >= 0) {
+    r = fmt_load(w->model->source, &opts, &w->mf, &w->sources, &w->nsources, &w->err);
+    if (r == 0 && w->dtype >= 0)
         r = convert_manifest(w->mf, w->dtype, &w->err);
+    if (r == 0)
+        r = host_layout(w->mf, &size, &w->err);
+    if (r == 0 && !ck_align_u64(size, 4096, &w->need))
+        r = fmt_fail(&w->err, WSD_ENOMEM, "E_BUDGET", "model size overflows");
+    if (r < 0 && !w->err.code)
+        (void)fmt_fail(&w->err, r, NULL, "%s", wsd_strerror(r));
+    w->status = r;
+}
+
+/* Phase 2, on the thread pool: copy into the sealed arena and encode the manifest. */
+static void preload_copy_cb(uv_work_t *req)
+{
+    preload_work_t *w = req->data;
+    int r;
+
+    r = host_build(w->model->name, w->mf, w->sources, w->nsources, !w->no_verify, &w->arena,
+                   &w->err);
+    if (r == 0) {
+        r = manifest_pb_encode(w->mf, w->arena.size, w->arena.hash, &w->pb, &w->pb_len);
         if (r < 0)
-            goto out;
+            r = fmt_fail(&w->err, r, "E_LIMIT", "manifest of %zu tensors too large to send",
+                         w->mf->ntensors);
     }
-    r = host_build(w->model->name, w->mf, sources, nsources, !w->no_verify, &w->arena, &w->err);
-    if (r < 0)
-        goto out;
-    r = manifest_pb_encode(w->mf, w->arena.size, w->arena.hash, &w->pb, &w->pb_len);
-    if (r < 0)
-        r = fmt_fail(&w->err, r, "E_LIMIT", "manifest of %zu tensors too large to send",
-                     w->mf->ntensors);
-out:
-    for (size_t i = 0; i < nsources; i++)
-        source_close(&sources[i]);
-    free(sources);
+    close_sources(w);
     if (r < 0 && !w->err.code)
         (void)fmt_fail(&w->err, r, NULL, "%s", wsd_strerror(r));
     w->status = r;
@@ -175,7 +246,7 @@ static void notify_waiters(model_t *m, int status, const char *msg)
     }
 }
 
-static void preload_after_cb(uv_work_t *req, int uvstatus)
+static void preload_copied_cb(uv_work_t *req, int uvstatus)
 {
     preload_work_t *w = req->data;
     model_t *m = w->model;
@@ -184,6 +255,10 @@ static void preload_after_cb(uv_work_t *req, int uvstatus)
 
     if (uvstatus < 0 && w->status == 0)
         w->status = fmt_fail(&w->err, WSD_EINTERNAL, NULL, "preload cancelled");
+    if (w->reserved)
+        r->reserved_bytes -= w->need;
+    w->reserved = false;
+    close_sources(w);
     if (w->status == 0) {
         m->mf = w->mf;
         m->arena = w->arena;
@@ -193,6 +268,7 @@ static void preload_after_cb(uv_work_t *req, int uvstatus)
         for (size_t i = 0; i < m->mf->nstorages; i++)
             m->bytes += m->mf->storages[i].nbytes;
         m->load_ms = ms;
+        m->last_used_ms = uv_now(r->loop);
         snprintf(m->hash, sizeof(m->hash), "%s", w->arena.hash);
         m->state = MODEL_READY;
         r->resident_bytes += m->arena.size;
@@ -219,6 +295,66 @@ static void preload_after_cb(uv_work_t *req, int uvstatus)
     model_unref(m);
     free(w->key);
     free(w);
+}
+
+/* Evicts idle models, least recently used first, until \p need more bytes fit the budget. Does
+ * nothing (and fails) if even evicting every idle model would not be enough. */
+static int make_room(registry_t *r, model_t *self, uint64_t need, fmt_err_t *err)
+{
+    uint64_t used = r->resident_bytes + r->reserved_bytes, idle = 0;
+
+    if (!r->budget_bytes || (need <= r->budget_bytes && used <= r->budget_bytes - need))
+        return 0;
+    for (model_t *m = r->models; m; m = m->next)
+        if (m != self && m->state == MODEL_READY && m->leases == 0)
+            idle += m->arena.fd >= 0 ? m->arena.size : 0;
+    if (need > r->budget_bytes || used - idle > r->budget_bytes - need)
+        return fmt_fail(err, WSD_ENOMEM, "E_BUDGET",
+                        "needs %llu bytes; the memory budget is %llu with %llu in use by leased "
+                        "or loading models (%llu more held by idle models)",
+                        (unsigned long long)need, (unsigned long long)r->budget_bytes,
+                        (unsigned long long)(used - idle), (unsigned long long)idle);
+    while (used > r->budget_bytes - need) {
+        model_t *lru = NULL;
+        char msg[128];
+
+        for (model_t *m = r->models; m; m = m->next)
+            if (m != self && m->state == MODEL_READY && m->leases == 0 &&
+                (!lru || m->last_used_ms < lru->last_used_ms))
+                lru = m;
+        if (!lru)
+            break; /* cannot happen: idle covered the gap */
+        log_info("memory budget: evicting idle model '%s' (%llu bytes) to make room", lru->name,
+                 (unsigned long long)lru->arena.size);
+        r->budget_evictions++;
+        (void)registry_evict(r, lru->name, 0, msg, sizeof(msg));
+        used = r->resident_bytes + r->reserved_bytes;
+    }
+    return 0;
+}
+
+/* Between the phases, on the loop: the model's size is known, so the budget decides before a
+ * byte is allocated. */
+static void preload_parsed_cb(uv_work_t *req, int uvstatus)
+{
+    preload_work_t *w = req->data;
+    registry_t *r = w->model->reg;
+    int k;
+
+    if (uvstatus < 0 && w->status == 0)
+        w->status = fmt_fail(&w->err, WSD_EINTERNAL, NULL, "preload cancelled");
+    if (w->status == 0)
+        w->status = make_room(r, w->model, w->need, &w->err);
+    if (w->status == 0) {
+        r->reserved_bytes += w->need;
+        w->reserved = true;
+        k = uv_queue_work(r->loop, &w->req, preload_copy_cb, preload_copied_cb);
+        if (k == 0)
+            return;
+        w->status = fmt_fail(&w->err, WSD_EINTERNAL, NULL, "cannot queue the copy: %s",
+                             uv_strerror(k));
+    }
+    preload_copied_cb(req, 0);
 }
 
 static bool name_ok(const char *s)
@@ -279,7 +415,7 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
     w->t0 = uv_hrtime();
     w->req.data = w;
     m->state = MODEL_LOADING;
-    k = uv_queue_work(r->loop, &w->req, preload_work_cb, preload_after_cb);
+    k = uv_queue_work(r->loop, &w->req, preload_parse_cb, preload_parsed_cb);
     if (k < 0) {
         snprintf(msg, msglen, "cannot queue preload: %s", uv_strerror(k));
         free(w->key);

@@ -53,6 +53,7 @@ struct model {
     uint64_t load_ms;         /* preload duration */
     uint64_t opens;           /* opens served */
     int dtype;                /* --dtype target, or -1 */
+    uint64_t last_used_ms;    /* uv_now() of the last open, release or preload (for LRU) */
     char hash[33];            /* content hash (host_arena_t.hash), "" until ready */
     model_waiter_t *waiters;  /* opens waiting while loading */
 };
@@ -61,7 +62,11 @@ struct registry {
     uv_loop_t *loop;
     model_t *models;          /* listed models */
     size_t nmodels;
-    uint64_t resident_bytes;  /* arena bytes of listed, ready models plus unlisted ones still leased */
+    uint64_t resident_bytes;  /* arena bytes the daemon holds (ready models, incl. evicted ones
+                                 still leased until force-evicted) */
+    uint64_t reserved_bytes;  /* arena bytes promised to preloads now copying */
+    uint64_t budget_bytes;    /* host-tier memory budget; 0 = unlimited */
+    uint64_t budget_evictions; /* idle models evicted to make room */
     uint64_t preloads_ok;
     uint64_t preloads_failed;
 };
@@ -71,6 +76,12 @@ registry_t *registry_new(uv_loop_t *loop);
 registry_t *registry_free(registry_t *r);
 
 model_t *registry_find(registry_t *r, const char *name);
+
+/*
+ * Parses a budget: bytes with an optional K, M, G or T suffix (powers of 1024), or a percentage
+ * of physical RAM ("50%"). \retval 0 or -EINVAL.
+ */
+int registry_parse_size(const char *s, uint64_t *ret);
 
 /* A preload request as the admin socket passes it on. Strings are copied. */
 typedef struct preload_args {

@@ -30,7 +30,7 @@
 #define HOST_SEALS   (F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
 #define COPY_CHUNK   (8u << 20) /* a multiple of every itemsize */
 
-static int arena_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err)
+int host_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err)
 {
     uint64_t off = 0;
 
@@ -248,7 +248,7 @@ int host_build(const char *label, manifest_t *m, const source_t *sources, size_t
     uint8_t *map = NULL;
     int fd = -1, r;
 
-    r = arena_layout(m, &size, err);
+    r = host_layout(m, &size, err);
     if (r < 0)
         return r;
     fd = memfd_new(label);

@@ -23,6 +23,9 @@ typedef struct host_arena {
     char hash[33]; /* content identity: XXH3-128 of geometry and served bytes, hex */
 } host_arena_t;
 
+/* Sets every storage's arena_offset and gives the arena size; allocates nothing. */
+int host_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err);
+
 /*
  * Sets every storage's arena_offset, then creates the memfd named after \p label, copies each
  * storage from its source with pread() (verifying zip CRC-32s when \p verify_crc, converting

@@ -182,3 +182,54 @@ assert 'memfd:weightsd:m' in maps, maps
     assert c.wait() == 0
     daemon.preload("m", path)   # the name is free again
     assert model_checksum(daemon, "m") == expect
+
+
+def daemon_rss_kb(d):
+    with open(f"/proc/{d.pid}/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_memory_budget_lru_and_refusal(tmp_path):
+    mib = 1 << 20
+    files = {}
+    for name in ("a", "b", "c"):
+        data = os.urandom(3 * mib)
+        files[name] = write_safetensors(tmp_path / f"{name}.safetensors",
+                                        [("w", "U8", [len(data)], data)])
+    d = Daemon(tmp_path, extra_args=("--memory-budget", "7M"))
+    try:
+        base_fds = d.fd_count()
+        assert d.ctl_json("stats")["memory_budget"] == 7 * mib
+        d.preload("a", files["a"])
+        d.preload("b", files["b"])
+        attach(d, "a")                  # a is now more recently used than b
+        d.preload("c", files["c"])      # does not fit: the idle LRU model (b) goes
+        assert sorted(m["name"] for m in d.ctl_json("list")) == ["a", "c"]
+        stats = d.ctl_json("stats")
+        assert stats["budget_evictions"] == 1 and stats["resident_bytes"] <= 7 * mib
+
+        ha, hc = holder(d, "a"), holder(d, "c")   # everything leased: nothing may go
+        r = d.ctl("preload", "b", str(files["b"]), check=False)
+        assert r.returncode != 0 and "E_BUDGET" in r.stderr and "memory budget" in r.stderr
+        assert sorted(m["name"] for m in d.ctl_json("list")) == ["a", "c"]
+        big = write_safetensors(tmp_path / "big.safetensors",
+                                [("w", "U8", [8 * mib], bytes(8 * mib))])
+        r = d.ctl("preload", "big", str(big), check=False)
+        assert r.returncode != 0 and "E_BUDGET" in r.stderr
+        ha.terminate(), hc.terminate()
+        ha.wait(), hc.wait()
+
+        for name in ("a", "c"):
+            assert wait_for(lambda: d.ctl("evict", name, check=False).returncode == 0)
+        assert d.ctl_json("stats")["resident_bytes"] == 0
+        assert d.ctl_json("stats")["reserved_bytes"] == 0
+        assert d.fd_count() == base_fds
+        assert daemon_rss_kb(d) < 1024   # no shared memory left behind
+    finally:
+        assert d.stop() == 0
+    bad = subprocess.run([os.path.join(wsdtest.BIN, "weightsd"), "--memory-budget", "12X"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--memory-budget" in bad.stderr
