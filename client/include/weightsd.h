@@ -276,11 +276,6 @@ WSD_EXTERN WSD_MUST_CHECK int wsd_tensor_dlpack(const wsd_model_t *m, size_t i,
                                                 wsd_dlpack_release_fn release, void *ctx,
                                                 struct DLManagedTensor **ret_managed);
 
-/** Storage \p i of \p m as a 1-D uint8 DLPack tensor of its nbytes; otherwise as above. */
-WSD_EXTERN WSD_MUST_CHECK int wsd_storage_dlpack(const wsd_model_t *m, size_t i,
-                                                 wsd_dlpack_release_fn release, void *ctx,
-                                                 struct DLManagedTensor **ret_managed);
-
 /** Runs \p managed's deleter (a tensor nobody consumed). NULL is fine. */
 WSD_EXTERN void wsd_dlpack_free(struct DLManagedTensor *managed);
 
