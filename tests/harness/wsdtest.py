@@ -73,7 +73,26 @@ class Daemon:
         return self.ctl_json("preload", name, str(path), *opts)
 
     def fd_count(self):
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        """Open fds of the daemon once they stop changing: a client that just exited may still
+        have its connection open in the daemon for a moment."""
+        last = -1
+        for _ in range(100):
+            n = len(os.listdir(f"/proc/{self.pid}/fd"))
+            if n == last:
+                return n
+            last = n
+            time.sleep(0.02)
+        return last
+
+    def wait_fd_count(self, want, timeout=2.0):
+        """Waits until the daemon has at most `want` fds open (a baseline taken while a
+        finished client's connection was still closing may be one high); returns the count."""
+        end = time.time() + timeout
+        n = self.fd_count()
+        while n > want and time.time() < end:
+            time.sleep(0.02)
+            n = self.fd_count()
+        return n
 
     def alive(self):
         """The daemon still answers an admin request."""

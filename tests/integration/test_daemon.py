@@ -249,7 +249,7 @@ def test_malformed_checkpoint_rejected_daemon_keeps_serving(daemon, tmp_path, na
     assert "preload of 'bad'" in daemon.log()
     assert [m["name"] for m in daemon.ctl_json("list")] == ["good"]
     assert attach(daemon, "good")[-1]["checksum"] == storage_checksum(sample_tensors())
-    assert daemon.fd_count() == before
+    assert daemon.wait_fd_count(before) <= before
 
 
 def test_unreadable_inputs(daemon, tmp_path):
@@ -318,8 +318,7 @@ def test_hostile_clients_are_dropped_others_unaffected(daemon, tmp_path):
     assert attach(daemon, "m")[-1]["checksum"] == storage_checksum(sample_tensors())
     holder.terminate()
     holder.wait()
-    time.sleep(0.1)
-    assert daemon.fd_count() == base_fds
+    assert daemon.wait_fd_count(base_fds) <= base_fds
 
 
 def test_socket_modes_and_stale_socket(tmp_path):
