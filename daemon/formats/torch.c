@@ -794,6 +794,19 @@ static int resolve_key(struct ctx *c, const char *key, uint32_t *ret)
 
 /* ---- warnings and entry point ------------------------------------------------------------- */
 
+/* The VM knows only the pickle; put the file's path after the rule of its message. */
+static void add_path(fmt_err_t *err, const char *path)
+{
+    char rest[sizeof(err->msg)];
+    char *colon = strstr(err->msg, ": ");
+
+    if (!err->code || !colon || strstr(err->msg, path))
+        return;
+    snprintf(rest, sizeof(rest), "%s", colon + 2);
+    snprintf(colon + 2, sizeof(err->msg) - (size_t)(colon + 2 - err->msg), "'%s': %s", path,
+             rest);
+}
+
 static void warn_storages(struct ctx *c)
 {
     size_t unaligned = 0, nocrc = 0, first_u = SIZE_MAX, first_c = SIZE_MAX;
@@ -862,8 +875,10 @@ int torch_read(const source_t *s, uint32_t source_index, const char *key, manife
     if (r < 0)
         goto out;
     r = pickle_parse(c->pkl, (size_t)pe->usize, &c->doc, err);
-    if (r < 0)
+    if (r < 0) {
+        add_path(err, s->path);
         goto out;
+    }
     r = build_storages(c);
     if (r < 0)
         goto out;
