@@ -27,7 +27,12 @@ def main():
     for d in (zdir, pdir):
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-    with tempfile.TemporaryDirectory() as tmp:
+    # A fixed directory keeps the marker path the malicious seeds embed the same from run to
+    # run, so regenerating does not churn them.
+    tmp = os.path.join(tempfile.gettempdir(), "wsd-torch-corpus")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)
+    try:
         subprocess.run([sys.executable, SCRIPT, tmp], check=True, stdout=subprocess.DEVNULL)
         for name in sorted(os.listdir(tmp)):
             path = os.path.join(tmp, name)
@@ -46,6 +51,8 @@ def main():
                                 f.write(data)
             except (zipfile.BadZipFile, NotImplementedError, KeyError, OSError, ValueError):
                 pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{len(os.listdir(zdir))} zip seeds, {len(os.listdir(pdir))} pickle seeds")
 
 
