@@ -1,0 +1,226 @@
+"""weightsd: tensors from the weightsd daemon's shared memory, zero-copy, for PyTorch and DLPack.
+
+    import weightsd
+    client = weightsd.connect()                    # argument, $WEIGHTSD_SOCKET, or the default
+    sd = client.state_dict("llama")                # dict name -> torch.Tensor, zero-copy
+    with weightsd.meta_device():
+        model = SomeModule(1000)                   # parameters on 'meta', nothing allocated
+    weightsd.load_into(model, "llama", client=client)
+    client.close()                                 # tensors stay valid
+
+Lifetime: every open (state_dict, tensors, load_into) takes one lease and one private mapping.
+The mapping, and while the client is open the lease, live until the last tensor made from it is
+freed; close() ends the connection (the daemon drops its leases) but never the memory. Writes to
+tensors are private copy-on-write; other workers keep seeing the daemon's bytes.
+
+torch is imported only by state_dict(), meta_device() and load_into(); tensors() needs none.
+"""
+import ctypes
+import os
+import threading
+
+from . import _lib
+from ._lib import (
+    AlreadyExists, BadCheckpoint, Busy, CheckpointIOError, ConnectionClosed, ConnectionFailed,
+    DeviceUnavailable, Error, GPUError, HashMismatch, InternalError, InvalidArgument,
+    LimitExceeded, Loading, NoLease, NotFound, OutOfMemory, PermissionDenied, ProtocolError,
+    Stale, UnsupportedDtype, VersionMismatch)
+from ._model import Model, free_unconsumed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "connect", "Client", "DLPackTensor", "meta_device", "load_into", "default_socket",
+    "library_version",
+    "Error", "ProtocolError", "VersionMismatch", "NotFound", "AlreadyExists", "BadCheckpoint",
+    "Busy", "Loading", "DeviceUnavailable", "LimitExceeded", "PermissionDenied", "NoLease",
+    "CheckpointIOError", "OutOfMemory", "GPUError", "Stale", "ConnectionClosed",
+    "InvalidArgument", "InternalError", "HashMismatch", "ConnectionFailed", "UnsupportedDtype",
+]
+
+_OPEN_WAIT = 1
+
+
+def default_socket():
+    """The socket connect() uses without an argument: $WEIGHTSD_SOCKET, else the daemon's
+    default (/run/weightsd/weightsd.sock for root, $XDG_RUNTIME_DIR/weightsd/ otherwise)."""
+    path = _lib.wsd_default_socket(0)
+    return path.decode() if path else None
+
+
+def library_version():
+    """(major, minor, patch) of the libweightsd actually loaded."""
+    v = _lib.wsd_version()
+    return (v >> 16, (v >> 8) & 0xFF, v & 0xFF)
+
+
+def connect(path=None, timeout=None):
+    """Connects to the daemon's client socket and returns a Client.
+
+    path: socket path; None means $WEIGHTSD_SOCKET or the default (see default_socket()).
+    timeout: seconds to wait for each reply (None: the library default, 30 s; 0: forever).
+    Raises ConnectionFailed (socket missing, refused), VersionMismatch, ProtocolError.
+    """
+    if path is None:
+        path = default_socket()
+        if path is None:
+            raise ConnectionFailed(-2, "no weightsd socket: pass a path or set WEIGHTSD_SOCKET "
+                                       "($XDG_RUNTIME_DIR is unset too)")
+    ptr = ctypes.c_void_p()
+    r = _lib.wsd_connect(os.fsencode(path), ctypes.byref(ptr))
+    if r < 0:
+        msg = f"cannot connect to weightsd at '{path}'"
+        raise ConnectionFailed(r, msg) if r > -1000 else _lib.error_for(r, msg)
+    client = Client(ptr.value, os.fspath(path))
+    if timeout is not None:
+        _lib.wsd_set_timeout(client._ptr, int(timeout * 1000))
+    return client
+
+
+class Client:
+    """One connection to weightsd. Use connect() to make one; usable as a context manager.
+
+    Not fork-safe: connect in each worker process, after the fork. Methods may be called from
+    several threads (a lock serialises requests on the connection).
+    """
+
+    def __init__(self, ptr, path):
+        self._ptr = ptr
+        self._lock = threading.RLock()
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def __repr__(self):
+        return f"<weightsd.Client {self.path!r}{' closed' if self.closed else ''}>"
+
+    @property
+    def closed(self):
+        return self._ptr is None
+
+    def close(self):
+        """Closes the connection; the daemon releases this connection's leases. Tensors already
+        handed out stay mapped and valid until they are freed. Idempotent."""
+        with self._lock:
+            ptr, self._ptr = self._ptr, None
+            if ptr is not None and _lib is not None:
+                _lib.wsd_close(ptr)
+
+    def open(self, name, device="cpu", wait=False):
+        """Leases model `name` and maps it. Returns a Model; most callers want state_dict() or
+        tensors() instead. device: "cpu" (the only device served today; others raise
+        DeviceUnavailable with the daemon's message). wait: wait for a model still loading
+        instead of raising Loading."""
+        dev = str(device) if device is not None else "cpu"
+        ptr = ctypes.c_void_p()
+        with self._lock:
+            if self._ptr is None:
+                raise ConnectionClosed(-1015, f"cannot open '{name}': the client is closed")
+            r = _lib.wsd_open(self._ptr, name.encode(), dev.encode(), _OPEN_WAIT if wait else 0,
+                              ctypes.byref(ptr))
+            if r < 0:
+                msg = _lib.wsd_last_error(self._ptr).decode(errors="replace")
+                raise _lib.error_for(r, msg or f"cannot open '{name}': {_lib.strerror(r)}")
+        return Model(self, name, ptr.value)
+
+    def state_dict(self, name, device="cpu", wait=False):
+        """Model `name` as a dict name -> torch.Tensor, in the checkpoint's order, zero-copy.
+
+        Each tensor has the checkpoint's dtype, shape, strides and storage offset; tensors that
+        share a storage in the checkpoint share one torch storage here, and names on the very
+        same view (tied weights) map to the same tensor object, as torch.load gives them.
+        Raises UnsupportedDtype for a dtype this torch lacks, and the open() errors.
+        """
+        from . import _torch
+        return _torch.state_dict(self.open(name, device, wait))
+
+    def tensors(self, name, device="cpu", wait=False):
+        """[(name, DLPackTensor)] for every tensor of model `name`, in checkpoint order.
+
+        Hand a DLPackTensor to numpy.from_dlpack(), torch.utils.dlpack.from_dlpack() or any
+        DLPack consumer; its __dlpack__() returns a fresh "dltensor" capsule. One lease covers
+        them all and lives while any DLPackTensor, or any array made from one, does.
+        Raises the open() errors.
+        """
+        model = self.open(name, device, wait)
+        out = []
+        for i in range(_lib.wsd_model_tensor_count(model.ptr)):
+            t = DLPackTensor(model, i)
+            out.append((t.name, t))
+        return out
+
+
+class DLPackTensor:
+    """One tensor of an open model, exported through the DLPack protocol (CPU memory).
+
+    Attributes mirror the manifest: name, dtype (safetensors spelling, e.g. "BF16"), shape,
+    strides (elements), storage (index), storage_offset (elements). Capsules point at element 0
+    with byte_offset 0. A capsule from __dlpack__() must be consumed while this object is alive:
+    when it goes, capsules nobody consumed are freed (and renamed, so they cannot be consumed
+    later). numpy marks arrays it imports this way read-only; torch does not.
+    """
+
+    __slots__ = ("name", "dtype", "shape", "strides", "storage", "storage_offset", "_model",
+                 "_index", "_capsules")
+
+    def __init__(self, model, index):
+        t = _lib.wsd_model_tensor(model.ptr, index)
+        nd = _lib.wsd_tensor_ndim(t)
+        self.name = _lib.wsd_tensor_name(t).decode()
+        self.dtype = _lib.dtype_name(_lib.wsd_tensor_dtype(t))
+        self.shape = tuple(_lib.wsd_tensor_shape(t)[:nd])
+        self.strides = tuple(_lib.wsd_tensor_strides(t)[:nd])
+        self.storage = _lib.wsd_tensor_storage(t)
+        self.storage_offset = _lib.wsd_tensor_storage_offset(t)
+        self._model = model
+        self._index = index
+        self._capsules = []
+
+    def __del__(self):
+        for capsule in getattr(self, "_capsules", ()):
+            free_unconsumed(capsule)
+
+    def __repr__(self):
+        return f"<weightsd.DLPackTensor {self.name!r} {self.dtype} {list(self.shape)}>"
+
+    def __dlpack__(self, stream=None, *, max_version=None, dl_device=None, copy=None):
+        """A new "dltensor" capsule: the legacy (pre-1.0) form, which the protocol lets a
+        producer return whatever max_version asks. stream is meaningless on the CPU. Raises
+        BufferError for copy=True or another device (this export is zero-copy CPU memory),
+        UnsupportedDtype for dtypes DLPack cannot describe (BOOL with DLPack < 0.8, F8_*)."""
+        if copy:
+            raise BufferError("weightsd exports its mapping as is; copy the imported array")
+        if dl_device is not None and tuple(dl_device) != (1, 0):
+            raise BufferError(f"weightsd tensors live on the CPU, not on {dl_device}")
+        capsule = self._model.capsule(self._index)
+        self._capsules.append(capsule)
+        return capsule
+
+    def __dlpack_device__(self):
+        return (1, 0)  # (kDLCPU, 0)
+
+
+def meta_device():
+    """Context manager under which torch factory calls build tensors on the 'meta' device.
+
+    torch.device("meta") itself where torch supports it (>= 2.0); otherwise a TorchFunctionMode
+    that adds device="meta" to factory calls made without an explicit device.
+    """
+    from . import _torch
+    return _torch.meta_device()
+
+
+def load_into(module, name, client=None, strict=True, prefix="", device="cpu", dtype=None,
+              wait=False):
+    """Assigns model `name`'s tensors into `module`, zero-copy, like
+    module.load_state_dict(sd, strict=strict, assign=True). See weightsd._torch.load_into."""
+    from . import _torch
+    return _torch.load_into(module, name, client=client, strict=strict, prefix=prefix,
+                            device=device, dtype=dtype, wait=wait)
