@@ -1,0 +1,203 @@
+"""weightsd's Python client against a real daemon: safetensors state dicts, DLPack, lifetime,
+errors. torch.save fixtures live in test_torch_files.py, modules in test_load_into.py."""
+import gc
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import weightsd
+from conftest import ST_NAME, mapped, sample, write_st
+
+
+def st_fixture(tmp_path):
+    """One tensor per safetensors dtype torch can build, plus scalar, empty and 4-d shapes."""
+    tensors = {f"t.{ST_NAME[dt]}": sample(dt, (3, 5), seed=i) for i, dt in enumerate(ST_NAME)}
+    tensors["scalar"] = torch.tensor(2.5)
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["deep"] = sample(torch.float32, (2, 3, 1, 4), seed=99)
+    return write_st(tmp_path / "m.safetensors", tensors), tensors
+
+
+def test_state_dict_equals_source(daemon, client, tmp_path):
+    path, want = st_fixture(tmp_path)
+    daemon.preload("m", path)
+    sd = client.state_dict("m")
+    assert list(sd) == list(want)
+    storages = set()
+    for name, ref in want.items():
+        got = sd[name]
+        assert got.dtype == ref.dtype, name
+        assert got.shape == ref.shape, name
+        assert got.stride() == ref.stride(), name
+        assert got.storage_offset() == 0, name
+        assert torch.equal(got, ref), name
+        if got.numel():
+            storages.add(got.storage().data_ptr())
+    # safetensors has no sharing: one storage per non-empty tensor.
+    assert len(storages) == sum(1 for t in want.values() if t.numel())
+
+
+def test_tensors_are_zero_copy_and_private(daemon, client, tmp_path):
+    w = sample(torch.float32, (64, 64))
+    daemon.preload("m", write_st(tmp_path / "m.safetensors", {"w": w}))
+    a = client.state_dict("m")["w"]
+    (line,) = mapped("m")
+    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+    assert lo <= a.data_ptr() < hi  # the tensor lives in the daemon's memfd mapping
+    a.fill_(7.0)  # copy-on-write: private to this mapping
+    b = client.state_dict("m")["w"]
+    assert torch.equal(b, w)
+    assert torch.all(a == 7.0)
+
+
+def test_unsupported_dtype_names_tensor(daemon, client, tmp_path):
+    if hasattr(torch, "uint16"):
+        pytest.skip(f"torch {torch.__version__} has uint16")
+    import wsdtest
+    wsdtest.write_safetensors(str(tmp_path / "u.safetensors"),
+                              [("ok", "F32", [1], b"\0\0\0\0"), ("odd", "U16", [2], b"\1\0\2\0")])
+    daemon.preload("u", tmp_path / "u.safetensors")
+    with pytest.raises(weightsd.UnsupportedDtype, match=r"'odd'.*U16"):
+        client.state_dict("u")
+    assert daemon.wait_leases("u", 0) == 0  # the failed attempt gave its lease back
+
+
+def test_dlpack_numpy_and_torch(daemon, client, tmp_path):
+    path, want = st_fixture(tmp_path)
+    daemon.preload("m", path)
+    seen = []
+    for name, t in client.tensors("m"):
+        ref = want[name]
+        assert t.shape == tuple(ref.shape) and t.strides == ref.stride()
+        if ref.dtype == torch.bool:  # DLPack 0.6 (Debian's header) has no bool code
+            with pytest.raises(weightsd.UnsupportedDtype, match=f"'{name}'.*BOOL"):
+                t.__dlpack__()
+            continue
+        got = torch.utils.dlpack.from_dlpack(t)
+        assert got.dtype == ref.dtype and torch.equal(got, ref), name
+        if ref.dtype != torch.bfloat16:  # numpy has no bfloat16
+            arr = np.from_dlpack(t)
+            assert np.array_equal(arr, ref.numpy()), name
+        seen.append(name)
+    assert "t.F32" in seen and "scalar" in seen
+
+
+def test_dlpack_keeps_mapping_alive(daemon, client, tmp_path):
+    w = sample(torch.int32, (100,))
+    daemon.preload("m", write_st(tmp_path / "m.safetensors", {"w": w}))
+    arr = np.from_dlpack(dict(client.tensors("m"))["w"])  # the exporter is gone at once
+    gc.collect()
+    assert mapped("m") and daemon.leases("m") == 1
+    assert np.array_equal(arr, w.numpy())
+    del arr
+    gc.collect()
+    assert not mapped("m")
+    assert daemon.wait_leases("m", 0) == 0
+
+
+def test_dlpack_protocol_arguments(daemon, client, tmp_path):
+    daemon.preload("m", write_st(tmp_path / "m.safetensors", {"w": torch.arange(4.0)}))
+    ((_, t),) = client.tensors("m")
+    assert t.__dlpack_device__() == (1, 0)
+    got = torch.utils.dlpack.from_dlpack(t.__dlpack__(stream=None, max_version=(1, 0)))
+    assert torch.equal(got, torch.arange(4.0))
+    with pytest.raises(BufferError):
+        t.__dlpack__(copy=True)
+    with pytest.raises(BufferError):
+        t.__dlpack__(dl_device=(2, 0))
+    with pytest.raises(weightsd.NotFound):  # at the call, not at the first iteration
+        client.tensors("nope")
+
+
+def test_unconsumed_capsule_is_freed(daemon, client, tmp_path):
+    daemon.preload("m", write_st(tmp_path / "m.safetensors", {"w": torch.ones(4)}))
+    ((_, t),) = client.tensors("m")
+    cap = t.__dlpack__()
+    assert weightsd._model.pinned_count() == 1
+    del t
+    gc.collect()
+    assert not mapped("m") and weightsd._model.pinned_count() == 0
+    with pytest.raises(Exception):  # renamed once freed: nobody can consume it any more
+        torch.utils.dlpack.from_dlpack(cap)
+
+
+def test_close_keeps_tensors(daemon, client, tmp_path):
+    w = sample(torch.float64, (10, 10))
+    daemon.preload("m", write_st(tmp_path / "m.safetensors", {"w": w}))
+    sd = client.state_dict("m")
+    assert daemon.leases("m") == 1
+    client.close()
+    assert client.closed
+    assert daemon.wait_leases("m", 0) == 0  # the daemon dropped the connection's lease
+    assert torch.equal(sd["w"], w)  # ... but the memory stays mapped here
+    with pytest.raises(weightsd.ConnectionClosed):
+        client.state_dict("m")
+    del sd
+    gc.collect()
+    assert not mapped("m")
+
+
+def test_gc_unmaps_and_releases(daemon, client, tmp_path):
+    daemon.preload("m", write_st(tmp_path / "m.safetensors",
+                                 {"a": torch.ones(8), "b": torch.zeros(3, 3)}))
+    sd = client.state_dict("m")
+    view = sd["a"][2:]
+    assert len(mapped("m")) == 1 and daemon.leases("m") == 1
+    del sd  # no garbage collection needed here: nothing in a state dict forms a cycle
+    assert mapped("m") and daemon.leases("m") == 1  # a view still points into the mapping
+    del view
+    assert not mapped("m")
+    assert daemon.wait_leases("m", 0) == 0
+    assert weightsd._model.pinned_count() == 0
+
+
+def test_free_from_another_thread(daemon, client, tmp_path):
+    daemon.preload("m", write_st(tmp_path / "m.safetensors", {"a": torch.ones(8)}))
+    box = [client.state_dict("m")]
+    th = threading.Thread(target=box.clear)
+    th.start()
+    th.join()
+    gc.collect()
+    assert not mapped("m") and daemon.wait_leases("m", 0) == 0
+    assert torch.equal(client.state_dict("m")["a"], torch.ones(8))  # connection still in sync
+
+
+def test_connect_uses_env(daemon, tmp_path, monkeypatch):
+    daemon.preload("m", write_st(tmp_path / "m.safetensors", {"a": torch.ones(1)}))
+    monkeypatch.setenv("WEIGHTSD_SOCKET", daemon.sock)
+    assert weightsd.default_socket() == daemon.sock
+    with weightsd.connect() as c:
+        assert torch.equal(c.state_dict("m")["a"], torch.ones(1))
+    assert c.closed
+
+
+def test_errors_map_to_classes(daemon, client, tmp_path):
+    daemon.preload("m", write_st(tmp_path / "m.safetensors", {"a": torch.ones(1)}))
+    with pytest.raises(weightsd.NotFound, match="no model named 'nope'") as e:
+        client.state_dict("nope")
+    assert e.value.code == -1002 and isinstance(e.value, weightsd.Error)
+    with pytest.raises(weightsd.DeviceUnavailable, match="'cuda:0' unavailable") as e:
+        client.state_dict("m", device="cuda:0")
+    assert e.value.code == -1007 and "host tier" in e.value.message
+    with pytest.raises(weightsd.DeviceUnavailable):
+        client.state_dict("m", device=torch.device("cuda", 1))
+    with pytest.raises(weightsd.ConnectionFailed) as e:
+        weightsd.connect(str(tmp_path / "no.sock"))
+    assert e.value.code == -2
+    assert daemon.leases("m") == 0
+    # The connection is still usable after the daemon refused requests.
+    assert torch.equal(client.state_dict("m")["a"], torch.ones(1))
+
+
+@pytest.mark.parametrize("code,cls", [
+    (-1000, weightsd.ProtocolError), (-1001, weightsd.VersionMismatch),
+    (-1002, weightsd.NotFound), (-1004, weightsd.BadCheckpoint), (-1005, weightsd.Busy),
+    (-1006, weightsd.Loading), (-1007, weightsd.DeviceUnavailable),
+    (-1015, weightsd.ConnectionClosed), (-1018, weightsd.HashMismatch), (-5, weightsd.Error),
+])
+def test_error_codes(code, cls):
+    e = weightsd._lib.error_for(code, "daemon says so")
+    assert type(e) is cls and e.code == code and e.message == "daemon says so"
+    assert "daemon says so" in str(e) and str(code) in str(e)

@@ -1,0 +1,106 @@
+"""state_dict() of torch.save checkpoints equals torch.load, tensor by tensor: values, dtype,
+shape, strides, storage offset and storage sharing. Each test skips while the daemon answers
+"torch zip reader not built yet"."""
+import torch
+
+from conftest import TORCH_DTYPES, sample
+
+
+def flatten(obj, prefix=""):
+    """Tensors of a (nested) torch.load result by dotted name, the way the daemon names them."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix[:-1]: obj}
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def assert_same_as_torch_load(sd, ref):
+    """`sd` (from weightsd) matches `ref` (from torch.load) exactly, sharing included."""
+    assert sorted(sd) == sorted(ref)
+    for name, r in ref.items():
+        g = sd[name]
+        assert g.dtype == r.dtype, name
+        assert g.shape == r.shape, name
+        assert g.stride() == r.stride(), name
+        assert g.storage_offset() == r.storage_offset(), name
+        assert torch.equal(g, r), name
+    names = list(ref)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = ref[a].storage().data_ptr() == ref[b].storage().data_ptr()
+            got = sd[a].storage().data_ptr() == sd[b].storage().data_ptr()
+            assert got == shared, f"{a} / {b}: torch.load shares={shared}, weightsd={got}"
+            if shared:
+                assert sd[a].storage().size() == ref[a].storage().size(), a
+
+
+def load_both(daemon, client, tmp_path, obj, *opts, key=None):
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    daemon.preload_or_skip("m", path, *opts)
+    ref = torch.load(path)
+    if key is not None:
+        ref = ref[key]
+    return client.state_dict("m"), flatten(ref)
+
+
+def test_plain(daemon, client, tmp_path):
+    obj = {"fc.weight": sample(torch.float32, (8, 4)), "fc.bias": sample(torch.float32, (8,)),
+           "step": torch.tensor(3)}
+    sd, ref = load_both(daemon, client, tmp_path, obj)
+    assert_same_as_torch_load(sd, ref)
+
+
+def test_tied(daemon, client, tmp_path):
+    emb = sample(torch.float32, (10, 6))
+    obj = {"embed.weight": emb, "lm_head.weight": emb, "other": sample(torch.float32, (6,))}
+    sd, ref = load_both(daemon, client, tmp_path, obj)
+    assert_same_as_torch_load(sd, ref)
+    assert sd["embed.weight"] is sd["lm_head.weight"]  # as torch.load gives one object
+
+
+def test_views_with_storage_offsets(daemon, client, tmp_path):
+    base = sample(torch.float64, (6, 10))
+    obj = {"base": base, "row2": base[2], "tail": base[3:], "col": base[:, 7],
+           "flat": base.view(-1)[5:17]}
+    sd, ref = load_both(daemon, client, tmp_path, obj)
+    assert ref["tail"].storage_offset() == 30
+    assert_same_as_torch_load(sd, ref)
+    assert sd["row2"].data_ptr() == sd["base"].data_ptr() + 2 * 10 * 8
+
+
+def test_views_without_the_base(daemon, client, tmp_path):
+    base = sample(torch.int32, (100,))
+    obj = {"a": base[10:20], "b": base[50:]}  # only views saved: the whole storage travels
+    sd, ref = load_both(daemon, client, tmp_path, obj)
+    assert_same_as_torch_load(sd, ref)
+
+
+def test_non_contiguous(daemon, client, tmp_path):
+    m = sample(torch.float32, (5, 7, 3))
+    obj = {"t": m.transpose(0, 2), "s": m[:, ::2, 1], "p": m.permute(1, 0, 2),
+           "e": m[:, :1].expand(5, 4, 3)}
+    sd, ref = load_both(daemon, client, tmp_path, obj)
+    assert not sd["t"].is_contiguous()
+    assert sd["e"].stride()[1] == 0
+    assert_same_as_torch_load(sd, ref)
+
+
+def test_every_dtype(daemon, client, tmp_path):
+    obj = {str(dt).replace("torch.", ""): sample(dt, (4, 3), seed=i)
+           for i, dt in enumerate(TORCH_DTYPES)}
+    obj["scalar_bool"] = torch.tensor(True)
+    obj["empty_half"] = torch.zeros(0, 2, dtype=torch.float16)
+    sd, ref = load_both(daemon, client, tmp_path, obj)
+    assert_same_as_torch_load(sd, ref)
+
+
+def test_nested_with_key(daemon, client, tmp_path):
+    w = sample(torch.float32, (3, 3))
+    obj = {"model": {"layer.weight": w, "layer.bias": w[0], "sub": {"x": torch.arange(4)}},
+           "optimizer": {"state": {0: {"momentum": torch.ones(3, 3)}}}, "epoch": 7}
+    sd, ref = load_both(daemon, client, tmp_path, obj, "--key", "model", key="model")
+    assert_same_as_torch_load(sd, ref)
