@@ -6,6 +6,7 @@
 #include <getopt.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,17 +14,27 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "config.h"
 #include "log.h"
+#include "notify.h"
 #include "server.h"
+#include "service.h"
 
 static const char usage_text[] =
     "Usage: weightsd [OPTIONS]\n"
     "\n"
     "Load model checkpoints once and share them with every worker on this host through\n"
     "sealed shared memory. Runs in the foreground and logs to stderr; SIGTERM or SIGINT\n"
-    "stops it cleanly.\n"
+    "stops it cleanly, SIGHUP reloads the config file. Under systemd it speaks the notify\n"
+    "protocol (Type=notify, WatchdogSec=) and takes its sockets from socket units named\n"
+    "'client' and 'admin' (FileDescriptorName=).\n"
     "\n"
     "Options:\n"
+    "  -c, --config FILE          read settings, access policy and models to preload from\n"
+    "                             FILE (see /etc/weightsd/weightsd.conf); options given on\n"
+    "                             the command line win over the file\n"
+    "      --check-config FILE    report every error in FILE (file:line) and exit: 0 when\n"
+    "                             it is valid, 1 when not\n"
     "  -s, --socket PATH          client (worker) socket\n"
     "                             default: /run/weightsd/weightsd.sock for root,\n"
     "                             else $XDG_RUNTIME_DIR/weightsd/weightsd.sock\n"
@@ -39,10 +50,39 @@ static const char usage_text[] =
 
 static void on_signal(uv_signal_t *h, int signum)
 {
-    server_t *s = h->data;
+    service_t *svc = h->data;
 
     log_info("received %s, stopping", strsignal(signum));
-    server_stop(s);
+    service_stop(svc);
+}
+
+static void report_stderr(void *data, const char *msg)
+{
+    unsigned *n = data;
+
+    fprintf(stderr, "%s\n", msg);
+    (*n)++;
+}
+
+/* --check-config: every error on stderr, a one-line verdict on stdout. */
+static int check_config(const char *path)
+{
+    config_t *cfg = NULL;
+    unsigned n = 0;
+    int r = config_load(path, &cfg, report_stderr, &n);
+
+    if (r < 0) {
+        printf("%s: %u error%s\n", path, n ? n : 1, n == 1 ? "" : "s");
+        return 1;
+    }
+    printf("%s: OK (%zu model%s to preload)\n", path, cfg->nmodels, cfg->nmodels == 1 ? "" : "s");
+    config_free(cfg);
+    return 0;
+}
+
+static void report_log(void *data, const char *msg)
+{
+    log_error("%s", msg);
 }
 
 /* Makes the directory holding a socket (one level: its parent must exist). */
@@ -77,6 +117,8 @@ static int parse_uint(const char *s, unsigned max, unsigned *ret)
 int main(int argc, char **argv)
 {
     static const struct option longopts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"check-config", required_argument, NULL, 'K'},
         {"socket", required_argument, NULL, 's'},
         {"admin-socket", required_argument, NULL, 'a'},
         {"max-connections", required_argument, NULL, 'C'},
@@ -99,11 +141,21 @@ int main(int argc, char **argv)
     uv_loop_t loop;
     registry_t *reg;
     server_t srv;
+    service_t svc;
+    config_t *cfg = NULL;
+    const char *config_path = NULL;
+    bool budget_given = false, conns_given = false, leases_given = false, level_given = false;
+    char err[256];
     uint64_t budget = 0;
     int opt, r;
 
-    while ((opt = getopt_long(argc, argv, "s:a:l:hV", longopts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "c:s:a:l:hV", longopts, NULL)) != -1) {
         switch (opt) {
+        case 'c':
+            config_path = optarg;
+            break;
+        case 'K':
+            return check_config(optarg);
         case 's':
             opts.socket_path = optarg;
             break;
@@ -111,6 +163,7 @@ int main(int argc, char **argv)
             opts.admin_path = optarg;
             break;
         case 'C':
+            conns_given = true;
             if (parse_uint(optarg, 1u << 20, &opts.max_connections) < 0) {
                 fprintf(stderr, "weightsd: --max-connections wants 1..1048576, got '%s'\n",
                         optarg);
@@ -118,12 +171,14 @@ int main(int argc, char **argv)
             }
             break;
         case 'L':
+            leases_given = true;
             if (parse_uint(optarg, 1u << 20, &opts.max_leases_per_conn) < 0) {
                 fprintf(stderr, "weightsd: --max-leases wants 1..1048576, got '%s'\n", optarg);
                 return 2;
             }
             break;
         case 'B':
+            budget_given = true;
             if (registry_parse_size(optarg, &budget) < 0) {
                 fprintf(stderr, "weightsd: --memory-budget wants bytes (K/M/G/T suffixes) or a "
                                 "percentage of RAM, got '%s'\n", optarg);
@@ -137,6 +192,7 @@ int main(int argc, char **argv)
                 return 2;
             }
             log_set_level(r);
+            level_given = true;
             break;
         case 'h':
             fputs(usage_text, stdout);
@@ -153,6 +209,40 @@ int main(int argc, char **argv)
     if (optind < argc) {
         fprintf(stderr, "weightsd: unexpected argument '%s'\n", argv[optind]);
         return 2;
+    }
+
+    if (config_path) {
+        r = config_load(config_path, &cfg, report_log, NULL);
+        if (r < 0) {
+            log_error("%s: not starting with a broken config (%s)", config_path,
+                      r == -EINVAL ? "every error is listed above" : strerror(-r));
+            return 1;
+        }
+        if (!opts.socket_path)
+            opts.socket_path = cfg->socket_path;
+        if (!opts.admin_path)
+            opts.admin_path = cfg->admin_path;
+        /* The command line wins: drop what it set from the file's values. */
+        if (level_given)
+            cfg->log_level = -1;
+        if (conns_given)
+            cfg->max_connections = 0;
+        if (leases_given)
+            cfg->max_leases = 0;
+        if (budget_given)
+            cfg->budget_set = false;
+        service_apply_limits(cfg, NULL, NULL);
+        if (cfg->max_connections)
+            opts.max_connections = cfg->max_connections;
+        if (cfg->max_leases)
+            opts.max_leases_per_conn = cfg->max_leases;
+        if (cfg->budget_set)
+            budget = cfg->memory_budget;
+    }
+    if (notify_listen_fds(&opts.socket_fd, &opts.admin_fd, err, sizeof(err)) < 0) {
+        log_error("socket activation: %s", err);
+        config_free(cfg);
+        return 1;
     }
 
     if (!opts.socket_path) {
@@ -182,7 +272,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "weightsd: the client and admin sockets must be different files\n");
         return 2;
     }
-    if (ensure_dir(opts.socket_path) < 0 || ensure_dir(opts.admin_path) < 0) {
+    if ((opts.socket_fd < 0 && ensure_dir(opts.socket_path) < 0) ||
+        (opts.admin_fd < 0 && ensure_dir(opts.admin_path) < 0)) {
         fprintf(stderr, "weightsd: cannot create the socket directory: %s\n", strerror(errno));
         return 1;
     }
@@ -199,8 +290,12 @@ int main(int argc, char **argv)
         return 1;
     }
     reg->budget_bytes = budget;
+    /* Service first: the watchdog runs from the start, and the policy exists before any peer. */
+    (void)service_init(&svc, &loop, reg, config_path, cfg);
+    opts.policy = &svc.policy;
     r = server_start(&srv, &loop, reg, &opts);
     if (r < 0) {
+        service_close(&svc);
         (void)uv_run(&loop, UV_RUN_DEFAULT);
         registry_free(reg);
         (void)uv_loop_close(&loop);
@@ -208,17 +303,19 @@ int main(int argc, char **argv)
     }
     uv_signal_init(&loop, &sigterm);
     uv_signal_init(&loop, &sigint);
-    sigterm.data = sigint.data = &srv;
+    sigterm.data = sigint.data = &svc;
     uv_signal_start_oneshot(&sigterm, on_signal, SIGTERM);
     uv_signal_start_oneshot(&sigint, on_signal, SIGINT);
     /* Signal handles alone must not keep the loop running once the server has stopped. */
     uv_unref((uv_handle_t *)&sigterm);
     uv_unref((uv_handle_t *)&sigint);
-    log_info("weightsd %u.%u.%u ready (pid %d)", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
+    log_info("weightsd %u.%u.%u serving (pid %d)", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
              WSD_VERSION_PATCH, (int)getpid());
+    service_start(&svc, &srv);
 
     (void)uv_run(&loop, UV_RUN_DEFAULT);
 
+    service_close(&svc);
     /* Both signal handles must be closed for the loop to be closable. */
     if (!uv_is_closing((uv_handle_t *)&sigterm))
         uv_close((uv_handle_t *)&sigterm, NULL);

@@ -345,8 +345,17 @@ static void accept_one(server_t *s, int which, int fd)
     c->id = ++s->next_conn_id;
     c->outq_tail = &c->outq;
     wire_reader_init(&c->reader, WSD_REQUEST_MAX);
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c->cred, &len) < 0)
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c->cred, &len) < 0) {
         log_warning("SO_PEERCRED failed: %s", strerror(errno));
+        c->cred.uid = (uid_t)-1; /* no identity: the policy refuses it */
+    }
+    if (s->opts.policy && policy_check(s->opts.policy, fd, &c->cred, c->admin) < 0) {
+        s->stats.connections_denied++;
+        wire_reader_done(&c->reader);
+        (void)close(fd);
+        free(c);
+        return;
+    }
     r = uv_poll_init(s->loop, &c->poll, fd);
     if (r < 0) {
         log_error("uv_poll_init: %s", uv_strerror(r));

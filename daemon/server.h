@@ -11,6 +11,7 @@
 #include <sys/socket.h>
 #include <uv.h>
 
+#include "policy.h"
 #include "registry.h"
 #include "wire.h"
 
@@ -25,6 +26,7 @@ typedef struct server_opts {
     unsigned max_connections;      /* total, both sockets */
     unsigned max_leases_per_conn;
     size_t max_outq_bytes;         /* queued reply bytes per connection before it is dropped */
+    const policy_t *policy;        /* who may connect (policy.h); NULL admits every peer */
 } server_opts_t;
 
 typedef struct lease {
@@ -64,6 +66,7 @@ struct conn {
 typedef struct server_stats {
     uint64_t connections_total;
     uint64_t connections_rejected;
+    uint64_t connections_denied;   /* refused by the access policy */
     uint64_t protocol_violations;
     uint64_t opens_total;
     uint64_t open_errors;

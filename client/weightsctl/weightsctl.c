@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <limits.h>
+#include <unistd.h>
 
 #include <jansson.h>
 
@@ -232,6 +233,42 @@ static void render_preload(json_t *doc)
     }
 }
 
+/*
+ * config-check runs the daemon's parser rather than a copy of it, so what it accepts is exactly
+ * what weightsd would start with (and weightsctl stays on the public library API). The binary
+ * is looked for where an install or a build tree puts it relative to this one.
+ */
+static int config_check(const char *file)
+{
+    const char *env = getenv("WEIGHTSD_BIN");
+    char self[PATH_MAX], cand[PATH_MAX + 32];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    char *slash;
+
+    if (env && *env) {
+        execl(env, env, "--check-config", file, (char *)NULL);
+        fprintf(stderr, "%s: config-check: cannot run %s: %s\n", prog, env, strerror(errno));
+        return 1;
+    }
+    if (n > 0) {
+        self[n] = '\0';
+        slash = strrchr(self, '/');
+        if (slash) {
+            *slash = '\0';
+            snprintf(cand, sizeof(cand), "%s/weightsd", self);
+            if (access(cand, X_OK) == 0)
+                execl(cand, cand, "--check-config", file, (char *)NULL);
+            snprintf(cand, sizeof(cand), "%s/../sbin/weightsd", self);
+            if (access(cand, X_OK) == 0)
+                execl(cand, cand, "--check-config", file, (char *)NULL);
+        }
+    }
+    execlp("weightsd", "weightsd", "--check-config", file, (char *)NULL);
+    fprintf(stderr, "%s: config-check: cannot find weightsd (set WEIGHTSD_BIN): %s\n", prog,
+            strerror(errno));
+    return 1;
+}
+
 int main(int argc, char **argv)
 {
     static const struct option longopts[] = {
@@ -326,7 +363,10 @@ int main(int argc, char **argv)
         NEED_ARGS(1);
     else if (strcmp(cmd, "list") == 0 || strcmp(cmd, "stats") == 0)
         NEED_ARGS(0);
-    else {
+    else if (strcmp(cmd, "config-check") == 0) {
+        NEED_ARGS(1);
+        return config_check(argv[optind]);
+    } else {
         fprintf(stderr, "%s: unknown command '%s'; see --help\n", prog, cmd);
         return 2;
     }

@@ -20,7 +20,7 @@ BIN = os.path.join(BUILD_DIR, "bin")
 class Daemon:
     """A weightsd process on sockets under `tmpdir`; stop() checks it exits 0 on SIGTERM."""
 
-    def __init__(self, tmpdir, extra_args=(), wrapper=(), start_timeout=10):
+    def __init__(self, tmpdir, extra_args=(), wrapper=(), start_timeout=10, env=None):
         self.dir = str(tmpdir)
         self.sock = os.path.join(self.dir, "c.sock")
         self.admin = os.path.join(self.dir, "a.sock")
@@ -29,7 +29,8 @@ class Daemon:
         self.proc = subprocess.Popen(
             [*wrapper, os.path.join(BIN, "weightsd"), "--socket", self.sock, "--admin-socket", self.admin,
              "--log-level", "debug", *extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            stdout=self._log, stderr=subprocess.STDOUT,
+            env=None if env is None else {**os.environ, **env})
         # Ready means both sockets accept: a stale socket file from a killed daemon may exist
         # before this one has replaced it.
         deadline = time.time() + start_timeout

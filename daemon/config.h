@@ -1,0 +1,60 @@
+/*
+ * config.h - weightsd.conf: an INI file (parsed with inih) holding what the command line holds
+ * plus the access policy and the models to preload at start. The format is documented in
+ * systemd/weightsd.conf, the installed example.
+ *
+ * Loading checks every line and reports every problem with file:line, so
+ * `weightsd --check-config` (and `weightsctl config-check`, which runs it) can list them all at
+ * once; a config with any error is never applied.
+ */
+#ifndef WSD_CONFIG_H
+#define WSD_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "policy.h"
+
+typedef struct cfg_model {
+    char *name;
+    char *path;               /* absolute: relative paths are taken from the config's directory */
+    char *key;                /* NULL or subtree */
+    int dtype;                /* wsd_dtype_t to convert to, or -1 to keep */
+    bool no_verify;
+    unsigned line;            /* the [model NAME] header, for messages */
+} cfg_model_t;
+
+typedef struct config {
+    char *file;
+    char *socket_path;        /* NULL: not set */
+    char *admin_path;
+    int log_level;            /* LOG_LVL_*, or -1: not set */
+    unsigned max_connections; /* 0: not set */
+    unsigned max_leases;
+    bool budget_set;
+    uint64_t memory_budget;   /* 0 = unlimited */
+    policy_t policy;          /* defaults unless [access] says otherwise */
+    cfg_model_t *models;
+    size_t nmodels;
+    unsigned nerrors;
+} config_t;
+
+/* Receives one complete "FILE:LINE: message" (no newline). */
+typedef void (*config_report_fn)(void *data, const char *msg);
+
+/*
+ * Parses \p path. Every problem goes to \p report as it is found.
+ * \retval 0 with *ret set; -EINVAL when there were errors (*ret NULL, every one reported);
+ *         -errno when the file cannot be read (reported too).
+ */
+int config_load(const char *path, config_t **ret, config_report_fn report, void *data);
+void config_free(config_t *c);
+
+/* The model named \p name, or NULL. */
+const cfg_model_t *config_find_model(const config_t *c, const char *name);
+/* Whether two entries would load the same thing (a reload keeps such a model as it is). */
+bool cfg_model_same(const cfg_model_t *a, const cfg_model_t *b);
+
+#endif /* WSD_CONFIG_H */

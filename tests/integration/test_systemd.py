@@ -1,0 +1,388 @@
+"""weightsd as a system service (issue 7): the sd_notify protocol, socket activation, the config
+file and its checker, SIGHUP reloads and the access policy.
+
+PID 1 here is not systemd, so the tests play the service manager's part the way the protocol
+documents it: a datagram socket in NOTIFY_SOCKET receives the daemon's messages, and
+systemd-socket-activate (systemd's own tool) hands over named listening sockets.
+"""
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+import wsdtest
+from wsdtest import BIN, Daemon, attach, write_safetensors
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+class Manager:
+    """The service manager's end of NOTIFY_SOCKET: collects the daemon's datagrams."""
+
+    def __init__(self, path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.addr = path if path[0] != "\0" else "@" + path[1:]
+        self.messages = []
+
+    def next(self, timeout=10):
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(4096).decode()
+        fields = dict(line.split("=", 1) for line in data.split("\n") if line)
+        self.messages.append(fields)
+        return fields
+
+    def wait_for(self, key, timeout=20):
+        """Returns the messages up to and including the first one carrying `key`."""
+        seen, end = [], time.time() + timeout
+        while True:
+            left = end - time.time()
+            if left <= 0:
+                raise AssertionError(f"no {key} from weightsd; got {seen}")
+            m = self.next(left)
+            seen.append(m)
+            if key in m:
+                return seen
+
+    def close(self):
+        self.sock.close()
+
+
+def model_file(tmp_path, name="m.safetensors", nbytes=1 << 20, seed=1):
+    data = bytes((i * 31 + seed) & 0xFF for i in range(256)) * (nbytes // 256)
+    return write_safetensors(tmp_path / name, [("w", "U8", [len(data)], data)])
+
+
+def write_config(path, text):
+    path.write_text(text)
+    return path
+
+
+def start(tmp_path, config=None, env=None, **kw):
+    args = ("--config", str(config)) if config else ()
+    return Daemon(tmp_path, extra_args=args, env=env, **kw)
+
+
+@pytest.fixture
+def manager(tmp_path):
+    m = Manager(str(tmp_path / "notify.sock"))
+    yield m
+    m.close()
+
+
+def test_ready_only_after_configured_preloads(tmp_path, manager):
+    # Big enough that the preloads are still running when the sockets already serve.
+    big = model_file(tmp_path, "big.safetensors", 96 << 20)
+    small = model_file(tmp_path, "small.safetensors", 1 << 20)
+    cfg = write_config(tmp_path / "w.conf", f"""
+[daemon]
+log-level = info
+
+[model big]
+path = {big}
+
+[model small]
+path = small.safetensors
+""")
+    d = start(tmp_path, cfg, env={"NOTIFY_SOCKET": manager.addr})
+    try:
+        msgs = manager.wait_for("READY")
+        # READY=1 is the last thing said during start, and by then every preload is done.
+        lst = {m["name"]: m["state"] for m in d.ctl_json("list")}
+        assert lst == {"big": "ready", "small": "ready"}
+        before = msgs[:-1]
+        assert any("EXTEND_TIMEOUT_USEC" in m for m in before), msgs
+        assert any(m.get("STATUS", "").startswith("preloading 2 models") for m in before), msgs
+        assert msgs[-1]["READY"] == "1" and msgs[-1]["STATUS"] == "serving 2 models"
+        assert int(next(m for m in before if "EXTEND_TIMEOUT_USEC" in m)
+                   ["EXTEND_TIMEOUT_USEC"]) > 0
+        # the relative path was taken from the config's directory
+        assert d.ctl_json("info", "small")["source"] == str(small)
+        # STOPPING=1 on SIGTERM, and a clean exit
+        d.proc.send_signal(signal.SIGTERM)
+        assert manager.wait_for("STOPPING")[-1]["STOPPING"] == "1"
+        assert d.proc.wait(timeout=30) == 0, d.log()
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_failed_preload_still_becomes_ready_and_says_so(tmp_path, manager):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    cfg = write_config(tmp_path / "w.conf", f"[model bad]\npath = {bad}\n")
+    d = start(tmp_path, cfg, env={"NOTIFY_SOCKET": manager.addr})
+    try:
+        ready = manager.wait_for("READY")[-1]
+        assert "1 configured preload failed" in ready["STATUS"], ready
+        assert d.ctl_json("list") == []
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_abstract_notify_socket_and_no_config(tmp_path):
+    name = f"\0wsd-test-{os.getpid()}-{time.time_ns()}"
+    m = Manager(name)
+    d = start(tmp_path, env={"NOTIFY_SOCKET": m.addr})
+    try:
+        ready = m.wait_for("READY")[-1]
+        assert ready["STATUS"] == "serving 0 models"
+    finally:
+        assert d.stop() == 0, d.log()
+        m.close()
+
+
+def test_watchdog_pings_at_half_the_interval(tmp_path, manager):
+    d = start(tmp_path, env={"NOTIFY_SOCKET": manager.addr, "WATCHDOG_USEC": "200000"})
+    try:
+        t0 = time.time()
+        pings = 0
+        while pings < 5:
+            if "WATCHDOG" in manager.next(timeout=2):
+                pings += 1
+        # 5 pings at 100 ms: about 0.4 s after the first (sent at start)
+        assert time.time() - t0 < 2.0
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_watchdog_for_another_pid_is_not_ours(tmp_path, manager):
+    d = start(tmp_path, env={"NOTIFY_SOCKET": manager.addr, "WATCHDOG_USEC": "100000",
+                             "WATCHDOG_PID": "1"})
+    try:
+        manager.wait_for("READY")
+        with pytest.raises(socket.timeout):
+            while True:
+                assert "WATCHDOG" not in manager.next(timeout=0.5)
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_sighup_reload_adds_removes_and_keeps_old_config_when_bad(tmp_path, manager):
+    a = model_file(tmp_path, "a.safetensors", seed=1)
+    b = model_file(tmp_path, "b.safetensors", seed=2)
+    cfg = write_config(tmp_path / "w.conf", f"[model a]\npath = {a}\n")
+    d = start(tmp_path, cfg, env={"NOTIFY_SOCKET": manager.addr})
+    try:
+        manager.wait_for("READY")
+        # a worker holds 'a' across the reload that drops it: drained, not yanked
+        holder = subprocess.Popen([os.path.join(BIN, "wsd-attach"), "--socket", d.sock,
+                                   "--hold", "2", "a"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 10
+        while d.ctl_json("info", "a")["leases"] == 0:
+            assert time.time() < deadline and holder.poll() is None, holder.stderr
+            time.sleep(0.02)
+
+        write_config(cfg, f"[model b]\npath = {b}\n")
+        d.proc.send_signal(signal.SIGHUP)
+        msgs = manager.wait_for("READY")
+        reloading = next(m for m in msgs if "RELOADING" in m)
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        states = {m["name"]: m["state"] for m in d.ctl_json("list")}
+        assert states == {"a": "draining", "b": "ready"}
+        assert holder.wait(timeout=30) == 0, holder.stderr.read()
+        deadline = time.time() + 5
+        while "a" in {m["name"] for m in d.ctl_json("list")}:
+            assert time.time() < deadline
+            time.sleep(0.02)
+
+        # A broken config changes nothing, and the daemon says why (file:line) and serves on.
+        write_config(cfg, f"[model b]\npath = {b}\n[model c]\npath = {a}\ndtype = int3\n")
+        d.proc.send_signal(signal.SIGHUP)
+        ready = manager.wait_for("READY")[-1]
+        assert "reload" in ready["STATUS"] and "failed" in ready["STATUS"], ready
+        assert f"{cfg}:5: dtype: 'int3'" in d.log()
+        assert [m["name"] for m in d.ctl_json("list")] == ["b"]
+        assert attach(d, "b")
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_config_check_reports_every_bad_line(tmp_path):
+    cfg = write_config(tmp_path / "bad.conf", """\
+[daemon]
+log-level = shouty
+max-connections = -3
+frobnicate = yes
+memory-budget = 4X
+
+[access]
+client-users = no-such-user-here
+admin-groups = no-such-group-here
+
+[model m]
+path = /nonexistent/m.safetensors
+dtype = int4
+share = file
+devices = cuda:1
+no-verify = perhaps
+what is this
+[model m]
+[nonsense]
+[model empty]
+""")
+    p = subprocess.run([os.path.join(BIN, "weightsctl"), "config-check", str(cfg)],
+                       capture_output=True, text=True, env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 1, p
+    lines = [l for l in p.stderr.splitlines() if l]
+    want = {2: "log-level", 3: "max-connections", 4: "frobnicate", 5: "memory-budget",
+            8: "no-such-user-here", 9: "no-such-group-here", 13: "dtype", 14: "share",
+            15: "devices", 16: "no-verify", 17: "what is this", 18: "appears twice",
+            19: "unknown section", 20: "no path"}
+    for line, what in want.items():
+        assert any(l.startswith(f"{cfg}:{line}: ") and what in l for l in lines), \
+            f"line {line} ({what}) not reported:\n{p.stderr}"
+    assert len(lines) == len(want), p.stderr
+    assert f"{len(want)} errors" in p.stdout
+
+    good = write_config(tmp_path / "good.conf", """\
+; comments are fine
+[daemon]
+socket = /run/weightsd/weightsd.sock
+log-level = notice
+memory-budget = 64G
+[access]
+client-users = root 65534
+admin-groups = root
+[model llama]
+path = /var/lib/weightsd/llama.safetensors
+dtype = bf16
+share = memfd
+devices = host
+no-verify = no
+""")
+    p = subprocess.run([os.path.join(BIN, "weightsctl"), "config-check", str(good)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == "", p
+    assert "OK (1 model to preload)" in p.stdout
+
+    # The daemon refuses to start on a bad file, with the same list.
+    p = subprocess.run([os.path.join(BIN, "weightsd"), "--config", str(cfg), "--socket",
+                        str(tmp_path / "c.sock")], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 1 and f"{cfg}:13: dtype" in p.stderr
+
+
+def test_socket_activation_with_named_sockets(tmp_path, manager):
+    # The admin socket comes first here: names, not positions, decide.
+    sa = shutil.which("systemd-socket-activate")
+    if not sa:
+        pytest.skip("systemd-socket-activate not installed")
+    csock, asock = str(tmp_path / "c.sock"), str(tmp_path / "a.sock")
+    d = Daemon(tmp_path, wrapper=(sa, "-l", asock, "-l", csock, "--fdname=admin:client",
+                                  f"--setenv=NOTIFY_SOCKET={manager.addr}"))
+    try:
+        manager.wait_for("READY")
+        log = d.log()
+        assert "fd 3 ('admin') is the admin socket" in log, log
+        assert "fd 4 ('client') is the client socket" in log, log
+        path = model_file(tmp_path)
+        d.preload("m", path)
+        assert attach(d, "m")
+        # admin verbs on the client socket are refused whatever the file modes
+        p = subprocess.run([os.path.join(BIN, "weightsctl"), "--admin-socket", csock, "list"],
+                           capture_output=True, text=True, timeout=10)
+        assert p.returncode == 1 and "admin socket only" in p.stderr, p
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_socket_activation_rejects_a_datagram_socket(tmp_path):
+    sa = shutil.which("systemd-socket-activate")
+    if not sa:
+        pytest.skip("systemd-socket-activate not installed")
+    dsock = str(tmp_path / "d.sock")
+    p = subprocess.Popen([sa, "-d", "-l", dsock, "--fdname=client",
+                          os.path.join(BIN, "weightsd"), "--socket", str(tmp_path / "c.sock")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # systemd-socket-activate starts its command on the first datagram
+        deadline = time.time() + 10
+        while not os.path.exists(dsock):
+            assert time.time() < deadline
+            time.sleep(0.01)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.sendto(b"x", dsock)
+        s.close()
+        _, err = p.communicate(timeout=10)
+    finally:
+        p.kill()
+    assert p.returncode == 1 and "not a listening AF_UNIX stream socket" in err, err
+
+
+@pytest.fixture
+def open_dir():
+    """A socket directory the unprivileged test uid can reach (pytest's tmp dirs are 0700)."""
+    d = tempfile.mkdtemp(prefix="wsd-policy-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def as_nobody(*argv):
+    return subprocess.run([*NOBODY, *argv], capture_output=True, text=True, timeout=20)
+
+
+def loosen(d):
+    """Misconfigured modes on purpose: the policy has to hold on its own."""
+    os.chmod(d.sock, 0o666)
+    os.chmod(d.admin, 0o666)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run a peer under another uid")
+def test_policy_refuses_a_uid_outside_it(open_dir):
+    d = Daemon(open_dir)
+    try:
+        loosen(d)
+        d.preload("m", model_file(wsdtest_path(open_dir)))
+        p = as_nobody(os.path.join(BIN, "wsd-attach"), "--socket", d.sock, "m")
+        assert p.returncode != 0, p
+        stats = d.ctl_json("stats")
+        assert stats["connections"]["denied"] == 1, stats
+        assert f"access denied on the client socket: pid" in d.log()
+        assert "uid 65534" in d.log()
+        p = as_nobody(os.path.join(BIN, "weightsctl"), "--admin-socket", d.admin, "list")
+        assert p.returncode != 0, p
+        assert d.ctl_json("stats")["connections"]["denied"] == 2
+        assert attach(d, "m")  # root still served
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run a peer under another uid")
+def test_policy_admits_configured_client_uid_but_not_on_admin(open_dir, manager):
+    cfg = write_config(wsdtest_path(open_dir) / "w.conf",
+                       "[access]\nclient-users = 65534\n")
+    d = start(open_dir, cfg)
+    try:
+        loosen(d)
+        d.preload("m", model_file(wsdtest_path(open_dir)))
+        p = as_nobody(os.path.join(BIN, "wsd-attach"), "--socket", d.sock, "m")
+        assert p.returncode == 0, p.stderr
+        p = as_nobody(os.path.join(BIN, "weightsctl"), "--admin-socket", d.admin, "list")
+        assert p.returncode != 0, p
+        assert d.ctl_json("stats")["connections"]["denied"] == 1
+        assert "access denied on the admin socket" in d.log()
+
+        # a reload that drops the uid applies to the next connection
+        write_config(cfg, "[access]\nclient-users = root\n")
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 10
+        while "reloaded" not in d.log():
+            assert time.time() < deadline, d.log()
+            time.sleep(0.02)
+        p = as_nobody(os.path.join(BIN, "wsd-attach"), "--socket", d.sock, "m")
+        assert p.returncode != 0, p
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def wsdtest_path(d):
+    return pathlib.Path(d)
