@@ -386,3 +386,68 @@ def test_policy_admits_configured_client_uid_but_not_on_admin(open_dir, manager)
 
 def wsdtest_path(d):
     return pathlib.Path(d)
+
+
+SYSTEMD_DIR = pathlib.Path(__file__).resolve().parents[2] / "systemd"
+
+
+def rendered_units(tmp_path):
+    """The units as installed, but naming the binaries under test (verify wants them to exist)."""
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    text = (SYSTEMD_DIR / "weightsd.service.in").read_text()
+    for k, v in {"@WSD_BINDIR@": BIN, "@WSD_SBINDIR@": BIN,
+                 "@WSD_CONFIG_DIR@": str(conf_dir)}.items():
+        text = text.replace(k, v)
+    assert "@WSD_" not in text
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "weightsd.service").write_text(text)
+    for name in ("weightsd.socket", "weightsd-admin.socket"):
+        shutil.copy(SYSTEMD_DIR / name, units / name)
+    return units
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_units_verify_and_security_threshold(tmp_path):
+    units = rendered_units(tmp_path)
+    names = [str(units / n) for n in ("weightsd.service", "weightsd.socket",
+                                      "weightsd-admin.socket")]
+    p = subprocess.run(["systemd-analyze", "verify", "--man=no", *names],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stderr.strip() == "", p.stderr
+    # S4: exposure at most 2.0 (the threshold is on the 0-100 scale)
+    p = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--threshold=20",
+                        names[0]], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr
+    exposure = float(p.stdout.split("Overall exposure level for weightsd.service: ")[1].split()[0])
+    assert exposure <= 2.0
+    # what the GPU needs is spelled out, and what would break it is not set
+    text = (units / "weightsd.service").read_text()
+    directives = {l for l in text.splitlines() if l and not l.startswith("#")}
+    assert "PrivateDevices=no" in directives and "DeviceAllow=/dev/nvidiactl rw" in directives
+    assert "Type=notify" in text and "FileDescriptorName=client" in \
+        (units / "weightsd.socket").read_text()
+    assert "FileDescriptorName=admin" in (units / "weightsd-admin.socket").read_text()
+
+
+def test_example_config_is_valid(tmp_path):
+    text = (SYSTEMD_DIR / "weightsd.conf").read_text()
+    # sysusers.d creates these groups on an installed host; stand in for them here
+    for group in ("weightsd-admin", "weightsd"):
+        if subprocess.run(["getent", "group", group], capture_output=True).returncode != 0:
+            text = text.replace(f"= {group}\n", "= root\n")
+    cfg = write_config(tmp_path / "weightsd.conf", text)
+    p = subprocess.run([os.path.join(BIN, "weightsctl"), "config-check", str(cfg)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    # and every commented-out model key is one the parser knows
+    model = "\n".join(l[1:] for l in text.splitlines()
+                      if l.startswith(";") and ("=" in l or l.startswith(";["))
+                      and l[1:2] != " " and not l.startswith(";client"))
+    model = model.replace("path = /var/lib/weightsd/llama-3-8b/model.safetensors.index.json",
+                          "path = /x.safetensors")
+    cfg2 = write_config(tmp_path / "model.conf", model)
+    p = subprocess.run([os.path.join(BIN, "weightsctl"), "config-check", str(cfg2)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, (model, p.stderr)
