@@ -384,12 +384,13 @@ static void model_key(parse_state_t *ps, const char *name, const char *v)
         cfg_error(ps, ps->line, "unknown key '%s' in [model %s]", name, m->name);
 }
 
+/* The registry's rule for names, checked here too so config-check catches a bad one. */
 static bool valid_model_name(const char *s)
 {
-    if (!*s || strlen(s) > 255)
+    if (!*s || strlen(s) > 128)
         return false;
     for (; *s; s++)
-        if (!isalnum((unsigned char)*s) && !strchr("._-+@", *s))
+        if (!isalnum((unsigned char)*s) && !strchr("._:@/+-", *s))
             return false;
     return true;
 }
@@ -417,7 +418,7 @@ static void begin_section(parse_state_t *ps, const char *section)
         while (*name == ' ' || *name == '\t')
             name++;
         if (!valid_model_name(name)) {
-            cfg_error(ps, ps->line, "[model %s]: a model name is 1-255 letters, digits or ._-+@",
+            cfg_error(ps, ps->line, "[model %s]: a model name is 1 to 128 of [A-Za-z0-9._:@/+-]",
                       name);
             return;
         }

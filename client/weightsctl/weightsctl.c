@@ -51,6 +51,7 @@ enum {
     OPT_NO_VERIFY,
     OPT_DRAIN,
     OPT_FORCE,
+    OPT_PROMETHEUS,
 };
 
 static const char *prog = "weightsctl";
@@ -217,6 +218,116 @@ static void render_stats(json_t *doc)
     print_flat(doc, "");
 }
 
+/* Stats that count events since the daemon started: Prometheus counters, named *_total. */
+static int is_counter(const char *flat)
+{
+    static const char *const counters[] = {
+        "connections_total", "connections_rejected", "connections_denied", "opens_total",
+        "open_errors", "releases_total", "leases_released_on_close", "preloads_ok",
+        "preloads_failed", "protocol_violations", "budget_evictions",
+    };
+
+    for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
+        if (strcmp(flat, counters[i]) == 0)
+            return 1;
+    return 0;
+}
+
+/* Metric names allow [a-zA-Z0-9_:]; the daemon's keys are already close. */
+static void metric_name(char *dst, size_t size, const char *flat)
+{
+    size_t n;
+
+    if (strcmp(flat, "uptime_s") == 0)
+        flat = "uptime_seconds";
+    else if (strcmp(flat, "memory_budget") == 0)
+        flat = "memory_budget_bytes";
+    n = (size_t)snprintf(dst, size, "weightsd_%s", flat);
+    for (char *p = dst; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9')))
+            *p = '_';
+    if (is_counter(flat) && (n < 6 || strcmp(dst + n - 6, "_total") != 0))
+        snprintf(dst + n, size - n, "_total");
+}
+
+/* Every numeric stat, nested objects flattened with '_': new daemon keys appear unasked. */
+static void prom_flat(json_t *doc, const char *prefix)
+{
+    const char *key;
+    json_t *v;
+
+    json_object_foreach(doc, key, v)
+    {
+        char flat[256], name[300];
+
+        snprintf(flat, sizeof(flat), "%s%s", prefix, key);
+        if (json_is_object(v)) {
+            char p[260];
+
+            snprintf(p, sizeof(p), "%s_", flat);
+            prom_flat(v, p);
+            continue;
+        }
+        if (!json_is_number(v))
+            continue;
+        metric_name(name, sizeof(name), flat);
+        printf("# TYPE %s %s\n", name, is_counter(flat) ? "counter" : "gauge");
+        if (json_is_integer(v))
+            printf("%s %" JSON_INTEGER_FORMAT "\n", name, json_integer_value(v));
+        else
+            printf("%s %.17g\n", name, json_real_value(v));
+    }
+}
+
+/* A label value: backslash, double quote and newline escaped (exposition format). */
+static void prom_label(const char *s)
+{
+    for (; *s; s++) {
+        if (*s == '\\' || *s == '"')
+            putchar('\\');
+        if (*s == '\n') {
+            fputs("\\n", stdout);
+            continue;
+        }
+        putchar(*s);
+    }
+}
+
+static int render_prometheus(const char *stats, const char *models)
+{
+    json_t *st = json_loads(stats, 0, NULL), *ms = json_loads(models, 0, NULL), *m;
+    size_t i;
+
+    if (!json_is_object(st) || !json_is_array(ms)) {
+        fprintf(stderr, "%s: daemon sent invalid JSON\n", prog);
+        json_decref(st);
+        json_decref(ms);
+        return 1;
+    }
+    prom_flat(st, "");
+    printf("# HELP weightsd_model_bytes Tensor bytes of each model the daemon lists.\n"
+           "# TYPE weightsd_model_bytes gauge\n");
+    json_array_foreach(ms, i, m)
+    {
+        printf("weightsd_model_bytes{model=\"");
+        prom_label(jstr(m, "name"));
+        printf("\",state=\"");
+        prom_label(jstr(m, "state"));
+        printf("\"} %" PRIu64 "\n", jint(m, "bytes"));
+    }
+    printf("# HELP weightsd_model_leases Leases workers hold on each model.\n"
+           "# TYPE weightsd_model_leases gauge\n");
+    json_array_foreach(ms, i, m)
+    {
+        printf("weightsd_model_leases{model=\"");
+        prom_label(jstr(m, "name"));
+        printf("\"} %" PRIu64 "\n", jint(m, "leases"));
+    }
+    json_decref(st);
+    json_decref(ms);
+    return 0;
+}
+
 static void render_preload(json_t *doc)
 {
     json_t *warnings = json_object_get(doc, "warnings");
@@ -283,12 +394,13 @@ int main(int argc, char **argv)
         {"no-verify", no_argument, NULL, OPT_NO_VERIFY},
         {"drain", no_argument, NULL, OPT_DRAIN},
         {"force", no_argument, NULL, OPT_FORCE},
+        {"prometheus", no_argument, NULL, OPT_PROMETHEUS},
         {NULL, 0, NULL, 0},
     };
     wsd_preload_opts_t popts = {.size = sizeof(popts)};
     const char *socket_path = NULL, *cmd;
     unsigned evict_flags = 0;
-    int as_json = 0, timeout_ms = 600000, opt, r, rc = 0;
+    int as_json = 0, prometheus = 0, timeout_ms = 600000, opt, r, rc = 0;
     wsd_client_t *c = NULL;
     char *json = NULL;
 
@@ -337,6 +449,9 @@ int main(int argc, char **argv)
         case OPT_FORCE:
             evict_flags |= WSD_EVICT_FORCE;
             break;
+        case OPT_PROMETHEUS:
+            prometheus = 1;
+            break;
         default:
             fprintf(stderr, "Try '%s --help'.\n", prog);
             return 2;
@@ -357,6 +472,10 @@ int main(int argc, char **argv)
         }                                                                                          \
     } while (0)
 
+    if (prometheus && strcmp(cmd, "stats") != 0) {
+        fprintf(stderr, "%s: --prometheus goes with stats only\n", prog);
+        return 2;
+    }
     if (strcmp(cmd, "preload") == 0)
         NEED_ARGS(2);
     else if (strcmp(cmd, "evict") == 0 || strcmp(cmd, "info") == 0)
@@ -407,6 +526,14 @@ int main(int argc, char **argv)
     } else if (strcmp(cmd, "info") == 0) {
         r = wsd_admin_info(c, argv[optind], &json);
         rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, print_info);
+    } else if (prometheus) {
+        char *models = NULL;
+
+        r = wsd_admin_stats(c, &json);
+        if (r == 0)
+            r = wsd_admin_list(c, &models);
+        rc = r < 0 ? fail(cmd, r, c) : render_prometheus(json, models);
+        free(models);
     } else {
         r = wsd_admin_stats(c, &json);
         rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, render_stats);

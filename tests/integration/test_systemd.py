@@ -451,3 +451,49 @@ def test_example_config_is_valid(tmp_path):
     p = subprocess.run([os.path.join(BIN, "weightsctl"), "config-check", str(cfg2)],
                        capture_output=True, text=True)
     assert p.returncode == 0, (model, p.stderr)
+
+
+def test_stats_prometheus_text_format(tmp_path):
+    d = Daemon(tmp_path)
+    try:
+        d.preload("llama/8b", model_file(tmp_path))
+        assert attach(d, "llama/8b")
+        p = d.ctl("stats", "--prometheus")
+        types, samples = {}, {}
+        for line in p.stdout.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split()
+                types[name] = kind
+            elif line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        for name in samples:
+            assert name.split("{")[0] in types, name
+        assert types["weightsd_opens_total"] == "counter" and samples["weightsd_opens_total"] == 1
+        assert types["weightsd_connections_denied_total"] == "counter"
+        assert types["weightsd_resident_bytes"] == "gauge"
+        assert samples['weightsd_model_bytes{model="llama/8b",state="ready"}'] == 1 << 20
+        assert samples['weightsd_model_leases{model="llama/8b"}'] == 0
+        assert d.ctl("list", "--prometheus", check=False).returncode == 2
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run a peer under another uid")
+def test_policy_admits_a_configured_supplementary_group(open_dir):
+    # gid 4242 need not exist: the peer holds it (SO_PEERGROUPS), the database is not asked
+    cfg = write_config(wsdtest_path(open_dir) / "w.conf", "[access]\nclient-groups = 4242\n")
+    d = start(open_dir, cfg)
+    try:
+        loosen(d)
+        d.preload("m", model_file(wsdtest_path(open_dir)))
+        p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--groups=4242",
+                            os.path.join(BIN, "wsd-attach"), "--socket", d.sock, "m"],
+                           capture_output=True, text=True, timeout=20)
+        assert p.returncode == 0, p.stderr
+        p = as_nobody(os.path.join(BIN, "wsd-attach"), "--socket", d.sock, "m")
+        assert p.returncode != 0
+        assert d.ctl_json("stats")["connections"]["denied"] == 1
+    finally:
+        assert d.stop() == 0, d.log()
