@@ -66,9 +66,21 @@ print(f"both workers together are charged {pss / (1 << 20):.1f} MiB (Pss) for a 
 sys.exit(0 if same else 1)
 PYEOF
 
-if [ -d "$(dirname "$0")/../python/weightsd" ] && [ -x "$(dirname "$0")/demo_torch.sh" ]; then
-    "$(dirname "$0")/demo_torch.sh" "$work"
-fi
+echo "== the seed recipe through weightsd: torch.save a SomeModule(1000), preload it once,"
+echo "   two Python workers build it on 'meta' and load_into() the shared tensors"
+pydir=$(cd "$(dirname "$0")/../python" && pwd)
+seed="$pydir/examples/seed_worker.py"
+PYTHONPATH=$pydir WEIGHTSD_LIBRARY=$BUILD/lib/libweightsd.so "$PY" "$seed" \
+    --write-checkpoint "$work/seed.pth"
+ctl preload seed "$work/seed.pth"
+pids=
+for i in 1 2; do
+    PYTHONPATH=$pydir WEIGHTSD_LIBRARY=$BUILD/lib/libweightsd.so \
+        "$PY" "$seed" "$work/weightsd.sock" seed --hold 2 >"$work/py$i.txt" &
+    pids="$pids $!"
+done
+wait $pids
+cat "$work/py1.txt" "$work/py2.txt"
 
 echo "== stopping weightsd"
 kill "$daemon_pid"
