@@ -218,10 +218,15 @@ int main(int argc, char **argv)
                       r == -EINVAL ? "every error is listed above" : strerror(-r));
             return 1;
         }
-        if (!opts.socket_path)
-            opts.socket_path = cfg->socket_path;
-        if (!opts.admin_path)
-            opts.admin_path = cfg->admin_path;
+        /* Copied: a reload frees the config these strings live in. */
+        if (!opts.socket_path && cfg->socket_path) {
+            snprintf(sock_default, sizeof(sock_default), "%s", cfg->socket_path);
+            opts.socket_path = sock_default;
+        }
+        if (!opts.admin_path && cfg->admin_path) {
+            snprintf(admin_default, sizeof(admin_default), "%s", cfg->admin_path);
+            opts.admin_path = admin_default;
+        }
         /* The command line wins: drop what it set from the file's values. */
         if (level_given)
             cfg->log_level = -1;
@@ -254,6 +259,7 @@ int main(int argc, char **argv)
             snprintf(sock_default, sizeof(sock_default), "%s/weightsd/weightsd.sock", xdg);
         else {
             fprintf(stderr, "weightsd: XDG_RUNTIME_DIR is unset; pass --socket PATH\n");
+            config_free(cfg);
             return 2;
         }
         opts.socket_path = sock_default;
@@ -270,11 +276,13 @@ int main(int argc, char **argv)
     }
     if (strcmp(opts.socket_path, opts.admin_path) == 0) {
         fprintf(stderr, "weightsd: the client and admin sockets must be different files\n");
+        config_free(cfg);
         return 2;
     }
     if ((opts.socket_fd < 0 && ensure_dir(opts.socket_path) < 0) ||
         (opts.admin_fd < 0 && ensure_dir(opts.admin_path) < 0)) {
         fprintf(stderr, "weightsd: cannot create the socket directory: %s\n", strerror(errno));
+        config_free(cfg);
         return 1;
     }
 
