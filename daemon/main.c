@@ -244,7 +244,8 @@ int main(int argc, char **argv)
         if (cfg->budget_set)
             budget = cfg->memory_budget;
     }
-    if (notify_listen_fds(&opts.socket_fd, &opts.admin_fd, err, sizeof(err)) < 0) {
+    /* Stored model fds are closed until the registry can re-adopt them (issue 7 item 5). */
+    if (notify_listen_fds(&opts.socket_fd, &opts.admin_fd, NULL, NULL, err, sizeof(err)) < 0) {
         log_error("socket activation: %s", err);
         config_free(cfg);
         return 1;

@@ -9,6 +9,7 @@
  */
 #include "notify.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
@@ -197,6 +198,112 @@ void notify_extend_timeout(notify_t *n, uint64_t usec)
     (void)notify_send(n, "EXTEND_TIMEOUT_USEC=%llu", (unsigned long long)usec);
 }
 
+static bool fdname_valid(const char *name)
+{
+    size_t len = strlen(name);
+
+    if (len == 0 || len > 255)
+        return false;
+    for (const char *p = name; *p; p++)
+        if (*p < 0x20 || *p > 0x7e || *p == ':')
+            return false;
+    return true;
+}
+
+int notify_fdstore(notify_t *n, const char *name, int fd)
+{
+    char msg[300];
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int))];
+    } ctl;
+    struct iovec iov;
+    struct msghdr mh = {0};
+    struct cmsghdr *cm;
+    int len;
+
+    if (!fdname_valid(name))
+        return -EINVAL;
+    if (n->fd < 0)
+        return 0;
+    len = snprintf(msg, sizeof(msg), "FDSTORE=1\nFDNAME=%s", name);
+    iov.iov_base = msg;
+    iov.iov_len = (size_t)len;
+    memset(&ctl, 0, sizeof(ctl));
+    mh.msg_name = &n->addr;
+    mh.msg_namelen = n->addrlen;
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = ctl.buf;
+    mh.msg_controllen = sizeof(ctl.buf);
+    cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+    if (sendmsg(n->fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT) < 0) {
+        int r = -errno;
+
+        log_warning("cannot store fd '%s' with the service manager: %s", name, strerror(-r));
+        return r;
+    }
+    return 0;
+}
+
+int notify_fdstore_remove(notify_t *n, const char *name)
+{
+    if (!fdname_valid(name))
+        return -EINVAL;
+    return notify_send(n, "FDSTOREREMOVE=1\nFDNAME=%s", name);
+}
+
+int notify_fdname(char *dst, size_t size, const char *prefix, const char *s)
+{
+    size_t o = (size_t)snprintf(dst, size, "%s", prefix);
+
+    for (; *s && o < size; s++) {
+        unsigned char ch = (unsigned char)*s;
+
+        if (ch < 0x20 || ch > 0x7e || ch == ':' || ch == '%')
+            o += (size_t)snprintf(dst + o, size - o, "%%%02X", ch);
+        else
+            dst[o++] = (char)ch;
+    }
+    if (o >= size || o > 255)
+        return -ENAMETOOLONG;
+    dst[o] = '\0';
+    return 0;
+}
+
+int notify_fdname_decode(char *dst, size_t size, const char *prefix, const char *fdname)
+{
+    size_t plen = strlen(prefix), o = 0;
+    const char *s = fdname + plen;
+
+    if (strncmp(fdname, prefix, plen) != 0)
+        return -EINVAL;
+    for (; *s; s++) {
+        unsigned v;
+
+        if (o + 1 >= size)
+            return -EINVAL;
+        if (*s == '%') {
+            char hex[3] = {s[1], s[1] ? s[2] : '\0', '\0'};
+
+            if (!isxdigit((unsigned char)hex[0]) || !isxdigit((unsigned char)hex[1]))
+                return -EINVAL;
+            v = (unsigned)strtoul(hex, NULL, 16);
+            dst[o++] = (char)v;
+            s += 2;
+        } else
+            dst[o++] = *s;
+    }
+    if (o == 0)
+        return -EINVAL;
+    dst[o] = '\0';
+    return 0;
+}
+
 /* An inherited descriptor must be what a .socket unit with ListenStream= hands over. */
 static int check_listener(int fd, char *err, size_t errlen)
 {
@@ -222,7 +329,8 @@ static int check_listener(int fd, char *err, size_t errlen)
     return 0;
 }
 
-int notify_listen_fds(int *client_fd, int *admin_fd, char *err, size_t errlen)
+int notify_listen_fds(int *client_fd, int *admin_fd, notify_stored_fn stored, void *data,
+                      char *err, size_t errlen)
 {
     const char *e_pid = getenv("LISTEN_PID"), *e_fds = getenv("LISTEN_FDS");
     const char *e_names = getenv("LISTEN_FDNAMES");
@@ -256,8 +364,12 @@ int notify_listen_fds(int *client_fd, int *admin_fd, char *err, size_t errlen)
             slot = client_fd;
         else if (name && strcmp(name, "admin") == 0)
             slot = admin_fd;
-        else if (!name || strcmp(name, "unknown") == 0 || strcmp(name, "stored") == 0)
+        else if (!name || strcmp(name, "unknown") == 0)
             slot = *client_fd < 0 ? client_fd : *admin_fd < 0 ? admin_fd : NULL;
+        else if (stored && stored(data, name, fd) == 0) {
+            (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+            continue;
+        }
         if (!slot || *slot >= 0) {
             log_warning("closing inherited fd %d ('%s'): not a socket weightsd uses", fd,
                         name ? name : "unnamed");

@@ -51,16 +51,38 @@ void notify_status(notify_t *n, const char *status);
 void notify_extend_timeout(notify_t *n, uint64_t usec);
 
 /*
+ * File descriptor store (FileDescriptorStoreMax=): FDSTORE=1 hands the manager a duplicate of
+ * \p fd under \p name, which comes back in LISTEN_FDS/LISTEN_FDNAMES when the service starts
+ * again, so a restart can keep what the fd holds (a model's sealed memfd). \p name must be a
+ * valid FDNAME: 1-255 printable ASCII characters other than ':' (notify_fdname() makes one).
+ * \retval 0, 0 without a manager, -EINVAL for a bad name, or -errno.
+ */
+int notify_fdstore(notify_t *n, const char *name, int fd);
+/* FDSTOREREMOVE=1: the manager closes every stored fd named \p name. */
+int notify_fdstore_remove(notify_t *n, const char *name);
+/* Encodes \p prefix + \p s as an FDNAME ('%' and ':' as %25 and %3A, other bytes outside
+ * printable ASCII as %XX). \retval 0, or -ENAMETOOLONG when it exceeds 255 characters. */
+int notify_fdname(char *dst, size_t size, const char *prefix, const char *s);
+/* The reverse of notify_fdname() for the part after \p prefix. \retval 0 or -EINVAL. */
+int notify_fdname_decode(char *dst, size_t size, const char *prefix, const char *fdname);
+
+/* Called by notify_listen_fds() for each inherited descriptor that is neither socket: returns
+ * 0 when it took the fd over, anything else to have it closed. */
+typedef int (*notify_stored_fn)(void *data, const char *name, int fd);
+
+/*
  * Socket activation: picks the client and admin listening sockets out of LISTEN_FDS when
  * LISTEN_PID is this process. Names from LISTEN_FDNAMES ("client", "admin", as set by
  * FileDescriptorName=) decide which is which; unnamed ("unknown" or missing) descriptors are
- * taken in order, client first. Each adopted descriptor is checked to be a listening AF_UNIX
- * stream socket and made non-blocking and close-on-exec; descriptors we do not use are closed.
- * The LISTEN_* variables are removed from the environment.
+ * taken in order, client first. Each adopted socket is checked to be a listening AF_UNIX
+ * stream socket and made non-blocking and close-on-exec. Descriptors with other names (from
+ * the fd store) go to \p stored when given, else are closed. The LISTEN_* variables are
+ * removed from the environment.
  *
  * \retval 0 with *client_fd / *admin_fd set (either may stay -1: bind that one yourself), or
  *         -EINVAL with \p err filled when the inherited set cannot be used.
  */
-int notify_listen_fds(int *client_fd, int *admin_fd, char *err, size_t errlen);
+int notify_listen_fds(int *client_fd, int *admin_fd, notify_stored_fn stored, void *data,
+                      char *err, size_t errlen);
 
 #endif /* WSD_NOTIFY_H */

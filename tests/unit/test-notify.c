@@ -182,7 +182,7 @@ TEST(listen_fds_by_name)
 
     inherit(2);
     set_listen_env(NULL, "2", "admin:client");
-    ASSERT_EQ(notify_listen_fds(&c, &a, err, sizeof(err)), 0);
+    ASSERT_EQ(notify_listen_fds(&c, &a, NULL, NULL, err, sizeof(err)), 0);
     ASSERT_EQ(c, 4);
     ASSERT_EQ(a, 3);
     ASSERT(fcntl(c, F_GETFL) & O_NONBLOCK);
@@ -197,7 +197,7 @@ TEST(listen_fds_unnamed_in_order_and_extra_closed)
 
     inherit(3);
     set_listen_env(NULL, "3", "::stray");
-    ASSERT_EQ(notify_listen_fds(&c, &a, err, sizeof(err)), 0);
+    ASSERT_EQ(notify_listen_fds(&c, &a, NULL, NULL, err, sizeof(err)), 0);
     ASSERT_EQ(c, 3);
     ASSERT_EQ(a, 4);
     ASSERT_EQ(fcntl(5, F_GETFD), -1); /* "stray" is not ours: closed */
@@ -210,7 +210,7 @@ TEST(listen_fds_for_another_pid_are_left_alone)
 
     inherit(1);
     set_listen_env("1", "1", "client");
-    ASSERT_EQ(notify_listen_fds(&c, &a, err, sizeof(err)), 0);
+    ASSERT_EQ(notify_listen_fds(&c, &a, NULL, NULL, err, sizeof(err)), 0);
     ASSERT_EQ(c, -1);
     ASSERT_EQ(a, -1);
     ASSERT(fcntl(3, F_GETFD) >= 0);
@@ -224,9 +224,89 @@ TEST(listen_fds_reject_a_non_listener)
     ASSERT_EQ(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
     ASSERT_EQ(dup2(sv[0], 3), 3);
     set_listen_env(NULL, "1", "client");
-    ASSERT_EQ(notify_listen_fds(&c, &a, err, sizeof(err)), -EINVAL);
+    ASSERT_EQ(notify_listen_fds(&c, &a, NULL, NULL, err, sizeof(err)), -EINVAL);
     ASSERT_STR_CONTAINS(err, "not a listening AF_UNIX stream socket");
     ASSERT_EQ(c, -1);
+}
+
+TEST(fdstore_passes_the_fd_and_names)
+{
+    char name[64], buf[512], fdname[300], back[300];
+    char ctl[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {.iov_base = buf, .iov_len = sizeof(buf) - 1};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl,
+                        .msg_controllen = sizeof(ctl)};
+    struct cmsghdr *cm;
+    uv_loop_t loop;
+    notify_t n;
+    int fd, pfd[2], got;
+    ssize_t len;
+
+    snprintf(name, sizeof(name), "@wsd-fdstore-test-%d", (int)getpid());
+    fd = manager_socket(name);
+    setenv("NOTIFY_SOCKET", name, 1);
+    ASSERT_EQ(uv_loop_init(&loop), 0);
+    ASSERT_EQ(notify_init(&n, &loop), 0);
+    ASSERT_EQ(pipe(pfd), 0);
+
+    ASSERT_EQ(notify_fdname(fdname, sizeof(fdname), "m.", "org/llama:8b%"), 0);
+    ASSERT_STR_EQ(fdname, "m.org/llama%3A8b%25");
+    ASSERT_EQ(notify_fdname_decode(back, sizeof(back), "m.", fdname), 0);
+    ASSERT_STR_EQ(back, "org/llama:8b%");
+    ASSERT_EQ(notify_fdname_decode(back, sizeof(back), "m.", "m.bad%3"), -EINVAL);
+    ASSERT_EQ(notify_fdname_decode(back, sizeof(back), "x.", fdname), -EINVAL);
+    ASSERT_EQ(notify_fdstore(&n, "has:colon", pfd[0]), -EINVAL);
+
+    ASSERT_EQ(notify_fdstore(&n, fdname, pfd[0]), 0);
+    len = recvmsg(fd, &mh, MSG_DONTWAIT);
+    ASSERT_GT(len, 0);
+    buf[len] = '\0';
+    ASSERT_STR_EQ(buf, "FDSTORE=1\nFDNAME=m.org/llama%3A8b%25");
+    cm = CMSG_FIRSTHDR(&mh);
+    ASSERT(cm && cm->cmsg_type == SCM_RIGHTS);
+    memcpy(&got, CMSG_DATA(cm), sizeof(int));
+    /* the manager's copy reads what the daemon's end writes */
+    ASSERT_EQ(write(pfd[1], "x", 1), 1);
+    ASSERT_EQ(read(got, buf, 1), 1);
+    close(got);
+
+    ASSERT_EQ(notify_fdstore_remove(&n, fdname), 0);
+    receive(fd, buf, sizeof(buf));
+    ASSERT_STR_EQ(buf, "FDSTOREREMOVE=1\nFDNAME=m.org/llama%3A8b%25");
+    notify_close(&n);
+    (void)uv_run(&loop, UV_RUN_DEFAULT);
+    ASSERT_EQ(uv_loop_close(&loop), 0);
+    close(pfd[0]);
+    close(pfd[1]);
+    close(fd);
+}
+
+static int stored_cb(void *data, const char *name, int fd)
+{
+    int *seen = data;
+
+    if (strcmp(name, "m.a") != 0)
+        return -1;
+    *seen = fd;
+    return 0;
+}
+
+TEST(listen_fds_hand_stored_fds_over)
+{
+    int c, a, seen = -1, pfd[2];
+    char err[256];
+
+    inherit(2);
+    ASSERT_EQ(pipe(pfd), 0);
+    ASSERT_EQ(dup2(pfd[0], 5), 5);
+    ASSERT_EQ(dup2(pfd[1], 6), 6);
+    /* a stored fd is never mistaken for a socket, whatever its name */
+    set_listen_env(NULL, "4", "client:admin:m.a:stored");
+    ASSERT_EQ(notify_listen_fds(&c, &a, stored_cb, &seen, err, sizeof(err)), 0);
+    ASSERT_EQ(c, 3);
+    ASSERT_EQ(a, 4);
+    ASSERT_EQ(seen, 5);
+    ASSERT_EQ(fcntl(6, F_GETFD), -1); /* declined by the callback: closed */
 }
 
 TEST(policy_decisions)
