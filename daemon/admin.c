@@ -89,6 +89,9 @@ static json_t *info_json(const server_t *s, const model_t *m)
     json_object_set_new(doc, "opens", json_integer((json_int_t)m->opens));
     json_object_set_new(doc, "load_ms", json_integer((json_int_t)m->load_ms));
     json_object_set_new(doc, "hash", json_string(m->hash));
+    json_object_set_new(doc, "share", json_string(m->share_file ? "file" : "memfd"));
+    if (m->share_file)
+        json_object_set_new(doc, "file_replaced", json_boolean(model_source_replaced(m)));
     json_object_set_new(doc, "dtype", m->dtype >= 0 ? json_string(wsd_dtype_name(m->dtype))
                                                    : json_null());
     json_object_set_new(doc, "holders", holders_json(s, m));
@@ -177,10 +180,17 @@ static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRe
             return;
         }
     }
-    /* File sharing is refused by name rather than silently ignored. */
-    if (req->share && *req->share && strcmp(req->share, "memfd") != 0) {
-        conn_send_error(c, id, WSD_EINVAL, "--share %s: only 'memfd' is supported by this daemon "
-                                           "version", req->share);
+    if (req->share && *req->share) {
+        if (strcmp(req->share, "file") == 0)
+            a.share_file = true;
+        else if (strcmp(req->share, "memfd") != 0) {
+            conn_send_error(c, id, WSD_EINVAL, "--share %s: expected memfd or file", req->share);
+            return;
+        }
+    }
+    if (a.share_file && a.dtype >= 0) {
+        conn_send_error(c, id, WSD_EINVAL, "--share file serves the file's own bytes: it cannot "
+                                           "be combined with --dtype");
         return;
     }
     ctx = calloc(1, sizeof(*ctx));
@@ -216,19 +226,22 @@ static void handle_list(conn_t *c, uint64_t id)
 {
     json_t *a = json_array();
 
-    for (const model_t *m = c->srv->reg->models; m; m = m->next)
+    for (model_t *m = c->srv->reg->models; m; m = m->next) {
+        (void)model_check_stale(m);
         json_array_append_new(a, summary_json(m));
+    }
     send_json(c, id, a);
 }
 
 static void handle_info(conn_t *c, uint64_t id, const Weightsd__V1__InfoRequest *req)
 {
-    const model_t *m = registry_find(c->srv->reg, req->name ? req->name : "");
+    model_t *m = registry_find(c->srv->reg, req->name ? req->name : "");
 
     if (!m) {
         conn_send_error(c, id, WSD_ENOTFOUND, "no model named '%s'", req->name ? req->name : "");
         return;
     }
+    (void)model_check_stale(m);
     send_json(c, id, info_json(c->srv, m));
 }
 

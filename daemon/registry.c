@@ -29,6 +29,8 @@ const char *model_state_name(model_state_t s)
         return "ready";
     case MODEL_DRAINING:
         return "draining";
+    case MODEL_STALE:
+        return "stale";
     default:
         return "invalid";
     }
@@ -43,10 +45,16 @@ registry_t *registry_new(uv_loop_t *loop)
     return r;
 }
 
+/* Bytes of host memory the model's arena holds: none in file share mode (the page cache). */
+static uint64_t model_resident(const model_t *m)
+{
+    return m->arena.fd >= 0 && !m->share_file ? m->arena.size : 0;
+}
+
 static void model_free(model_t *m)
 {
-    if (m->reg && m->arena.fd >= 0)
-        m->reg->resident_bytes -= m->arena.size;
+    if (m->reg)
+        m->reg->resident_bytes -= model_resident(m);
     host_arena_close(&m->arena);
     manifest_free(m->mf);
     free(m->manifest_pb);
@@ -165,6 +173,7 @@ typedef struct preload_work {
     char *key;               /* subtree, or NULL */
     int dtype;               /* conversion target or -1 */
     bool no_verify;
+    bool share_file;         /* serve the file itself */
     registry_preload_cb cb;
     void *data;
     uint64_t t0;             /* uv_hrtime() at queueing */
@@ -201,12 +210,18 @@ static void preload_parse_cb(uv_work_t *req)
 
     w->arena.fd = -1;
     r = fmt_load(w->model->source, &opts, &w->mf, &w->sources, &w->nsources, &w->err);
+    if (r == 0 && w->share_file && w->nsources != 1)
+        r = fmt_fail(&w->err, WSD_EINVAL, "E_SHARE",
+                     "--share file serves one file; '%s' names %zu shards (use memfd)",
+                     w->model->source, w->nsources);
     if (r == 0 && w->dtype >= 0)
         r = convert_manifest(w->mf, w->dtype, &w->err);
     if (r == 0)
         r = host_layout(w->mf, &size, &w->err);
     if (r == 0 && !ck_align_u64(size, 4096, &w->need))
         r = fmt_fail(&w->err, WSD_ENOMEM, "E_BUDGET", "model size overflows");
+    if (w->share_file)
+        w->need = 0; /* the page cache holds it, not the budget */
     if (r < 0 && !w->err.code)
         (void)fmt_fail(&w->err, r, NULL, "%s", wsd_strerror(r));
     w->status = r;
@@ -218,8 +233,13 @@ static void preload_copy_cb(uv_work_t *req)
     preload_work_t *w = req->data;
     int r;
 
-    r = host_build(w->model->name, w->mf, w->sources, w->nsources, !w->no_verify, &w->arena,
-                   &w->err);
+    if (w->share_file)
+        r = host_share_file(w->mf, &w->sources[0], !w->no_verify, &w->arena, &w->err);
+    else
+        r = host_build(w->model->name, w->mf, w->sources, w->nsources, !w->no_verify,
+                       &w->arena, &w->err);
+    if (r == 0 && w->share_file)
+        w->model->file_st = w->sources[0].st; /* the model is not visible to the loop yet */
     if (r == 0) {
         r = manifest_pb_encode(w->mf, w->arena.size, w->arena.hash, &w->pb, &w->pb_len);
         if (r < 0)
@@ -271,7 +291,7 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
         m->last_used_ms = uv_now(r->loop);
         snprintf(m->hash, sizeof(m->hash), "%s", w->arena.hash);
         m->state = MODEL_READY;
-        r->resident_bytes += m->arena.size;
+        r->resident_bytes += model_resident(m);
         r->preloads_ok++;
         log_info("preloaded '%s' from '%s': %zu tensors, %llu bytes, %s%s%s, %llu ms, hash %s",
                  m->name, m->source, m->mf->ntensors, (unsigned long long)m->bytes,
@@ -307,7 +327,7 @@ static int make_room(registry_t *r, model_t *self, uint64_t need, fmt_err_t *err
         return 0;
     for (model_t *m = r->models; m; m = m->next)
         if (m != self && m->state == MODEL_READY && m->leases == 0)
-            idle += m->arena.fd >= 0 ? m->arena.size : 0;
+            idle += model_resident(m);
     if (need > r->budget_bytes || used - idle > r->budget_bytes - need)
         return fmt_fail(err, WSD_ENOMEM, "E_BUDGET",
                         "needs %llu bytes; the memory budget is %llu with %llu in use by leased "
@@ -407,6 +427,8 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
             goto nomem;
     }
     w->no_verify = a->no_verify;
+    w->share_file = a->share_file;
+    m->share_file = a->share_file;
     w->dtype = a->dtype;
     m->dtype = a->dtype;
     w->model = m;
@@ -441,6 +463,35 @@ nomem:
     return -ENOMEM;
 }
 
+bool model_check_stale(model_t *m)
+{
+    struct stat st;
+
+    if (!m->share_file || m->arena.fd < 0)
+        return false;
+    if (m->state == MODEL_STALE)
+        return true;
+    if (fstat(m->arena.fd, &st) == 0 && st.st_size == m->file_st.st_size &&
+        st.st_mtim.tv_sec == m->file_st.st_mtim.tv_sec &&
+        st.st_mtim.tv_nsec == m->file_st.st_mtim.tv_nsec)
+        return false; /* not ctime: unlinking the file by a rename over it changes that */
+    log_warning("model '%s': '%s' was modified in place since preload; refusing new opens "
+                "(preload it again)", m->name, m->source);
+    if (m->state == MODEL_READY)
+        m->state = MODEL_STALE;
+    return true;
+}
+
+bool model_source_replaced(const model_t *m)
+{
+    struct stat st;
+
+    if (!m->share_file)
+        return false;
+    return stat(m->source, &st) < 0 || st.st_ino != m->file_st.st_ino ||
+           st.st_dev != m->file_st.st_dev;
+}
+
 int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, size_t msglen)
 {
     model_t *m = registry_find(r, name);
@@ -469,8 +520,7 @@ int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, s
     snprintf(msg, msglen, m->leases ? "forced" : "evicted");
     /* The daemon lets go of its memory now; workers that mapped it keep their pages, and
      * their leases keep the model record until they release. */
-    if (m->arena.fd >= 0)
-        r->resident_bytes -= m->arena.size;
+    r->resident_bytes -= model_resident(m);
     host_arena_close(&m->arena);
     registry_unlist(r, m);
     return 0;

@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <uv.h>
 
 #include "fmt.h"
@@ -19,6 +20,7 @@ typedef enum model_state {
     MODEL_LOADING,
     MODEL_READY,
     MODEL_DRAINING,
+    MODEL_STALE, /* file share mode: the file changed in place; no new opens */
     _MODEL_STATE_MAX,
     _MODEL_STATE_INVALID = -22
 } model_state_t;
@@ -55,6 +57,8 @@ struct model {
     int dtype;                /* --dtype target, or -1 */
     uint64_t last_used_ms;    /* uv_now() of the last open, release or preload (for LRU) */
     char hash[33];            /* content hash (host_arena_t.hash), "" until ready */
+    bool share_file;          /* arena.fd is the checkpoint file (read-only), not a memfd */
+    struct stat file_st;      /* the file at preload, to notice in-place changes */
     model_waiter_t *waiters;  /* opens waiting while loading */
 };
 
@@ -90,6 +94,7 @@ typedef struct preload_args {
     const char *key;   /* NULL or subtree */
     int dtype;         /* convert floating tensors to this wsd_dtype_t, or -1 to keep */
     bool no_verify;
+    bool share_file;   /* serve the checkpoint file itself instead of a sealed copy */
 } preload_args_t;
 
 /* Called on the loop thread when a preload ends: \p m is the ready model, or NULL with a code
@@ -110,6 +115,15 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
  * lease and every client mapping go). WSD_ELOADING while loading.
  */
 int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, size_t msglen);
+
+/*
+ * File share mode: true if the model's file was modified or truncated in place since preload
+ * (size or mtime of the inode we serve). Marks the model stale and logs once.
+ */
+bool model_check_stale(model_t *m);
+
+/* File share mode: true if the path now names another file (replaced by rename). */
+bool model_source_replaced(const model_t *m);
 
 /* Lease bookkeeping for sessions. */
 void model_lease_get(model_t *m);

@@ -121,6 +121,13 @@ static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest 
                         req->device, m->name);
         return;
     }
+    if (model_check_stale(m)) {
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_ESTALE,
+                        "model '%s' is stale: '%s' was modified in place since preload; "
+                        "preload it again", m->name, m->source);
+        return;
+    }
     switch (m->state) {
     case MODEL_READY:
         open_ready(c, id, m, req->expect_hash);

@@ -97,8 +97,9 @@ static int copy_chunk(copy_job_t *job, chunk_t *c, uint8_t *bounce)
     bool convert = s->dtype != s->src_dtype;
     unsigned in = wsd_dtype_bits(s->src_dtype) / 8, out = wsd_dtype_bits(s->dtype) / 8;
     uint64_t dst_off = convert ? c->off / in * out : c->off;
-    uint8_t *dst = job->map + s->arena_offset + dst_off;
-    uint8_t *raw = convert ? bounce : dst;
+    /* Without a map (file share mode) the bytes are only read, checked and hashed. */
+    uint8_t *dst = job->map ? job->map + s->arena_offset + dst_off : bounce;
+    uint8_t *raw = convert || !job->map ? bounce : dst;
     uint64_t out_len = convert ? c->len / in * out : c->len;
     int r;
 
@@ -129,7 +130,8 @@ static void *copy_thread(void *arg)
         if (i >= job->nchunks || atomic_load(&job->failed))
             break;
         c = &job->chunks[i];
-        if (job->m->storages[c->storage].dtype != job->m->storages[c->storage].src_dtype &&
+        if ((!job->map ||
+             job->m->storages[c->storage].dtype != job->m->storages[c->storage].src_dtype) &&
             !bounce) {
             bounce = malloc(COPY_CHUNK);
             if (!bounce) {
@@ -320,6 +322,44 @@ fail:
         (void)munmap(map, size);
     (void)close(fd);
     return r;
+}
+
+int host_share_file(manifest_t *m, const source_t *src, bool verify_crc, host_arena_t *ret,
+                    fmt_err_t *err)
+{
+    copy_job_t job = {0};
+    int fd, r;
+
+    for (size_t i = 0; i < m->nstorages; i++) {
+        if (m->storages[i].source != 0 || m->storages[i].dtype != m->storages[i].src_dtype)
+            return fmt_fail(err, WSD_EINTERNAL, NULL, "file sharing of a converted or sharded "
+                                                      "model");
+        m->storages[i].arena_offset = m->storages[i].src_offset;
+    }
+    job.m = m;
+    job.sources = src;
+    job.verify_crc = verify_crc;
+    job.err = err;
+    atomic_init(&job.next, 0);
+    atomic_init(&job.failed, false);
+    pthread_mutex_init(&job.lock, NULL);
+    r = make_chunks(m, &job.chunks, &job.nchunks, err);
+    if (r == 0)
+        r = copy_all(&job, ret->hash, sizeof(ret->hash));
+    free(job.chunks);
+    pthread_mutex_destroy(&job.lock);
+    if (r == 0)
+        r = source_check_unchanged(src, err);
+    if (r < 0)
+        return r;
+    /* The source was opened O_RDONLY: clients get a descriptor they cannot write through. */
+    fd = fcntl(src->fd, F_DUPFD_CLOEXEC, 3);
+    if (fd < 0)
+        return fmt_fail(err, WSD_EIO, NULL, "cannot duplicate '%s': %s", src->path,
+                        strerror(errno));
+    ret->fd = fd;
+    ret->size = src->size;
+    return 0;
 }
 
 void host_arena_close(host_arena_t *a)

@@ -36,6 +36,15 @@ int host_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err);
 int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,
                bool verify_crc, host_arena_t *ret, fmt_err_t *err);
 
+/*
+ * File share mode: serves the checkpoint file itself. Storages keep their file offsets as
+ * arena offsets, every byte is read once to verify CRC-32s and compute the content hash (nothing
+ * is copied), and ret->fd is a read-only duplicate of \p src's fd, ret->size the file size.
+ * Only for single-file models without conversion.
+ */
+int host_share_file(manifest_t *m, const source_t *src, bool verify_crc, host_arena_t *ret,
+                    fmt_err_t *err);
+
 /* Closes the arena's fd. Memory stays alive while clients map it. */
 void host_arena_close(host_arena_t *a);
 

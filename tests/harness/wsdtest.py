@@ -12,8 +12,8 @@ import struct
 import subprocess
 import time
 
-BUILD_DIR = os.environ.get("WSD_BUILD_DIR") or os.path.join(
-    os.path.dirname(__file__), "..", "..", "build")
+BUILD_DIR = os.path.abspath(os.environ.get("WSD_BUILD_DIR") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "build"))
 BIN = os.path.join(BUILD_DIR, "bin")
 
 

@@ -233,3 +233,56 @@ def test_memory_budget_lru_and_refusal(tmp_path):
     bad = subprocess.run([os.path.join(wsdtest.BIN, "weightsd"), "--memory-budget", "12X"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--memory-budget" in bad.stderr
+
+
+def test_share_file_mode(daemon, tmp_path):
+    data = os.urandom(256 * 1024)
+    path = write_safetensors(tmp_path / "m.safetensors", [("w", "U8", [len(data)], data)])
+    expect = f"{fnv1a(data):016x}"
+    memfd_hash = daemon.preload("copy", path)["hash"]
+    out = daemon.preload("f", path, "--share", "file")
+    assert out["hash"] == memfd_hash            # identity does not depend on the tier
+    assert daemon.ctl_json("stats")["resident_bytes"] < 2 * len(data)  # only the copy counts
+    info = daemon.ctl_json("info", "f")
+    assert info["share"] == "file" and info["file_replaced"] is False
+    w = attach(daemon, "f")[-1]
+    assert w["checksum"] == expect
+    assert w["bytes"] == os.path.getsize(path)   # the whole file is what workers map
+
+    bad = daemon.ctl("preload", "x", str(path), "--share", "file", "--dtype", "bf16",
+                     check=False)
+    assert bad.returncode != 0 and "cannot be combined with --dtype" in bad.stderr
+
+    # Replaced by rename: the daemon keeps serving the inode it verified, and says so.
+    h = holder(daemon, "f")
+    new = write_safetensors(tmp_path / "new.safetensors", [("w", "U8", [4], b"abcd")])
+    os.rename(new, path)
+    info = daemon.ctl_json("info", "f")
+    assert info["file_replaced"] is True and info["state"] == "ready"
+    assert attach(daemon, "f")[-1]["checksum"] == expect
+    h.terminate()
+    h.wait()
+
+    # Modified in place: stale, new opens refused with a clear error.
+    data2 = os.urandom(4096)
+    p2 = write_safetensors(tmp_path / "g.safetensors", [("w", "U8", [len(data2)], data2)])
+    daemon.preload("g", p2, "--share", "file")
+    with open(p2, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\0")
+    r = subprocess.run([os.path.join(wsdtest.BIN, "wsd-attach"), "--socket", daemon.sock, "g"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "modified in place" in r.stderr
+    assert {m["name"]: m["state"] for m in daemon.ctl_json("list")}["g"] == "stale"
+
+    # Truncated in place: stale too, and the daemon itself (which never maps the file) lives.
+    p3 = write_safetensors(tmp_path / "t.safetensors", [("w", "U8", [8192], os.urandom(8192))])
+    daemon.preload("t", p3, "--share", "file")
+    os.truncate(p3, 100)
+    r = subprocess.run([os.path.join(wsdtest.BIN, "wsd-attach"), "--socket", daemon.sock, "t"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "stale" in r.stderr
+    assert daemon.alive()
+    daemon.ctl("evict", "t")
+    daemon.preload("t", write_safetensors(tmp_path / "t2.safetensors",
+                                          [("w", "U8", [2], b"ok")]), "--share", "file")
