@@ -188,11 +188,6 @@ static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRe
             return;
         }
     }
-    if (a.share_file && a.dtype >= 0) {
-        conn_send_error(c, id, WSD_EINVAL, "--share file serves the file's own bytes: it cannot "
-                                           "be combined with --dtype");
-        return;
-    }
     ctx = calloc(1, sizeof(*ctx));
     if (!ctx) {
         conn_send_error(c, id, -ENOMEM, "out of memory");

@@ -368,9 +368,8 @@ static void model_key(parse_state_t *ps, const char *name, const char *v)
     } else if (strcmp(name, "share") == 0) {
         if (strcmp(v, "memfd") != 0 && strcmp(v, "file") != 0)
             cfg_error(ps, ps->line, "share: wants memfd or file, got '%s'", v);
-        else if (strcmp(v, "memfd") != 0)
-            cfg_error(ps, ps->line, "share: '%s' is not supported by this daemon version "
-                                    "(only memfd)", v);
+        else
+            m->share_file = strcmp(v, "file") == 0;
     } else if (strcmp(name, "devices") == 0) {
         /* Only the host tier serves today; naming a GPU must not silently mean host. */
         if (strcmp(v, "host") != 0 && strcmp(v, "cpu") != 0) {
@@ -562,5 +561,6 @@ static bool str_eq(const char *a, const char *b)
 bool cfg_model_same(const cfg_model_t *a, const cfg_model_t *b)
 {
     return str_eq(a->path, b->path) && str_eq(a->key, b->key) && a->dtype == b->dtype &&
+           a->share_file == b->share_file &&
            a->no_verify == b->no_verify;
 }

@@ -22,6 +22,7 @@ typedef struct cfg_model {
     char *path;               /* absolute: relative paths are taken from the config's directory */
     char *key;                /* NULL or subtree */
     int dtype;                /* wsd_dtype_t to convert to, or -1 to keep */
+    bool share_file;          /* share = file: serve the checkpoint file itself */
     bool no_verify;
     unsigned line;            /* the [model NAME] header, for messages */
 } cfg_model_t;

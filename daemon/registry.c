@@ -407,6 +407,11 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
                               "directory is not yours)", a->path ? a->path : "");
         return WSD_EINVAL;
     }
+    if (a->share_file && a->dtype >= 0) {
+        snprintf(msg, msglen, "--share file serves the file's own bytes: it cannot be combined "
+                              "with --dtype");
+        return WSD_EINVAL;
+    }
     if (registry_find(r, a->name)) {
         snprintf(msg, msglen, "a model named '%s' exists already", a->name);
         return WSD_EEXIST;

@@ -74,6 +74,7 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
         .key = cm->key,
         .dtype = cm->dtype,
         .no_verify = cm->no_verify,
+        .share_file = cm->share_file,
     };
     preload_ctx_t *ctx = calloc(1, sizeof(*ctx));
     char msg[512];

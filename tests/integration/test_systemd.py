@@ -219,7 +219,7 @@ admin-groups = no-such-group-here
 [model m]
 path = /nonexistent/m.safetensors
 dtype = int4
-share = file
+share = tmpfs
 devices = cuda:1
 no-verify = perhaps
 what is this
