@@ -40,6 +40,9 @@ struct wsd_client {
     uint64_t next_id;        /* id of the next request */
     int timeout_ms;          /* per request; 0 = forever */
     char last_error[512];    /* message of the last Error frame */
+    /* Progress frames of the request in flight go here (set only during that request). */
+    void (*progress)(void *data, const char *phase, uint64_t done, uint64_t total);
+    void *progress_data;
 };
 
 struct wsd_tensor {
@@ -124,9 +127,18 @@ static int rpc(wsd_client_t *c, wire_msg_t *req, wire_frame_t *ret)
     free(buf);
     if (r < 0)
         goto broken;
-    r = wire_recv_frame(&c->reader, c->fd, c->timeout_ms, &f);
-    if (r < 0)
-        goto broken;
+    for (;;) {
+        r = wire_recv_frame(&c->reader, c->fd, c->timeout_ms, &f);
+        if (r < 0)
+            goto broken;
+        if (f.msg->id != req->id || f.msg->body_case != WEIGHTSD__V1__FRAME__BODY_PROGRESS)
+            break;
+        /* Progress of a long request: report it, and keep waiting for the reply proper. */
+        if (c->progress)
+            c->progress(c->progress_data, f.msg->progress->phase ? f.msg->progress->phase : "",
+                        f.msg->progress->done, f.msg->progress->total);
+        wire_frame_done(&f);
+    }
     if (f.msg->id != req->id) {
         wire_frame_done(&f);
         set_error(c, "reply does not match the request");
@@ -629,8 +641,9 @@ WSD_EXTERN int wsd_admin_preload(wsd_client_t *c, const char *name, const char *
 {
     Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
     Weightsd__V1__PreloadRequest p = WEIGHTSD__V1__PRELOAD_REQUEST__INIT;
+    int r;
 
-    if (!name || !path)
+    if (!c || !name || !path)
         return -EINVAL;
     if (opts && opts->size < sizeof(size_t))
         return -EINVAL;
@@ -639,6 +652,13 @@ WSD_EXTERN int wsd_admin_preload(wsd_client_t *c, const char *name, const char *
     if (opts) {
         /* Read only the fields the caller's struct is large enough to hold (A2). */
 #define HAS(field) (opts->size >= offsetof(wsd_preload_opts_t, field) + sizeof(opts->field))
+        if (HAS(progress_data) && opts->progress) {
+            c->progress = opts->progress;
+            c->progress_data = opts->progress_data;
+            p.progress = true;
+        }
+        if (HAS(cancel_on_disconnect))
+            p.cancel_on_disconnect = opts->cancel_on_disconnect != 0;
         if (HAS(dtype) && opts->dtype)
             p.dtype = wire_str(opts->dtype);
         if (HAS(share) && opts->share)
@@ -651,6 +671,22 @@ WSD_EXTERN int wsd_admin_preload(wsd_client_t *c, const char *name, const char *
     }
     req.body_case = WEIGHTSD__V1__FRAME__BODY_PRELOAD;
     req.preload = &p;
+    r = admin_call(c, &req, ret_json);
+    c->progress = NULL;
+    c->progress_data = NULL;
+    return r;
+}
+
+WSD_EXTERN int wsd_admin_cancel(wsd_client_t *c, const char *name, char **ret_json)
+{
+    Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
+    Weightsd__V1__CancelRequest x = WEIGHTSD__V1__CANCEL_REQUEST__INIT;
+
+    if (!name)
+        return -EINVAL;
+    x.name = wire_str(name);
+    req.body_case = WEIGHTSD__V1__FRAME__BODY_CANCEL;
+    req.cancel = &x;
     return admin_call(c, &req, ret_json);
 }
 

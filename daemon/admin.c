@@ -12,10 +12,53 @@
 #include "log.h"
 #include "server.h"
 
+/* Progress frames go out at most this often. */
+#define PROGRESS_INTERVAL_MS 250
+
 typedef struct preload_ctx {
-    conn_t *conn; /* reference until the preload ends */
+    conn_t *conn;            /* reference until the preload ends */
     uint64_t id;
+    model_t *model;          /* the loading model; valid until preload_done_cb */
+    bool progress;           /* the client asked for Progress frames */
+    bool cancel_on_disconnect;
+    bool timer_on;           /* timer initialised; ctx is freed from its close callback */
+    uv_timer_t timer;        /* ticks progress and watches for the client going away */
 } preload_ctx_t;
+
+static void ctx_free_cb(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+static void preload_tick_cb(uv_timer_t *t)
+{
+    preload_ctx_t *ctx = t->data;
+    conn_t *c = ctx->conn;
+    const char *phase;
+    uint64_t done, total;
+    char msg[128];
+
+    if (c->closing) {
+        if (ctx->cancel_on_disconnect && ctx->model->state == MODEL_LOADING) {
+            log_info("admin client of preload '%s' went away: cancelling", ctx->model->name);
+            (void)registry_cancel(c->srv->reg, ctx->model->name, msg, sizeof(msg));
+            ctx->cancel_on_disconnect = false;
+        }
+        return;
+    }
+    if (ctx->progress && model_progress(ctx->model, &phase, &done, &total)) {
+        Weightsd__V1__Frame out = WEIGHTSD__V1__FRAME__INIT;
+        Weightsd__V1__Progress p = WEIGHTSD__V1__PROGRESS__INIT;
+
+        p.phase = wire_str(phase);
+        p.done = done;
+        p.total = total;
+        out.id = ctx->id;
+        out.body_case = WEIGHTSD__V1__FRAME__BODY_PROGRESS;
+        out.progress = &p;
+        conn_send_msg(c, &out);
+    }
+}
 
 /* Sends \p doc (stolen) as an AdminReply. */
 static void send_json(conn_t *c, uint64_t id, json_t *doc)
@@ -137,7 +180,11 @@ static void preload_done_cb(void *data, model_t *m, int status, const char *msg)
             conn_send_error(c, ctx->id, status, "%s", msg);
     }
     conn_unref(c);
-    free(ctx);
+    if (ctx->timer_on) {
+        uv_timer_stop(&ctx->timer);
+        uv_close((uv_handle_t *)&ctx->timer, ctx_free_cb);
+    } else
+        free(ctx);
 }
 
 /* --dtype accepts torch's names and the safetensors ones. */
@@ -195,13 +242,37 @@ static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRe
     }
     ctx->conn = conn_ref(c);
     ctx->id = id;
+    ctx->progress = req->progress;
+    ctx->cancel_on_disconnect = req->cancel_on_disconnect;
     r = registry_preload(c->srv->reg, &a, preload_done_cb, ctx, msg, sizeof(msg));
     if (r < 0) {
         log_warning("preload '%s' refused: %s", a.name ? a.name : "", msg);
         conn_unref(c);
         free(ctx);
         conn_send_error(c, id, r, "%s", msg);
+        return;
     }
+    ctx->model = registry_find(c->srv->reg, a.name);
+    if ((ctx->progress || ctx->cancel_on_disconnect) &&
+        uv_timer_init(c->srv->loop, &ctx->timer) == 0) {
+        ctx->timer.data = ctx;
+        ctx->timer_on = true;
+        (void)uv_timer_start(&ctx->timer, preload_tick_cb, PROGRESS_INTERVAL_MS,
+                             PROGRESS_INTERVAL_MS);
+    }
+}
+
+static void handle_cancel(conn_t *c, uint64_t id, const Weightsd__V1__CancelRequest *req)
+{
+    const char *name = req->name ? req->name : "";
+    char msg[512];
+    int r = registry_cancel(c->srv->reg, name, msg, sizeof(msg));
+
+    if (r < 0) {
+        conn_send_error(c, id, r, "%s", msg);
+        return;
+    }
+    send_json(c, id, json_pack("{s:s, s:s}", "name", name, "result", msg));
 }
 
 static void handle_evict(conn_t *c, uint64_t id, const Weightsd__V1__EvictRequest *req)
@@ -282,6 +353,9 @@ int admin_dispatch(conn_t *c, wire_frame_t *f)
         return 0;
     case WEIGHTSD__V1__FRAME__BODY_EVICT:
         handle_evict(c, m->id, m->evict);
+        return 0;
+    case WEIGHTSD__V1__FRAME__BODY_CANCEL:
+        handle_cancel(c, m->id, m->cancel);
         return 0;
     case WEIGHTSD__V1__FRAME__BODY_LIST:
         handle_list(c, m->id);

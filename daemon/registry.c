@@ -182,6 +182,8 @@ typedef struct preload_work {
     size_t nsources;
     uint64_t need;           /* arena bytes (page-rounded), known after parsing */
     bool reserved;           /* need is counted in registry.reserved_bytes */
+    host_progress_t progress; /* bytes copied, and the cancel request, shared with the pool */
+    _Atomic bool copying;    /* the copy phase has started */
     int status;
     fmt_err_t err;
     manifest_t *mf;
@@ -234,10 +236,11 @@ static void preload_copy_cb(uv_work_t *req)
     int r;
 
     if (w->share_file)
-        r = host_share_file(w->mf, &w->sources[0], !w->no_verify, &w->arena, &w->err);
+        r = host_share_file(w->mf, &w->sources[0], !w->no_verify, &w->progress, &w->arena,
+                            &w->err);
     else
         r = host_build(w->model->name, w->mf, w->sources, w->nsources, !w->no_verify,
-                       &w->arena, &w->err);
+                       &w->progress, &w->arena, &w->err);
     if (r == 0 && w->share_file)
         w->model->file_st = w->sources[0].st; /* the model is not visible to the loop yet */
     if (r == 0) {
@@ -278,6 +281,7 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
     if (w->reserved)
         r->reserved_bytes -= w->need;
     w->reserved = false;
+    m->loading = NULL;
     close_sources(w);
     if (w->status == 0) {
         m->mf = w->mf;
@@ -363,11 +367,14 @@ static void preload_parsed_cb(uv_work_t *req, int uvstatus)
 
     if (uvstatus < 0 && w->status == 0)
         w->status = fmt_fail(&w->err, WSD_EINTERNAL, NULL, "preload cancelled");
+    if (w->status == 0 && atomic_load(&w->progress.cancel))
+        w->status = fmt_fail(&w->err, WSD_ECANCELED, "E_CANCELED", "preload cancelled");
     if (w->status == 0)
         w->status = make_room(r, w->model, w->need, &w->err);
     if (w->status == 0) {
         r->reserved_bytes += w->need;
         w->reserved = true;
+        atomic_store(&w->copying, true);
         k = uv_queue_work(r->loop, &w->req, preload_copy_cb, preload_copied_cb);
         if (k == 0)
             return;
@@ -442,6 +449,7 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
     w->t0 = uv_hrtime();
     w->req.data = w;
     m->state = MODEL_LOADING;
+    m->loading = w;
     k = uv_queue_work(r->loop, &w->req, preload_parse_cb, preload_parsed_cb);
     if (k < 0) {
         snprintf(msg, msglen, "cannot queue preload: %s", uv_strerror(k));
@@ -495,6 +503,38 @@ bool model_source_replaced(const model_t *m)
         return false;
     return stat(m->source, &st) < 0 || st.st_ino != m->file_st.st_ino ||
            st.st_dev != m->file_st.st_dev;
+}
+
+int registry_cancel(registry_t *r, const char *name, char *msg, size_t msglen)
+{
+    model_t *m = registry_find(r, name);
+
+    if (!m) {
+        snprintf(msg, msglen, "no model named '%s'", name);
+        return WSD_ENOTFOUND;
+    }
+    if (m->state != MODEL_LOADING || !m->loading) {
+        snprintf(msg, msglen, "model '%s' is %s, not loading: nothing to cancel", name,
+                 model_state_name(m->state));
+        return WSD_EBUSY;
+    }
+    atomic_store(&m->loading->progress.cancel, true);
+    log_info("preload of '%s' cancelled", name);
+    snprintf(msg, msglen, "cancelling");
+    return 0;
+}
+
+bool model_progress(const model_t *m, const char **ret_phase, uint64_t *ret_done,
+                    uint64_t *ret_total)
+{
+    const preload_work_t *w = m->loading;
+
+    if (!w)
+        return false;
+    *ret_phase = atomic_load(&w->copying) ? "copy" : "parse";
+    *ret_done = atomic_load(&w->progress.done);
+    *ret_total = atomic_load(&w->progress.total);
+    return true;
 }
 
 int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, size_t msglen)

@@ -60,6 +60,7 @@ struct model {
     bool share_file;          /* arena.fd is the checkpoint file (read-only), not a memfd */
     struct stat file_st;      /* the file at preload, to notice in-place changes */
     model_waiter_t *waiters;  /* opens waiting while loading */
+    struct preload_work *loading; /* the running preload, NULL once it ended */
 };
 
 struct registry {
@@ -124,6 +125,14 @@ bool model_check_stale(model_t *m);
 
 /* File share mode: true if the path now names another file (replaced by rename). */
 bool model_source_replaced(const model_t *m);
+
+/* Asks a loading model's preload to stop; it then fails with WSD_ECANCELED. */
+int registry_cancel(registry_t *r, const char *name, char *msg, size_t msglen);
+
+/* While \p m loads: its phase ("parse", "copy") and bytes done of total. \retval false once
+ * the preload has ended. */
+bool model_progress(const model_t *m, const char **ret_phase, uint64_t *ret_done,
+                    uint64_t *ret_total);
 
 /* Lease bookkeeping for sessions. */
 void model_lease_get(model_t *m);

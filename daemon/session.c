@@ -206,6 +206,7 @@ int session_dispatch(conn_t *c, wire_frame_t *f)
     case WEIGHTSD__V1__FRAME__BODY_LIST:
     case WEIGHTSD__V1__FRAME__BODY_INFO:
     case WEIGHTSD__V1__FRAME__BODY_STATS:
+    case WEIGHTSD__V1__FRAME__BODY_CANCEL:
         /* Whatever the file modes say, operators' verbs need the admin socket. */
         log_warning("pid %d uid %u sent an admin request on the client socket, refused",
                     (int)c->cred.pid, (unsigned)c->cred.uid);

@@ -109,6 +109,8 @@ WSD_EXTERN const char *wsd_strerror(int err)
         return "invalid argument";
     case WSD_EINTERNAL:
         return "internal error";
+    case WSD_ECANCELED:
+        return "cancelled";
     case WSD_EMISMATCH:
         return "content hash mismatch";
     default:

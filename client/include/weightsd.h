@@ -59,6 +59,7 @@ enum {
     WSD_EINVAL = -1016,     /* request carries an invalid argument */
     WSD_EINTERNAL = -1017,  /* bug in weightsd */
     WSD_EMISMATCH = -1018,  /* content hash differs from the expected one */
+    WSD_ECANCELED = -1019,  /* the preload was cancelled */
 };
 
 /*
@@ -235,6 +236,11 @@ typedef struct wsd_preload_opts {
     const char *share; /* "memfd" (default) or "file" */
     const char *key;   /* serve only this subtree of a nested checkpoint */
     int no_verify;     /* skip CRC-32 checks of zip records */
+    /* Called while the preload runs (phase "parse" or "copy", bytes done of total); NULL for
+     * none. Runs inside wsd_admin_preload() on the caller's thread. */
+    void (*progress)(void *data, const char *phase, uint64_t done, uint64_t total);
+    void *progress_data;
+    int cancel_on_disconnect; /* the daemon cancels the preload if this connection closes */
 } wsd_preload_opts_t;
 
 /** Preloads \p path as \p name. \retval 0, WSD_EEXIST, WSD_EBADCKPT, WSD_EIO, ... */
@@ -246,6 +252,8 @@ WSD_EXTERN WSD_MUST_CHECK int wsd_admin_preload(wsd_client_t *c, const char *nam
 #define WSD_EVICT_FORCE (1u << 1) /* free now even with leases (mapped workers keep their pages) */
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_evict(wsd_client_t *c, const char *name, unsigned flags,
                                               char **ret_json);
+/** Cancels the preload of \p name (state loading). \retval 0, WSD_ENOTFOUND, WSD_EBUSY. */
+WSD_EXTERN WSD_MUST_CHECK int wsd_admin_cancel(wsd_client_t *c, const char *name, char **ret_json);
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_list(wsd_client_t *c, char **ret_json);
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_info(wsd_client_t *c, const char *name, char **ret_json);
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_stats(wsd_client_t *c, char **ret_json);

@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 #include <limits.h>
 #include <unistd.h>
 
@@ -28,6 +30,11 @@ static const char usage_text[] =
     "      --share memfd|file     sealed copy (default) or the file itself\n"
     "      --key KEY              serve only this subtree of a nested torch checkpoint\n"
     "      --no-verify            skip CRC-32 checks of zip records\n"
+    "      --cancel-on-exit       cancel the preload if weightsctl dies or is interrupted\n"
+    "                             (by default the daemon finishes it regardless)\n"
+    "                       progress (bytes, rate, ETA) is shown on a terminal, as plain\n"
+    "                       lines otherwise, and not at all with --json\n"
+    "  cancel NAME          stop a preload that is still running\n"
     "  evict NAME           free a model (refused while workers hold leases)\n"
     "      --drain                refuse new opens, free when the last lease goes\n"
     "      --force                free now; mapped workers keep their pages\n"
@@ -52,9 +59,56 @@ enum {
     OPT_DRAIN,
     OPT_FORCE,
     OPT_PROMETHEUS,
+    OPT_CANCEL_ON_EXIT,
 };
 
 static const char *prog = "weightsctl";
+
+static double now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+struct progress_state {
+    int tty;       /* stderr is a terminal: redraw one line */
+    double t0;     /* start of the preload */
+    double last;   /* last plain line printed */
+    int shown;     /* anything printed */
+};
+
+static void human_bytes(uint64_t n, char *buf, size_t len);
+
+/* Progress of a preload: a redrawn bar on a terminal, a plain line a second otherwise. */
+static void show_progress(void *data, const char *phase, uint64_t done, uint64_t total)
+{
+    struct progress_state *ps = data;
+    double t = now_s(), el = t - ps->t0, rate = el > 0 ? (double)done / el : 0;
+    char d[32], tot[32], rt[32];
+    int pct = total ? (int)(done * 100 / total) : 0;
+
+    human_bytes(done, d, sizeof(d));
+    human_bytes(total, tot, sizeof(tot));
+    human_bytes((uint64_t)rate, rt, sizeof(rt));
+    if (ps->tty) {
+        char bar[31];
+        int fill = pct * 30 / 100;
+
+        memset(bar, '#', (size_t)fill);
+        memset(bar + fill, '.', (size_t)(30 - fill));
+        bar[30] = '\0';
+        fprintf(stderr, "\r%-5s [%s] %3d%% %s / %s  %s/s  ETA %.0fs   ", phase, bar, pct, d, tot,
+                rt, rate > 0 && total > done ? (double)(total - done) / rate : 0.0);
+    } else {
+        if (t - ps->last < 1.0)
+            return;
+        ps->last = t;
+        fprintf(stderr, "%s: %s of %s (%d%%), %s/s\n", phase, d, tot, pct, rt);
+    }
+    ps->shown = 1;
+}
 
 static int fail(const char *cmd, int r, wsd_client_t *c)
 {
@@ -394,6 +448,7 @@ int main(int argc, char **argv)
         {"no-verify", no_argument, NULL, OPT_NO_VERIFY},
         {"drain", no_argument, NULL, OPT_DRAIN},
         {"force", no_argument, NULL, OPT_FORCE},
+        {"cancel-on-exit", no_argument, NULL, OPT_CANCEL_ON_EXIT},
         {"prometheus", no_argument, NULL, OPT_PROMETHEUS},
         {NULL, 0, NULL, 0},
     };
@@ -449,6 +504,9 @@ int main(int argc, char **argv)
         case OPT_FORCE:
             evict_flags |= WSD_EVICT_FORCE;
             break;
+        case OPT_CANCEL_ON_EXIT:
+            popts.cancel_on_disconnect = 1;
+            break;
         case OPT_PROMETHEUS:
             prometheus = 1;
             break;
@@ -478,7 +536,8 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "preload") == 0)
         NEED_ARGS(2);
-    else if (strcmp(cmd, "evict") == 0 || strcmp(cmd, "info") == 0)
+    else if (strcmp(cmd, "evict") == 0 || strcmp(cmd, "info") == 0 ||
+             strcmp(cmd, "cancel") == 0)
         NEED_ARGS(1);
     else if (strcmp(cmd, "list") == 0 || strcmp(cmd, "stats") == 0)
         NEED_ARGS(0);
@@ -509,7 +568,15 @@ int main(int argc, char **argv)
          * path. A file that does not exist is left as given for the daemon to report. */
         char *abs = realpath(argv[optind + 1], NULL);
 
+        struct progress_state ps = {.tty = isatty(STDERR_FILENO), .t0 = now_s()};
+
+        if (!as_json) {
+            popts.progress = show_progress;
+            popts.progress_data = &ps;
+        }
         r = wsd_admin_preload(c, argv[optind], abs ? abs : argv[optind + 1], &popts, &json);
+        if (ps.shown && ps.tty)
+            fputc('\n', stderr);
         free(abs);
         rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, render_preload);
     } else if (strcmp(cmd, "evict") == 0) {
@@ -520,6 +587,14 @@ int main(int argc, char **argv)
             printf("%s\n", json);
         else
             printf("evicted %s\n", argv[optind]);
+    } else if (strcmp(cmd, "cancel") == 0) {
+        r = wsd_admin_cancel(c, argv[optind], &json);
+        if (r < 0)
+            rc = fail(cmd, r, c);
+        else if (as_json)
+            printf("%s\n", json);
+        else
+            printf("cancelling the preload of %s\n", argv[optind]);
     } else if (strcmp(cmd, "list") == 0) {
         r = wsd_admin_list(c, &json);
         rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, print_list);

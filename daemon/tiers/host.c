@@ -87,6 +87,7 @@ typedef struct copy_job {
     atomic_bool failed;     /* stop taking chunks */
     pthread_mutex_t lock;   /* guards err */
     fmt_err_t *err;
+    host_progress_t *progress; /* may be NULL */
 } copy_job_t;
 
 static int copy_chunk(copy_job_t *job, chunk_t *c, uint8_t *bounce)
@@ -129,6 +130,13 @@ static void *copy_thread(void *arg)
 
         if (i >= job->nchunks || atomic_load(&job->failed))
             break;
+        if (job->progress && atomic_load(&job->progress->cancel)) {
+            pthread_mutex_lock(&job->lock);
+            (void)fmt_fail(job->err, WSD_ECANCELED, "E_CANCELED", "preload cancelled");
+            pthread_mutex_unlock(&job->lock);
+            atomic_store(&job->failed, true);
+            break;
+        }
         c = &job->chunks[i];
         if ((!job->map ||
              job->m->storages[c->storage].dtype != job->m->storages[c->storage].src_dtype) &&
@@ -144,6 +152,8 @@ static void *copy_thread(void *arg)
         }
         if (copy_chunk(job, c, bounce) < 0)
             atomic_store(&job->failed, true);
+        else if (job->progress)
+            atomic_fetch_add(&job->progress->done, c->len);
     }
     free(bounce);
     return NULL;
@@ -243,7 +253,7 @@ static int copy_all(copy_job_t *job, char *ret_hash, size_t hashlen)
 }
 
 int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,
-               bool verify_crc, host_arena_t *ret, fmt_err_t *err)
+               bool verify_crc, host_progress_t *progress, host_arena_t *ret, fmt_err_t *err)
 {
     copy_job_t job = {0};
     uint64_t size = 0;
@@ -288,10 +298,18 @@ int host_build(const char *label, manifest_t *m, const source_t *sources, size_t
     job.map = map;
     job.verify_crc = verify_crc;
     job.err = err;
+    job.progress = progress;
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, false);
     pthread_mutex_init(&job.lock, NULL);
     r = make_chunks(m, &job.chunks, &job.nchunks, err);
+    if (r == 0 && progress) {
+        uint64_t total = 0;
+
+        for (size_t i = 0; i < m->nstorages; i++)
+            total += m->storages[i].src_nbytes;
+        atomic_store(&progress->total, total);
+    }
     if (r == 0)
         r = copy_all(&job, ret->hash, sizeof(ret->hash));
     free(job.chunks);
@@ -324,8 +342,8 @@ fail:
     return r;
 }
 
-int host_share_file(manifest_t *m, const source_t *src, bool verify_crc, host_arena_t *ret,
-                    fmt_err_t *err)
+int host_share_file(manifest_t *m, const source_t *src, bool verify_crc,
+                    host_progress_t *progress, host_arena_t *ret, fmt_err_t *err)
 {
     copy_job_t job = {0};
     int fd, r;
@@ -340,10 +358,18 @@ int host_share_file(manifest_t *m, const source_t *src, bool verify_crc, host_ar
     job.sources = src;
     job.verify_crc = verify_crc;
     job.err = err;
+    job.progress = progress;
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, false);
     pthread_mutex_init(&job.lock, NULL);
     r = make_chunks(m, &job.chunks, &job.nchunks, err);
+    if (r == 0 && progress) {
+        uint64_t total = 0;
+
+        for (size_t i = 0; i < m->nstorages; i++)
+            total += m->storages[i].src_nbytes;
+        atomic_store(&progress->total, total);
+    }
     if (r == 0)
         r = copy_all(&job, ret->hash, sizeof(ret->hash));
     free(job.chunks);

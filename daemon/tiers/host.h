@@ -6,6 +6,7 @@
 #ifndef WSD_HOST_H
 #define WSD_HOST_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -16,6 +17,13 @@
 
 /* Copy threads per preload (bounded also by the CPU count). */
 #define HOST_COPY_THREADS_MAX 8u
+
+/* Shared with the loop while a preload runs: bytes done, and a request to stop. */
+typedef struct host_progress {
+    _Atomic uint64_t done;  /* source bytes copied (or read) so far */
+    _Atomic uint64_t total; /* source bytes to copy (or read) */
+    _Atomic bool cancel;    /* set by the loop; the copy stops with WSD_ECANCELED */
+} host_progress_t;
 
 typedef struct host_arena {
     int fd;        /* sealed memfd, owned; -1 when empty */
@@ -34,7 +42,7 @@ int host_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err);
  * \retval 0 or a WSD_E* code with \p err filled.
  */
 int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,
-               bool verify_crc, host_arena_t *ret, fmt_err_t *err);
+               bool verify_crc, host_progress_t *progress, host_arena_t *ret, fmt_err_t *err);
 
 /*
  * File share mode: serves the checkpoint file itself. Storages keep their file offsets as
@@ -42,8 +50,8 @@ int host_build(const char *label, manifest_t *m, const source_t *sources, size_t
  * is copied), and ret->fd is a read-only duplicate of \p src's fd, ret->size the file size.
  * Only for single-file models without conversion.
  */
-int host_share_file(manifest_t *m, const source_t *src, bool verify_crc, host_arena_t *ret,
-                    fmt_err_t *err);
+int host_share_file(manifest_t *m, const source_t *src, bool verify_crc,
+                    host_progress_t *progress, host_arena_t *ret, fmt_err_t *err);
 
 /* Closes the arena's fd. Memory stays alive while clients map it. */
 void host_arena_close(host_arena_t *a);

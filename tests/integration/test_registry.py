@@ -286,3 +286,66 @@ def test_share_file_mode(daemon, tmp_path):
     daemon.ctl("evict", "t")
     daemon.preload("t", write_safetensors(tmp_path / "t2.safetensors",
                                           [("w", "U8", [2], b"ok")]), "--share", "file")
+
+
+def sparse_safetensors(path, nbytes):
+    """A safetensors file of `nbytes` zero bytes, sparse on disk (cheap to write)."""
+    import json
+    h = json.dumps({"w": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}},
+                   separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        f.truncate(8 + len(h) + nbytes)
+    return path
+
+
+def test_progress_cancel_and_cancel_on_exit(daemon, tmp_path):
+    big = sparse_safetensors(tmp_path / "big.safetensors", 1 << 30)
+    ctl = [os.path.join(wsdtest.BIN, "weightsctl"), "--admin-socket", daemon.admin]
+
+    # Progress goes to stderr as plain lines when stderr is not a terminal.
+    p = subprocess.run(ctl + ["preload", "a", str(big)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "preloaded a" in p.stdout
+    assert "copy:" in p.stderr or "parse:" in p.stderr, p.stderr
+    # --json: only the final document.
+    j = subprocess.run(ctl + ["preload", "b", str(big), "--json"], capture_output=True, text=True)
+    assert j.returncode == 0 and j.stderr == "" and '"name":"b"' in j.stdout
+    daemon.ctl("evict", "a")
+    daemon.ctl("evict", "b")
+
+    # weightsctl cancel NAME stops a running preload; its requester gets the error.
+    bg = subprocess.Popen(ctl + ["preload", "c", str(big)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: any(m["name"] == "c" for m in daemon.ctl_json("list")), 5)
+    r = daemon.ctl("cancel", "c", check=False)
+    out, err = bg.communicate(timeout=60)
+    if r.returncode == 0:   # still loading when asked
+        assert bg.returncode != 0 and "cancelled" in err
+        assert wait_for(lambda: daemon.ctl_json("list") == [])
+    else:                   # the preload won the race: nothing to cancel
+        assert "not loading" in r.stderr
+        daemon.ctl("evict", "c")
+    nothing = daemon.ctl("cancel", "nope", check=False)
+    assert nothing.returncode != 0 and "no model named" in nothing.stderr
+
+    # Killing weightsctl does not cancel the preload by default ...
+    bg = subprocess.Popen(ctl + ["preload", "d", str(big)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: any(m["name"] == "d" for m in daemon.ctl_json("list")), 5)
+    bg.kill()
+    bg.wait()
+    assert wait_for(lambda: [m["state"] for m in daemon.ctl_json("list")] == ["ready"], 60)
+    daemon.ctl("evict", "d")
+    # ... unless --cancel-on-exit says so.
+    bg = subprocess.Popen(ctl + ["preload", "e", str(big), "--cancel-on-exit"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: any(m["name"] == "e" for m in daemon.ctl_json("list")), 5)
+    bg.kill()
+    bg.wait()
+    assert wait_for(lambda: daemon.ctl_json("list") == [], 60) or \
+        daemon.ctl_json("list")[0]["state"] == "ready"   # finished before the cancel landed
+    log = daemon.log()
+    assert "preload of 'e'" in log or "preloaded 'e'" in log
+    assert daemon.ctl_json("stats")["reserved_bytes"] == 0
