@@ -1,0 +1,611 @@
+/*
+ * gpu-cuda.c - the GPU tier over CUDA (gpu.h): probe, upload, export, release.
+ *
+ * Divided into: driver entry points (resolved once through the runtime, so only cudart is
+ * linked and no libcuda is needed at build time), the probe (cached for the process), the
+ * staged host-to-device fill, the two ways to allocate and export (VMM with a POSIX fd handle;
+ * legacy cudaMalloc + cudaIpcGetMemHandle where VMM or fd export is missing), and release.
+ *
+ * Every CUDA failure becomes WSD_EGPU with the call, the device and CUDA's own words in the
+ * error; nothing here exits (STYLE E5). Without a device or driver the probe records why and
+ * every upload fails with WSD_ENODEV; the host tier never notices.
+ */
+#include "gpu.h"
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+
+/* Streams (one filling thread each) and their staging buffers: two pinned buffers per stream,
+ * so one is being read into while the other is in flight. */
+#define UPLOAD_STREAMS 4u
+#define STAGE_BYTES    (8u << 20)
+
+/* The ABI of the driver entry points we ask for: every call used here exists, unchanged, in
+ * CUDA 12.0, and asking for a fixed version keeps a newer driver from handing us a _v3. */
+#define DRIVER_ABI_VERSION 12000
+
+/* Driver entry points. __typeof__ takes the prototypes from cuda.h without linking libcuda. */
+static struct {
+    __typeof__(cuDeviceGet) *DeviceGet;
+    __typeof__(cuDeviceGetAttribute) *DeviceGetAttribute;
+    __typeof__(cuMemCreate) *MemCreate;
+    __typeof__(cuMemRelease) *MemRelease;
+    __typeof__(cuMemAddressReserve) *MemAddressReserve;
+    __typeof__(cuMemAddressFree) *MemAddressFree;
+    __typeof__(cuMemMap) *MemMap;
+    __typeof__(cuMemUnmap) *MemUnmap;
+    __typeof__(cuMemSetAccess) *MemSetAccess;
+    __typeof__(cuMemGetAllocationGranularity) *MemGetAllocationGranularity;
+    __typeof__(cuMemExportToShareableHandle) *MemExportToShareableHandle;
+    __typeof__(cuGetErrorString) *GetErrorString;
+} drv;
+
+static pthread_once_t probe_once = PTHREAD_ONCE_INIT;
+static gpu_probe_t probe_result;
+static bool drv_ok;       /* every entry point above was found */
+static bool force_legacy; /* WEIGHTSD_GPU_LEGACY=1: test the fallback on VMM hardware */
+
+/* Live allocation state behind gpu_export_t.priv. */
+typedef struct gpu_alloc {
+    CUmemGenericAllocationHandle handle; /* VMM: our reference on the allocation */
+    void *dptr;                          /* legacy: the cudaMalloc pointer */
+} gpu_alloc_t;
+
+static const char *cu_str(CUresult r)
+{
+    const char *s = NULL;
+
+    if (drv.GetErrorString && drv.GetErrorString(r, &s) == CUDA_SUCCESS && s)
+        return s;
+    return "unknown driver error";
+}
+
+static int cu_fail(fmt_err_t *err, int dev, const char *call, CUresult r)
+{
+    return fmt_fail(err, WSD_EGPU, "E_GPU", "cuda:%d: %s failed: %s (CUresult %d)", dev, call,
+                    cu_str(r), (int)r);
+}
+
+static int rt_fail(fmt_err_t *err, int dev, const char *call, cudaError_t e)
+{
+    /* Clear a non-sticky error so the next call on this thread starts clean. */
+    (void)cudaGetLastError();
+    return fmt_fail(err, WSD_EGPU, "E_GPU", "cuda:%d: %s failed: %s (%s)", dev, call,
+                    cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+static bool entry(const char *sym, void **ret)
+{
+    enum cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+    cudaError_t e;
+
+    *ret = NULL;
+#if CUDART_VERSION >= 12050
+    e = cudaGetDriverEntryPointByVersion(sym, ret, DRIVER_ABI_VERSION, cudaEnableDefault, &q);
+#else
+    e = cudaGetDriverEntryPoint(sym, ret, cudaEnableDefault, &q);
+#endif
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !*ret) {
+        (void)cudaGetLastError();
+        *ret = NULL;
+        return false;
+    }
+    return true;
+}
+
+static bool resolve_driver(void)
+{
+    bool ok = true;
+
+#define ENTRY(field, name) ok &= entry(name, (void **)&drv.field)
+    ENTRY(GetErrorString, "cuGetErrorString");
+    ENTRY(DeviceGet, "cuDeviceGet");
+    ENTRY(DeviceGetAttribute, "cuDeviceGetAttribute");
+    ENTRY(MemCreate, "cuMemCreate");
+    ENTRY(MemRelease, "cuMemRelease");
+    ENTRY(MemAddressReserve, "cuMemAddressReserve");
+    ENTRY(MemAddressFree, "cuMemAddressFree");
+    ENTRY(MemMap, "cuMemMap");
+    ENTRY(MemUnmap, "cuMemUnmap");
+    ENTRY(MemSetAccess, "cuMemSetAccess");
+    ENTRY(MemGetAllocationGranularity, "cuMemGetAllocationGranularity");
+    ENTRY(MemExportToShareableHandle, "cuMemExportToShareableHandle");
+#undef ENTRY
+    return ok;
+}
+
+static CUmemAllocationProp vmm_prop(int dev)
+{
+    CUmemAllocationProp prop;
+
+    memset(&prop, 0, sizeof(prop));
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = dev;
+    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    return prop;
+}
+
+static void probe_device(int i, gpu_device_info_t *d)
+{
+    struct cudaDeviceProp p;
+    CUdevice cd;
+    int v = 0;
+
+    if (cudaGetDeviceProperties(&p, i) == cudaSuccess) {
+        snprintf(d->name, sizeof(d->name), "%.95s", p.name);
+        d->total_bytes = p.totalGlobalMem;
+    } else
+        (void)cudaGetLastError();
+    if (!drv_ok || drv.DeviceGet(&cd, i) != CUDA_SUCCESS)
+        return;
+    if (drv.DeviceGetAttribute(&v, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, cd) ==
+        CUDA_SUCCESS)
+        d->vmm = v != 0;
+    v = 0;
+    if (drv.DeviceGetAttribute(&v, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED,
+                               cd) == CUDA_SUCCESS)
+        d->posix_fd = v != 0;
+    if (d->vmm && d->posix_fd) {
+        CUmemAllocationProp prop = vmm_prop(i);
+        size_t g = 0;
+
+        if (drv.MemGetAllocationGranularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED) ==
+                CUDA_SUCCESS &&
+            g > 0)
+            d->granularity = g;
+        else
+            d->vmm = false;
+    }
+}
+
+static void probe_run(void)
+{
+    gpu_probe_t *p = &probe_result;
+    const char *env = getenv("WEIGHTSD_GPU_LEGACY");
+    cudaError_t e;
+    int n = 0;
+
+    force_legacy = env && strcmp(env, "1") == 0;
+    (void)cudaRuntimeGetVersion(&p->runtime_version);
+    (void)cudaDriverGetVersion(&p->driver_version);
+    e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        snprintf(p->error, sizeof(p->error), "%s (%s)", cudaGetErrorString(e),
+                 cudaGetErrorName(e));
+        log_info("GPU tier: no CUDA device: %s", p->error);
+        return;
+    }
+    if (n <= 0) {
+        snprintf(p->error, sizeof(p->error), "the CUDA runtime reports 0 devices");
+        log_info("GPU tier: no CUDA device: %s", p->error);
+        return;
+    }
+    if (n > GPU_DEVICES_MAX) {
+        log_warning("GPU tier: %d CUDA devices, serving the first %d", n, GPU_DEVICES_MAX);
+        n = GPU_DEVICES_MAX;
+    }
+    drv_ok = resolve_driver();
+    if (!drv_ok)
+        log_warning("GPU tier: the driver lacks VMM entry points; using legacy CUDA IPC only");
+    for (int i = 0; i < n; i++) {
+        gpu_device_info_t *d = &p->dev[i];
+
+        probe_device(i, d);
+        log_info("GPU tier: cuda:%d %s, %llu MiB, %s", i, d->name,
+                 (unsigned long long)(d->total_bytes >> 20),
+                 d->vmm && d->posix_fd && !force_legacy ? "VMM + POSIX fd export"
+                                                        : "legacy CUDA IPC fallback");
+    }
+    p->ndevices = n;
+}
+
+int gpu_probe(const gpu_probe_t **ret)
+{
+    (void)pthread_once(&probe_once, probe_run);
+    *ret = &probe_result;
+    return 0;
+}
+
+int gpu_check_device(int index, fmt_err_t *err)
+{
+    const gpu_probe_t *p;
+
+    (void)gpu_probe(&p);
+    if (p->ndevices == 0)
+        return fmt_fail(err, WSD_ENODEV, "E_NO_DEVICE", "cuda:%d: no CUDA device: %s", index,
+                        p->error);
+    if (index < 0 || index >= p->ndevices)
+        return fmt_fail(err, WSD_ENODEV, "E_NO_DEVICE",
+                        "cuda:%d: no such CUDA device; this host has %d (cuda:0 to cuda:%d)",
+                        index, p->ndevices, p->ndevices - 1);
+    return 0;
+}
+
+/* One staging chunk: up to STAGE_BYTES of one storage. */
+typedef struct up_chunk {
+    uint32_t storage;
+    uint64_t off; /* byte offset within the storage */
+    uint64_t len;
+} up_chunk_t;
+
+typedef struct up_job {
+    const manifest_t *m;
+    const uint64_t *offsets; /* device layout */
+    int host_fd;
+    uint64_t host_size;
+    int dev;
+    char *dbase;             /* device address of the allocation */
+    up_chunk_t *chunks;
+    size_t nchunks;
+    atomic_size_t next;      /* next chunk to take */
+    atomic_bool failed;      /* stop taking chunks */
+    pthread_mutex_t lock;    /* guards err */
+    fmt_err_t *err;
+} up_job_t;
+
+static void job_fail(up_job_t *job, const fmt_err_t *e)
+{
+    pthread_mutex_lock(&job->lock);
+    (void)fmt_fail(job->err, e->code, NULL, "%s", e->msg);
+    pthread_mutex_unlock(&job->lock);
+    atomic_store(&job->failed, true);
+}
+
+static int pread_full(int fd, void *buf, size_t len, uint64_t off)
+{
+    size_t done = 0;
+
+    while (done < len) {
+        ssize_t k = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
+
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0)
+            return -errno;
+        if (k == 0)
+            return -ENODATA;
+        done += (size_t)k;
+    }
+    return 0;
+}
+
+/*
+ * One stream's filler: reads a chunk into a free pinned buffer (waiting for that buffer's last
+ * copy to finish), queues its copy, and moves on, so reading and DMA overlap within a stream
+ * and across streams.
+ */
+static void *up_thread(void *arg)
+{
+    up_job_t *job = arg;
+    cudaStream_t st = NULL;
+    cudaEvent_t ev[2] = {NULL, NULL};
+    void *buf[2] = {NULL, NULL};
+    bool pending[2] = {false, false};
+    fmt_err_t e = {0};
+    cudaError_t ce;
+    unsigned k = 0;
+
+    ce = cudaSetDevice(job->dev);
+    if (ce == cudaSuccess)
+        ce = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
+    for (unsigned i = 0; i < 2 && ce == cudaSuccess; i++) {
+        ce = cudaHostAlloc(&buf[i], STAGE_BYTES, cudaHostAllocDefault);
+        if (ce == cudaSuccess)
+            ce = cudaEventCreateWithFlags(&ev[i], cudaEventDisableTiming);
+    }
+    if (ce != cudaSuccess) {
+        (void)rt_fail(&e, job->dev, "setting up a staging stream", ce);
+        job_fail(job, &e);
+        goto out;
+    }
+    for (;; k ^= 1) {
+        size_t i = atomic_fetch_add(&job->next, 1);
+        const up_chunk_t *c;
+        const mf_storage_t *s;
+        int r;
+
+        if (i >= job->nchunks || atomic_load(&job->failed))
+            break;
+        c = &job->chunks[i];
+        s = &job->m->storages[c->storage];
+        if (pending[k]) {
+            ce = cudaEventSynchronize(ev[k]);
+            if (ce != cudaSuccess) {
+                (void)rt_fail(&e, job->dev, "cudaMemcpyAsync (host to device)", ce);
+                job_fail(job, &e);
+                break;
+            }
+            pending[k] = false;
+        }
+        if (s->arena_offset > job->host_size || c->off + c->len > job->host_size - s->arena_offset)
+            r = -ENODATA;
+        else
+            r = pread_full(job->host_fd, buf[k], (size_t)c->len, s->arena_offset + c->off);
+        if (r < 0) {
+            (void)fmt_fail(&e, WSD_EIO, "E_GPU_UPLOAD",
+                           "storage '%s': reading the host arena at %llu failed: %s", s->key,
+                           (unsigned long long)(s->arena_offset + c->off),
+                           r == -ENODATA ? "short read" : strerror(-r));
+            job_fail(job, &e);
+            break;
+        }
+        ce = cudaMemcpyAsync(job->dbase + job->offsets[c->storage] + c->off, buf[k],
+                             (size_t)c->len, cudaMemcpyHostToDevice, st);
+        if (ce == cudaSuccess)
+            ce = cudaEventRecord(ev[k], st);
+        if (ce != cudaSuccess) {
+            (void)rt_fail(&e, job->dev, "cudaMemcpyAsync (host to device)", ce);
+            job_fail(job, &e);
+            break;
+        }
+        pending[k] = true;
+    }
+    if (st) {
+        /* Always drain: a staging buffer must not be freed under a copy in flight. */
+        ce = cudaStreamSynchronize(st);
+        if (ce != cudaSuccess && !atomic_load(&job->failed)) {
+            (void)rt_fail(&e, job->dev, "cudaStreamSynchronize", ce);
+            job_fail(job, &e);
+        }
+    }
+out:
+    for (unsigned i = 0; i < 2; i++) {
+        if (ev[i])
+            (void)cudaEventDestroy(ev[i]);
+        if (buf[i])
+            (void)cudaFreeHost(buf[i]);
+    }
+    if (st)
+        (void)cudaStreamDestroy(st);
+    return NULL;
+}
+
+/* Fills [dbase, dbase + layout) from the host arena. */
+static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint64_t host_size,
+                int dev, char *dbase, fmt_err_t *err)
+{
+    up_job_t job = {.m = m, .offsets = offsets, .host_fd = host_fd, .host_size = host_size,
+                    .dev = dev, .dbase = dbase, .err = err};
+    pthread_t th[UPLOAD_STREAMS];
+    unsigned nth = 0, want;
+    size_t n = 0;
+    int r = 0;
+
+    for (size_t i = 0; i < m->nstorages; i++)
+        n += (size_t)((m->storages[i].nbytes + STAGE_BYTES - 1) / STAGE_BYTES);
+    if (n == 0)
+        return 0;
+    job.chunks = calloc(n, sizeof(*job.chunks));
+    if (!job.chunks)
+        return fmt_fail(err, -ENOMEM, NULL, "out of memory for the upload plan");
+    for (size_t i = 0; i < m->nstorages; i++)
+        for (uint64_t off = 0; off < m->storages[i].nbytes; off += STAGE_BYTES) {
+            uint64_t left = m->storages[i].nbytes - off;
+
+            job.chunks[job.nchunks++] = (up_chunk_t){
+                .storage = (uint32_t)i, .off = off, .len = left < STAGE_BYTES ? left : STAGE_BYTES};
+        }
+    atomic_init(&job.next, 0);
+    atomic_init(&job.failed, false);
+    pthread_mutex_init(&job.lock, NULL);
+    want = n < UPLOAD_STREAMS ? (unsigned)n : UPLOAD_STREAMS;
+    for (; nth < want; nth++)
+        if (pthread_create(&th[nth], NULL, up_thread, &job) != 0)
+            break;
+    if (nth == 0)
+        (void)up_thread(&job); /* no thread to spare: fill from this one */
+    for (unsigned i = 0; i < nth; i++)
+        pthread_join(th[i], NULL);
+    if (atomic_load(&job.failed))
+        r = err->code ? err->code : WSD_EGPU;
+    pthread_mutex_destroy(&job.lock);
+    free(job.chunks);
+    return r;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* VMM: create, map for the fill, unmap, export. On success only the handle and fd remain. */
+static int upload_vmm(const manifest_t *m, const uint64_t *offsets, int host_fd,
+                      uint64_t host_size, int dev, uint64_t size, gpu_alloc_t *a, int *ret_fd,
+                      fmt_err_t *err)
+{
+    CUmemAllocationProp prop = vmm_prop(dev);
+    CUmemAccessDesc acc;
+    CUdeviceptr ptr = 0;
+    bool have = false, mapped = false;
+    int fd = -1, r = 0;
+    CUresult cr;
+
+    memset(&acc, 0, sizeof(acc));
+    acc.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    acc.location.id = dev;
+    acc.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    cr = drv.MemCreate(&a->handle, size, &prop, 0);
+    if (cr != CUDA_SUCCESS) {
+        r = cu_fail(err, dev, "cuMemCreate", cr);
+        goto out;
+    }
+    have = true;
+    cr = drv.MemAddressReserve(&ptr, size, 0, 0, 0);
+    if (cr != CUDA_SUCCESS) {
+        ptr = 0;
+        r = cu_fail(err, dev, "cuMemAddressReserve", cr);
+        goto out;
+    }
+    cr = drv.MemMap(ptr, size, 0, a->handle, 0);
+    if (cr != CUDA_SUCCESS) {
+        r = cu_fail(err, dev, "cuMemMap", cr);
+        goto out;
+    }
+    mapped = true;
+    cr = drv.MemSetAccess(ptr, size, &acc, 1);
+    if (cr != CUDA_SUCCESS) {
+        r = cu_fail(err, dev, "cuMemSetAccess", cr);
+        goto out;
+    }
+    r = fill(m, offsets, host_fd, host_size, dev, (char *)(uintptr_t)ptr, err);
+    if (r < 0)
+        goto out;
+    cr = drv.MemExportToShareableHandle(&fd, a->handle, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+                                        0);
+    if (cr != CUDA_SUCCESS) {
+        fd = -1;
+        r = cu_fail(err, dev, "cuMemExportToShareableHandle", cr);
+        goto out;
+    }
+    /* The driver's fd is not promised to be CLOEXEC or above 2 (STYLE M4). */
+    *ret_fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (*ret_fd < 0)
+        r = fmt_fail(err, -errno, NULL, "cuda:%d: cannot duplicate the export fd: %s", dev,
+                     strerror(errno));
+    (void)close(fd);
+
+out:
+    /* The daemon keeps no mapping: workers map the allocation through the fd. */
+    if (mapped)
+        (void)drv.MemUnmap(ptr, size);
+    if (ptr)
+        (void)drv.MemAddressFree(ptr, size);
+    if (r < 0 && have)
+        (void)drv.MemRelease(a->handle);
+    return r;
+}
+
+/* Legacy fallback: one cudaMalloc, filled, with an IPC handle. The pointer is kept: freeing it
+ * would free the memory under importers, so it goes only with the model's last lease. */
+static int upload_legacy(const manifest_t *m, const uint64_t *offsets, int host_fd,
+                         uint64_t host_size, int dev, uint64_t size, gpu_alloc_t *a,
+                         uint8_t ipc[GPU_IPC_HANDLE_SIZE], fmt_err_t *err)
+{
+    cudaIpcMemHandle_t h;
+    cudaError_t ce;
+    int r;
+
+    _Static_assert(sizeof(h) == GPU_IPC_HANDLE_SIZE, "cudaIpcMemHandle_t is 64 bytes");
+    ce = cudaMalloc(&a->dptr, size);
+    if (ce != cudaSuccess) {
+        a->dptr = NULL;
+        return rt_fail(err, dev, "cudaMalloc", ce);
+    }
+    r = fill(m, offsets, host_fd, host_size, dev, a->dptr, err);
+    if (r == 0) {
+        ce = cudaIpcGetMemHandle(&h, a->dptr);
+        if (ce != cudaSuccess)
+            r = rt_fail(err, dev, "cudaIpcGetMemHandle", ce);
+        else
+            memcpy(ipc, &h, sizeof(h));
+    }
+    if (r < 0) {
+        (void)cudaFree(a->dptr);
+        a->dptr = NULL;
+    }
+    return r;
+}
+
+int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
+               gpu_export_t *ret, fmt_err_t *err)
+{
+    const gpu_probe_t *p;
+    const gpu_device_info_t *d;
+    gpu_export_t e = {.device = index, .fd = -1};
+    gpu_alloc_t *a = NULL;
+    uint64_t layout = 0, gran, t0;
+    cudaError_t ce;
+    int r;
+
+    r = gpu_check_device(index, err);
+    if (r < 0)
+        return r;
+    (void)gpu_probe(&p);
+    d = &p->dev[index];
+    r = gpu_layout(m, &e.offsets, &layout, err);
+    if (r < 0)
+        return r;
+    e.noffsets = m->nstorages;
+    e.kind = drv_ok && d->vmm && d->posix_fd && !force_legacy ? GPU_HANDLE_POSIX_FD
+                                                              : GPU_HANDLE_LEGACY_IPC;
+    gran = e.kind == GPU_HANDLE_POSIX_FD ? d->granularity : GPU_ALIGN;
+    if (!ck_align_u64(layout ? layout : 1, gran, &e.size)) {
+        r = fmt_fail(err, WSD_EBADCKPT, "E_TENSOR_OVERFLOW", "GPU allocation size overflows");
+        goto fail;
+    }
+    a = calloc(1, sizeof(*a));
+    if (!a) {
+        r = fmt_fail(err, -ENOMEM, NULL, "out of memory");
+        goto fail;
+    }
+    /* Make the device's primary context current on this pool thread before driver calls. */
+    ce = cudaSetDevice(index);
+    if (ce == cudaSuccess)
+        ce = cudaFree(NULL);
+    if (ce != cudaSuccess) {
+        r = rt_fail(err, index, "initialising the device", ce);
+        goto fail;
+    }
+    t0 = now_ns();
+    if (e.kind == GPU_HANDLE_POSIX_FD)
+        r = upload_vmm(m, e.offsets, host_fd, host_size, index, e.size, a, &e.fd, err);
+    else
+        r = upload_legacy(m, e.offsets, host_fd, host_size, index, e.size, a, e.ipc, err);
+    if (r < 0)
+        goto fail;
+    e.upload_ns = now_ns() - t0;
+    e.priv = a;
+    *ret = e;
+    return 0;
+
+fail:
+    free(a);
+    free(e.offsets);
+    return r;
+}
+
+void gpu_release(gpu_export_t *e)
+{
+    gpu_alloc_t *a;
+
+    if (!e)
+        return;
+    a = e->priv;
+    if (e->kind == GPU_HANDLE_POSIX_FD && e->fd >= 0)
+        (void)close(e->fd);
+    if (a && e->kind == GPU_HANDLE_POSIX_FD) {
+        /* Importers' mappings hold their own references: memory goes with the last unmap. */
+        CUresult cr = drv.MemRelease(a->handle);
+
+        if (cr != CUDA_SUCCESS)
+            log_warning("cuda:%d: cuMemRelease failed: %s, ignoring", e->device, cu_str(cr));
+    } else if (a && e->kind == GPU_HANDLE_LEGACY_IPC && a->dptr) {
+        cudaError_t ce = cudaSetDevice(e->device);
+
+        if (ce == cudaSuccess)
+            ce = cudaFree(a->dptr);
+        if (ce != cudaSuccess) {
+            (void)cudaGetLastError();
+            log_warning("cuda:%d: cudaFree failed: %s, ignoring", e->device,
+                        cudaGetErrorString(ce));
+        }
+    }
+    free(a);
+    free(e->offsets);
+    free(e->pb);
+    memset(e, 0, sizeof(*e));
+    e->fd = -1;
+}
