@@ -428,7 +428,10 @@ WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_o
         goto out;
     }
     if (m->map_size > 0) {
-        void *p = mmap(NULL, m->map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE, f.fds[0], 0);
+        /* MAP_NORESERVE: a private mapping of a hugetlb arena would otherwise reserve a whole
+         * private copy from the huge page pool up front, for writes that never come. */
+        void *p = mmap(NULL, m->map_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE,
+                       f.fds[0], 0);
 
         if (p == MAP_FAILED) {
             r = -errno;
@@ -659,6 +662,8 @@ WSD_EXTERN int wsd_admin_preload(wsd_client_t *c, const char *name, const char *
         }
         if (HAS(cancel_on_disconnect))
             p.cancel_on_disconnect = opts->cancel_on_disconnect != 0;
+        if (HAS(hugepages) && opts->hugepages)
+            p.hugepages = wire_str(opts->hugepages);
         if (HAS(dtype) && opts->dtype)
             p.dtype = wire_str(opts->dtype);
         if (HAS(share) && opts->share)

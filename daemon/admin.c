@@ -133,6 +133,7 @@ static json_t *info_json(const server_t *s, const model_t *m)
     json_object_set_new(doc, "load_ms", json_integer((json_int_t)m->load_ms));
     json_object_set_new(doc, "hash", json_string(m->hash));
     json_object_set_new(doc, "share", json_string(m->share_file ? "file" : "memfd"));
+    json_object_set_new(doc, "pages", json_string(m->arena.pages));
     if (m->share_file)
         json_object_set_new(doc, "file_replaced", json_boolean(model_source_replaced(m)));
     json_object_set_new(doc, "dtype", m->dtype >= 0 ? json_string(wsd_dtype_name(m->dtype))
@@ -214,6 +215,7 @@ static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRe
         .key = req->key && *req->key ? req->key : NULL,
         .dtype = -1,
         .no_verify = req->no_verify,
+        .hugepages = HOST_HUGEPAGES_AUTO,
     };
     preload_ctx_t *ctx;
     char msg[512];
@@ -224,6 +226,17 @@ static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRe
         if (a.dtype < 0) {
             conn_send_error(c, id, WSD_EINVAL, "--dtype %s: expected bf16, f16 or f32",
                             req->dtype);
+            return;
+        }
+    }
+    if (req->hugepages && *req->hugepages) {
+        if (strcmp(req->hugepages, "never") == 0)
+            a.hugepages = HOST_HUGEPAGES_NEVER;
+        else if (strcmp(req->hugepages, "always") == 0)
+            a.hugepages = HOST_HUGEPAGES_ALWAYS;
+        else if (strcmp(req->hugepages, "auto") != 0) {
+            conn_send_error(c, id, WSD_EINVAL, "--hugepages %s: expected auto, never or always",
+                            req->hugepages);
             return;
         }
     }

@@ -174,6 +174,7 @@ typedef struct preload_work {
     int dtype;               /* conversion target or -1 */
     bool no_verify;
     bool share_file;         /* serve the file itself */
+    int hugepages;           /* HOST_HUGEPAGES_* */
     registry_preload_cb cb;
     void *data;
     uint64_t t0;             /* uv_hrtime() at queueing */
@@ -240,7 +241,7 @@ static void preload_copy_cb(uv_work_t *req)
                             &w->err);
     else
         r = host_build(w->model->name, w->mf, w->sources, w->nsources, !w->no_verify,
-                       &w->progress, &w->arena, &w->err);
+                       w->hugepages, &w->progress, &w->arena, &w->err);
     if (r == 0 && w->share_file)
         w->model->file_st = w->sources[0].st; /* the model is not visible to the loop yet */
     if (r == 0) {
@@ -440,6 +441,7 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
     }
     w->no_verify = a->no_verify;
     w->share_file = a->share_file;
+    w->hugepages = a->hugepages;
     m->share_file = a->share_file;
     w->dtype = a->dtype;
     m->dtype = a->dtype;

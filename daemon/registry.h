@@ -96,6 +96,7 @@ typedef struct preload_args {
     int dtype;         /* convert floating tensors to this wsd_dtype_t, or -1 to keep */
     bool no_verify;
     bool share_file;   /* serve the checkpoint file itself instead of a sealed copy */
+    int hugepages;     /* HOST_HUGEPAGES_* (0 = never; the admin and config default is auto) */
 } preload_args_t;
 
 /* Called on the loop thread when a preload ends: \p m is the ready model, or NULL with a code

@@ -75,6 +75,7 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
         .dtype = cm->dtype,
         .no_verify = cm->no_verify,
         .share_file = cm->share_file,
+        .hugepages = HOST_HUGEPAGES_AUTO,
     };
     preload_ctx_t *ctx = calloc(1, sizeof(*ctx));
     char msg[512];

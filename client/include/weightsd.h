@@ -241,6 +241,7 @@ typedef struct wsd_preload_opts {
     void (*progress)(void *data, const char *phase, uint64_t done, uint64_t total);
     void *progress_data;
     int cancel_on_disconnect; /* the daemon cancels the preload if this connection closes */
+    const char *hugepages;    /* "auto" (default), "never" or "always": 2 MiB pages */
 } wsd_preload_opts_t;
 
 /** Preloads \p path as \p name. \retval 0, WSD_EEXIST, WSD_EBADCKPT, WSD_EIO, ... */

@@ -30,6 +30,8 @@ static const char usage_text[] =
     "      --share memfd|file     sealed copy (default) or the file itself\n"
     "      --key KEY              serve only this subtree of a nested torch checkpoint\n"
     "      --no-verify            skip CRC-32 checks of zip records\n"
+    "      --hugepages auto|never|always  back the copy with 2 MiB pages (hugetlb pool, or\n"
+    "                             shmem transparent huge pages); auto falls back to 4 KiB\n"
     "      --cancel-on-exit       cancel the preload if weightsctl dies or is interrupted\n"
     "                             (by default the daemon finishes it regardless)\n"
     "                       progress (bytes, rate, ETA) is shown on a terminal, as plain\n"
@@ -60,6 +62,7 @@ enum {
     OPT_FORCE,
     OPT_PROMETHEUS,
     OPT_CANCEL_ON_EXIT,
+    OPT_HUGEPAGES,
 };
 
 static const char *prog = "weightsctl";
@@ -449,6 +452,7 @@ int main(int argc, char **argv)
         {"drain", no_argument, NULL, OPT_DRAIN},
         {"force", no_argument, NULL, OPT_FORCE},
         {"cancel-on-exit", no_argument, NULL, OPT_CANCEL_ON_EXIT},
+        {"hugepages", required_argument, NULL, OPT_HUGEPAGES},
         {"prometheus", no_argument, NULL, OPT_PROMETHEUS},
         {NULL, 0, NULL, 0},
     };
@@ -506,6 +510,9 @@ int main(int argc, char **argv)
             break;
         case OPT_CANCEL_ON_EXIT:
             popts.cancel_on_disconnect = 1;
+            break;
+        case OPT_HUGEPAGES:
+            popts.hugepages = optarg;
             break;
         case OPT_PROMETHEUS:
             prometheus = 1;

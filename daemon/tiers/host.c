@@ -23,6 +23,9 @@
 #include "checked.h"
 #include "convert.h"
 
+#ifndef MFD_HUGE_2MB
+#    define MFD_HUGE_2MB (21U << 26) /* log2(2 MiB) << MFD_HUGE_SHIFT, as <linux/memfd.h> */
+#endif
 #ifndef MFD_NOEXEC_SEAL
 #    define MFD_NOEXEC_SEAL 0x0008U
 #endif
@@ -49,17 +52,90 @@ int host_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err)
     return 0;
 }
 
-static int memfd_new(const char *label)
+static int memfd_new(const char *label, unsigned extra)
 {
     char name[249];
     int fd;
 
     /* The name shows in /proc/PID/fd and maps; it is informational only. */
     snprintf(name, sizeof(name), "weightsd:%s", label);
-    fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL);
+    fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL | extra);
     if (fd < 0 && errno == EINVAL) /* kernels before 6.3 do not know MFD_NOEXEC_SEAL */
-        fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | extra);
     return fd < 0 ? -errno : fd;
+}
+
+/* Sizes and allocates every page of a memfd up front, which turns "no memory" (tmpfs limits,
+ * cgroup, an empty hugetlb pool) into a clean error here rather than SIGBUS mid-copy. */
+static int memfd_fill(int fd, uint64_t size)
+{
+    if (ftruncate(fd, (off_t)size) < 0)
+        return -errno;
+    if (size > 0 && fallocate(fd, 0, 0, (off_t)size) < 0)
+        return -errno;
+    return 0;
+}
+
+/* Whether shmem hands out transparent huge pages without being asked per mapping. */
+static bool shmem_thp_always(void)
+{
+    char buf[128] = "";
+    int fd = open("/sys/kernel/mm/transparent_hugepage/shmem_enabled", O_RDONLY | O_CLOEXEC);
+    ssize_t n;
+
+    if (fd < 0)
+        return false;
+    n = read(fd, buf, sizeof(buf) - 1);
+    (void)close(fd);
+    if (n <= 0)
+        return false;
+    buf[n] = '\0';
+    return strstr(buf, "[always]") || strstr(buf, "[within_size]") || strstr(buf, "[force]");
+}
+
+/*
+ * The arena's memory: 2 MiB pages from the hugetlb pool when asked and available (size rounded
+ * up to whole huge pages), else ordinary shmem, which may itself be transparent huge pages when
+ * the host enables them for shmem. \p kind says which ("hugetlb-2M", "thp", "4k").
+ */
+static int arena_alloc(const char *label, uint64_t size, int mode, int *ret_fd,
+                       uint64_t *ret_size, char *kind, size_t kindlen, fmt_err_t *err)
+{
+    uint64_t hsize;
+    int fd, r;
+
+    if (mode != HOST_HUGEPAGES_NEVER && size > 0 && ck_align_u64(size, 2u << 20, &hsize)) {
+        fd = memfd_new(label, MFD_HUGETLB | MFD_HUGE_2MB);
+        if (fd >= 0) {
+            r = memfd_fill(fd, hsize);
+            if (r == 0) {
+                snprintf(kind, kindlen, "hugetlb-2M");
+                *ret_fd = fd;
+                *ret_size = hsize;
+                return 0;
+            }
+            (void)close(fd);
+        } else
+            r = fd;
+        if (mode == HOST_HUGEPAGES_ALWAYS && !shmem_thp_always())
+            return fmt_fail(err, WSD_ENOMEM, "E_HUGEPAGES",
+                            "--hugepages always: %llu bytes of 2 MiB pages not available (hugetlb "
+                            "pool: %s; shmem transparent huge pages are off)",
+                            (unsigned long long)hsize, strerror(-r));
+    }
+    fd = memfd_new(label, 0);
+    if (fd < 0)
+        return fmt_fail(err, WSD_ENOMEM, "E_MEMFD", "memfd_create: %s", strerror(-fd));
+    r = memfd_fill(fd, size);
+    if (r < 0) {
+        (void)close(fd);
+        return fmt_fail(err, WSD_ENOMEM, "E_MEMFD", "cannot allocate %llu bytes for the arena: %s",
+                        (unsigned long long)size, strerror(-r));
+    }
+    snprintf(kind, kindlen, "%s", mode != HOST_HUGEPAGES_NEVER && shmem_thp_always() ? "thp" : "4k");
+    *ret_fd = fd;
+    *ret_size = size;
+    return 0;
 }
 
 /*
@@ -253,7 +329,8 @@ static int copy_all(copy_job_t *job, char *ret_hash, size_t hashlen)
 }
 
 int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,
-               bool verify_crc, host_progress_t *progress, host_arena_t *ret, fmt_err_t *err)
+               bool verify_crc, int hugepages, host_progress_t *progress, host_arena_t *ret,
+               fmt_err_t *err)
 {
     copy_job_t job = {0};
     uint64_t size = 0;
@@ -263,22 +340,10 @@ int host_build(const char *label, manifest_t *m, const source_t *sources, size_t
     r = host_layout(m, &size, err);
     if (r < 0)
         return r;
-    fd = memfd_new(label);
-    if (fd < 0)
-        return fmt_fail(err, WSD_ENOMEM, "E_MEMFD", "memfd_create: %s", strerror(-fd));
-    if (ftruncate(fd, (off_t)size) < 0) {
-        r = fmt_fail(err, WSD_ENOMEM, "E_MEMFD", "cannot size arena to %llu bytes: %s",
-                     (unsigned long long)size, strerror(errno));
-        goto fail;
-    }
+    r = arena_alloc(label, size, hugepages, &fd, &size, ret->pages, sizeof(ret->pages), err);
+    if (r < 0)
+        return r;
     if (size > 0) {
-        /* Allocating every page up front turns "no memory" (tmpfs limits, cgroup) into a
-         * clean error here rather than SIGBUS halfway through the copy. */
-        if (fallocate(fd, 0, 0, (off_t)size) < 0) {
-            r = fmt_fail(err, WSD_ENOMEM, "E_MEMFD", "cannot allocate %llu bytes for the arena: %s",
-                         (unsigned long long)size, strerror(errno));
-            goto fail;
-        }
         map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (map == MAP_FAILED) {
             map = NULL;
@@ -385,6 +450,7 @@ int host_share_file(manifest_t *m, const source_t *src, bool verify_crc,
                         strerror(errno));
     ret->fd = fd;
     ret->size = src->size;
+    snprintf(ret->pages, sizeof(ret->pages), "page cache");
     return 0;
 }
 

@@ -18,6 +18,9 @@
 /* Copy threads per preload (bounded also by the CPU count). */
 #define HOST_COPY_THREADS_MAX 8u
 
+/* --hugepages: 2 MiB pages for the arena. */
+enum { HOST_HUGEPAGES_NEVER, HOST_HUGEPAGES_AUTO, HOST_HUGEPAGES_ALWAYS };
+
 /* Shared with the loop while a preload runs: bytes done, and a request to stop. */
 typedef struct host_progress {
     _Atomic uint64_t done;  /* source bytes copied (or read) so far */
@@ -29,6 +32,7 @@ typedef struct host_arena {
     int fd;        /* sealed memfd, owned; -1 when empty */
     uint64_t size; /* bytes in the arena */
     char hash[33]; /* content identity: XXH3-128 of geometry and served bytes, hex */
+    char pages[16]; /* what backs it: "hugetlb-2M", "thp", "4k" or "page cache" (file mode) */
 } host_arena_t;
 
 /* Sets every storage's arena_offset and gives the arena size; allocates nothing. */
@@ -38,11 +42,14 @@ int host_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err);
  * Sets every storage's arena_offset, then creates the memfd named after \p label, copies each
  * storage from its source with pread() (verifying zip CRC-32s when \p verify_crc, converting
  * where a storage's dtype differs from its src_dtype), hashes what it wrote, checks that no
- * source changed meanwhile, and seals. On failure nothing is left behind.
+ * source changed meanwhile, and seals. \p hugepages (HOST_HUGEPAGES_*) picks the page size; the
+ * arena may then be larger than the layout (whole 2 MiB pages). On failure nothing is left
+ * behind.
  * \retval 0 or a WSD_E* code with \p err filled.
  */
 int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,
-               bool verify_crc, host_progress_t *progress, host_arena_t *ret, fmt_err_t *err);
+               bool verify_crc, int hugepages, host_progress_t *progress, host_arena_t *ret,
+               fmt_err_t *err);
 
 /*
  * File share mode: serves the checkpoint file itself. Storages keep their file offsets as

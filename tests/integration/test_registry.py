@@ -349,3 +349,45 @@ def test_progress_cancel_and_cancel_on_exit(daemon, tmp_path):
     log = daemon.log()
     assert "preload of 'e'" in log or "preloaded 'e'" in log
     assert daemon.ctl_json("stats")["reserved_bytes"] == 0
+
+
+def test_hugepages_auto_never_always(daemon, tmp_path):
+    data = os.urandom(3 << 20)
+    path = write_safetensors(tmp_path / "m.safetensors", [("w", "U8", [len(data)], data)])
+    expect = f"{fnv1a(data):016x}"
+    daemon.preload("never", path, "--hugepages", "never")
+    assert daemon.ctl_json("info", "never")["pages"] == "4k"
+    bad = daemon.ctl("preload", "x", str(path), "--hugepages", "sometimes", check=False)
+    assert bad.returncode != 0 and "auto, never or always" in bad.stderr
+
+    pool = "/proc/sys/vm/nr_hugepages"
+    try:
+        with open(pool) as f:
+            before = int(f.read())
+        with open(pool, "w") as f:     # root only; give the pool what this test needs
+            f.write(str(before + 4))
+        with open(pool) as f:
+            got = int(f.read()) - before
+    except OSError:
+        got = 0
+    try:
+        if got >= 2:
+            daemon.preload("huge", path, "--hugepages", "always")
+            info = daemon.ctl_json("info", "huge")
+            assert info["pages"] == "hugetlb-2M" and info["map_bytes"] == 4 << 20
+            assert info["hash"] == daemon.ctl_json("info", "never")["hash"]
+            assert attach(daemon, "huge")[-1]["checksum"] == expect
+            daemon.ctl("evict", "huge")
+        auto = daemon.preload("auto", path)
+        assert daemon.ctl_json("info", "auto")["pages"] in ("hugetlb-2M", "thp", "4k")
+        assert attach(daemon, "auto")[-1]["checksum"] == expect
+        daemon.ctl("evict", "auto")
+    finally:
+        if got:
+            with open(pool, "w") as f:
+                f.write(str(before))
+    # With no pool left, "always" is refused with the reason (unless shmem THP is on).
+    r = daemon.ctl("preload", "huge2", str(path), "--hugepages", "always", check=False)
+    if r.returncode != 0:
+        assert "E_HUGEPAGES" in r.stderr
+    assert attach(daemon, "never")[-1]["checksum"] == expect

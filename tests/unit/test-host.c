@@ -58,7 +58,7 @@ TEST(arena_layout_copy_and_seals)
     uint8_t *map, *expect = malloc(n);
     int seals;
 
-    ASSERT_EQ(host_build("t", m, &src, 1, true, NULL, &a, &err), 0);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), 0);
     ASSERT_EQ(m->storages[0].arena_offset, 0);
     ASSERT_EQ(m->storages[1].arena_offset, 128); /* 100 rounded up to HOST_ALIGN */
     ASSERT_EQ(m->storages[2].arena_offset, 192);
@@ -91,7 +91,7 @@ TEST(sealed_fd_resists_every_modification)
     uint8_t *p1, *p2, before;
     int rw;
 
-    ASSERT_EQ(host_build("t", m, &src, 1, true, NULL, &a, &err), 0);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), 0);
     ASSERT_EQ(write(a.fd, "x", 1), -1);
     ASSERT_EQ(errno, EPERM);
     ASSERT_EQ(pwrite(a.fd, "x", 1, 0), -1);
@@ -141,17 +141,17 @@ TEST(crc_mismatch_named)
     ASSERT_EQ(pread(src.fd, buf, 100, 0), 100);
     m->storages[0].has_crc = true;
     m->storages[0].crc32 = (uint32_t)crc32(0, buf, 100);
-    ASSERT_EQ(host_build("t", m, &src, 1, true, NULL, &a, &err), 0);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), 0);
     host_arena_close(&a);
 
     m->storages[0].crc32 ^= 1;
-    ASSERT_EQ(host_build("t", m, &src, 1, true, NULL, &a, &err), WSD_EBADCKPT);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), WSD_EBADCKPT);
     ASSERT_STR_CONTAINS(err.msg, "E_ZIP_CRC");
     ASSERT_STR_CONTAINS(err.msg, "'a'");
     ASSERT_EQ(a.fd, -1);
     /* --no-verify skips the check. */
     memset(&err, 0, sizeof(err));
-    ASSERT_EQ(host_build("t", m, &src, 1, false, NULL, &a, &err), 0);
+    ASSERT_EQ(host_build("t", m, &src, 1, false, HOST_HUGEPAGES_NEVER, NULL, &a, &err), 0);
     host_arena_close(&a);
     source_close(&src);
     manifest_free(m);
@@ -167,7 +167,7 @@ TEST(source_changed_during_load)
 
     /* Truncated under us: the copy meets the end of the file, never SIGBUS. */
     ASSERT_EQ(truncate(path, 50), 0);
-    ASSERT_LT(host_build("t", m, &src, 1, true, NULL, &a, &err), 0);
+    ASSERT_LT(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), 0);
     ASSERT_STR_CONTAINS(err.msg, "E_CHANGED");
     ASSERT_EQ(a.fd, -1);
     source_close(&src);
@@ -181,7 +181,7 @@ TEST(source_changed_during_load)
         ASSERT_EQ(utimensat(AT_FDCWD, path, ts, 0), 0);
     }
     memset(&err, 0, sizeof(err));
-    ASSERT_EQ(host_build("t", m, &src, 1, true, NULL, &a, &err), WSD_ESTALE);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), WSD_ESTALE);
     ASSERT_STR_CONTAINS(err.msg, "changed while it was being loaded");
     source_close(&src);
     manifest_free(m);
@@ -196,13 +196,13 @@ TEST(progress_counts_and_cancel_stops)
     manifest_t *m = make_model(path, &src, 20u << 20); /* several copy chunks */
     host_progress_t p = {0};
 
-    ASSERT_EQ(host_build("t", m, &src, 1, true, &p, &a, &err), 0);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, &p, &a, &err), 0);
     ASSERT_UINT_EQ(atomic_load(&p.done), 20u << 20);
     ASSERT_UINT_EQ(atomic_load(&p.total), 20u << 20);
     host_arena_close(&a);
 
     atomic_store(&p.cancel, true);
-    ASSERT_EQ(host_build("t", m, &src, 1, true, &p, &a, &err), WSD_ECANCELED);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, &p, &a, &err), WSD_ECANCELED);
     ASSERT_STR_CONTAINS(err.msg, "E_CANCELED");
     ASSERT_EQ(a.fd, -1);
     source_close(&src);
@@ -215,7 +215,7 @@ TEST(empty_model)
     fmt_err_t err = {0};
     host_arena_t a;
 
-    ASSERT_EQ(host_build("empty", m, NULL, 0, true, NULL, &a, &err), 0);
+    ASSERT_EQ(host_build("empty", m, NULL, 0, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), 0);
     ASSERT_EQ(a.size, 0);
     ASSERT(fcntl(a.fd, F_GET_SEALS) & F_SEAL_WRITE);
     host_arena_close(&a);
