@@ -32,6 +32,7 @@ static const char usage_text[] =
     "      --wait          wait for a model that is still loading\n"
     "      --repeat N      open and release N times, then report the median open time\n"
     "      --expect HASH   refuse the model unless its content hash is HASH\n"
+    "      --touch         only fault in every page (one read per 4 KiB) and report the time\n"
     "  -h, --help          show this help\n";
 
 static volatile sig_atomic_t stop;
@@ -112,11 +113,12 @@ int main(int argc, char **argv)
         {"socket", required_argument, NULL, 's'}, {"tensors", no_argument, NULL, 'T'},
         {"write", no_argument, NULL, 'W'},        {"hold", required_argument, NULL, 'H'},
         {"wait", no_argument, NULL, 'w'},         {"repeat", required_argument, NULL, 'R'},
-        {"expect", required_argument, NULL, 'E'}, {"help", no_argument, NULL, 'h'},
+        {"expect", required_argument, NULL, 'E'}, {"touch", no_argument, NULL, 'P'},
+        {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char *socket_path = NULL, *name, *expect = NULL;
-    int tensors = 0, do_write = 0, hold = -1, repeat = 0, opt, r;
+    int tensors = 0, do_write = 0, hold = -1, repeat = 0, touch = 0, opt, r;
     unsigned flags = 0;
     uint64_t sum = 1469598103934665603ull, size = 0;
     wsd_client_t *c;
@@ -146,6 +148,9 @@ int main(int argc, char **argv)
             break;
         case 'E':
             expect = optarg;
+            break;
+        case 'P':
+            touch = 1;
             break;
         case 'h':
             fputs(usage_text, stdout);
@@ -212,13 +217,23 @@ int main(int argc, char **argv)
         for (uint64_t i = 0; i < wsd_tensor_nbytes(t); i++)
             p[i] = (uint8_t)~p[i];
     }
-    for (size_t i = 0; i < wsd_model_storage_count(m); i++) {
-        void *data;
-        uint64_t n;
+    if (touch) {
+        const volatile uint8_t *base = wsd_model_base(m, NULL);
+        double a = now_us();
+        uint8_t x = 0;
 
-        (void)wsd_model_storage(m, i, &data, &n);
-        sum = fnv1a(sum, data, n);
-    }
+        for (uint64_t off = 0; off < size; off += 4096)
+            x ^= base[off];
+        printf("{\"pid\":%d,\"touch_ms\":%.3f,\"pages_4k\":%" PRIu64 ",\"x\":%u}\n",
+               (int)getpid(), (now_us() - a) / 1000, size / 4096, x);
+    } else
+        for (size_t i = 0; i < wsd_model_storage_count(m); i++) {
+            void *data;
+            uint64_t n;
+
+            (void)wsd_model_storage(m, i, &data, &n);
+            sum = fnv1a(sum, data, n);
+        }
     if (tensors)
         for (size_t i = 0; i < wsd_model_tensor_count(m); i++)
             print_tensor(wsd_model_tensor(m, i));
