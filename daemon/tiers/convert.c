@@ -130,7 +130,14 @@ static inline float load_f(int from, const uint8_t *src, size_t i)
 
 /* The hot case of --dtype bf16, in integer arithmetic only so it vectorises: the same rule as
  * convert_f32_to_bf16(), with the NaN test done on the bits. */
-static void f32_to_bf16(const uint8_t *restrict s, uint8_t *restrict d, size_t n)
+/* Each kernel is built twice, for AVX2 and for the baseline, and picked at load time (ifunc). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#    define CONVERT_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#    define CONVERT_CLONES
+#endif
+
+CONVERT_CLONES static void f32_to_bf16(const uint8_t *restrict s, uint8_t *restrict d, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         uint32_t u;
@@ -143,26 +150,52 @@ static void f32_to_bf16(const uint8_t *restrict s, uint8_t *restrict d, size_t n
     }
 }
 
-static void f32_to_f16(const uint8_t *restrict s, uint8_t *restrict d, size_t n)
+/* convert_f32_to_f16() with every branch written as a select, so the loop vectorises. */
+static inline uint16_t f32_to_f16_sel(float f)
+{
+    uint32_t w = f2u(f), shl1_w = w + w, sign = w & 0x80000000u, bias, bits, nonsign;
+    float base = (u2f(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
+
+    bias = shl1_w & 0xff000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = u2f((bias >> 1) + 0x07800000u) + base;
+    bits = f2u(base);
+    nonsign = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
+    nonsign = shl1_w > 0xff000000u ? 0x7e00u : nonsign;
+    return (uint16_t)((sign >> 16) | nonsign);
+}
+
+CONVERT_CLONES static void f32_to_f16(const uint8_t *restrict s, uint8_t *restrict d, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         float f;
         uint16_t v;
 
         memcpy(&f, s + 4 * i, 4);
-        v = convert_f32_to_f16(f);
+        v = f32_to_f16_sel(f);
         memcpy(d + 2 * i, &v, 2);
     }
 }
 
-static void f16_to_f32(const uint8_t *restrict s, uint8_t *restrict d, size_t n)
+/* convert_f16_to_f32() with its one branch as a select. */
+static inline float f16_to_f32_sel(uint16_t h)
+{
+    const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    float normalized = u2f((two_w >> 4) + (0xe0u << 23)) * 0x1.0p-112f;
+    float denormalized = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+    uint32_t nb = f2u(normalized), db = f2u(denormalized);
+
+    return u2f(sign | (two_w < (1u << 27) ? db : nb));
+}
+
+CONVERT_CLONES static void f16_to_f32(const uint8_t *restrict s, uint8_t *restrict d, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         uint16_t h;
         float f;
 
         memcpy(&h, s + 2 * i, 2);
-        f = convert_f16_to_f32(h);
+        f = f16_to_f32_sel(h);
         memcpy(d + 4 * i, &f, 4);
     }
 }
