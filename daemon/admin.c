@@ -335,7 +335,8 @@ static void handle_stats(conn_t *c, uint64_t id)
         client_conns += !k->admin;
     }
     send_json(c, id,
-              json_pack("{s:I, s:I, s:I, s:{s:I, s:I, s:I, s:I, s:I}, s:I, s:I, s:I, s:I, s:I, "
+              json_pack("{s:I, s:I, s:I, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}, "
+                        "s:I, s:I, s:I, s:I, s:I, "
                         "s:I, s:I, s:I, s:I, s:I, s:I}",
                         "uptime_s", (json_int_t)((uv_now(s->loop) - s->started_ms) / 1000),
                         "models", (json_int_t)r->nmodels, "resident_bytes",
@@ -343,7 +344,12 @@ static void handle_stats(conn_t *c, uint64_t id)
                         (json_int_t)s->nconns, "clients", client_conns, "total",
                         (json_int_t)s->stats.connections_total, "rejected",
                         (json_int_t)s->stats.connections_rejected, "denied",
-                        (json_int_t)s->stats.connections_denied, "leases", leases, "opens_total",
+                        (json_int_t)s->stats.connections_denied, "rejected_uid",
+                        (json_int_t)s->stats.connections_rejected_uid, "emfile",
+                        (json_int_t)s->stats.connections_emfile, "timed_out",
+                        (json_int_t)s->stats.connections_timed_out, "outq_dropped",
+                        (json_int_t)s->stats.connections_outq_dropped,
+                        "leases", leases, "opens_total",
                         (json_int_t)s->stats.opens_total, "open_errors",
                         (json_int_t)s->stats.open_errors, "releases_total",
                         (json_int_t)s->stats.releases_total, "leases_released_on_close",

@@ -22,6 +22,7 @@
 
 #include "log.h"
 #include "weightsd.h"
+#include "wsd_limits.h"
 
 /* inih's line buffer as Debian builds it (INI_MAX_LINE): longer lines are errors here. */
 #define LINE_MAX_CHARS 199
@@ -152,6 +153,20 @@ static bool parse_count(const char *v, unsigned max, unsigned *ret)
     errno = 0;
     n = strtoul(v, &end, 10);
     if (errno || *end || end == v || v[0] == '-' || n == 0 || n > max)
+        return false;
+    *ret = (unsigned)n;
+    return true;
+}
+
+/* parse_count() for limits where 0 means something (or whose floor is not 1). */
+static bool parse_range(const char *v, unsigned min, unsigned max, unsigned *ret)
+{
+    char *end;
+    unsigned long n;
+
+    errno = 0;
+    n = strtoul(v, &end, 10);
+    if (errno || *end || end == v || v[0] == '-' || n < min || n > max)
         return false;
     *ret = (unsigned)n;
     return true;
@@ -319,6 +334,29 @@ static void daemon_key(parse_state_t *ps, const char *name, const char *v)
     } else if (strcmp(name, "max-leases") == 0) {
         if (!parse_count(v, 1u << 20, &c->max_leases))
             cfg_error(ps, ps->line, "max-leases: wants 1..1048576, got '%s'", v);
+    } else if (strcmp(name, "max-connections-per-uid") == 0) {
+        if (!parse_count(v, 1u << 20, &c->max_conns_per_uid))
+            cfg_error(ps, ps->line, "max-connections-per-uid: wants 1..1048576, got '%s'", v);
+    } else if (strcmp(name, "max-frame") == 0) {
+        if (!parse_range(v, WSD_REQUEST_MIN, WSD_REQUEST_MAX, &c->max_frame))
+            cfg_error(ps, ps->line, "max-frame: wants %u..%u, got '%s'", WSD_REQUEST_MIN,
+                      WSD_REQUEST_MAX, v);
+    } else if (strcmp(name, "max-fds") == 0) {
+        c->max_fds_set = parse_range(v, 0, WSD_FDS_PER_FRAME_MAX, &c->max_fds);
+        if (!c->max_fds_set)
+            cfg_error(ps, ps->line, "max-fds: wants 0..%u, got '%s'", WSD_FDS_PER_FRAME_MAX, v);
+    } else if (strcmp(name, "max-output-queue") == 0) {
+        if (!parse_size(v, &c->max_outq) || c->max_outq < 4096 || c->max_outq > SIZE_MAX / 2)
+            cfg_error(ps, ps->line, "max-output-queue: wants 4K or more (K, M or G suffix), "
+                                    "got '%s'", v);
+    } else if (strcmp(name, "handshake-timeout") == 0) {
+        if (!parse_range(v, 1, 3600000, &c->handshake_timeout_ms))
+            cfg_error(ps, ps->line, "handshake-timeout: wants 1..3600000 (ms), got '%s'", v);
+    } else if (strcmp(name, "idle-timeout") == 0) {
+        c->idle_timeout_set = parse_range(v, 0, 86400000, &c->idle_timeout_ms);
+        if (!c->idle_timeout_set)
+            cfg_error(ps, ps->line, "idle-timeout: wants 0..86400000 (ms; 0 = never), got '%s'",
+                      v);
     } else if (strcmp(name, "memory-budget") == 0) {
         if (!parse_size(v, &c->memory_budget))
             cfg_error(ps, ps->line, "memory-budget: wants bytes with an optional K, M, G or T "

@@ -34,6 +34,14 @@ typedef struct config {
     int log_level;            /* LOG_LVL_*, or -1: not set */
     unsigned max_connections; /* 0: not set */
     unsigned max_leases;
+    unsigned max_conns_per_uid; /* 0: not set (likewise below unless a _set flag says) */
+    unsigned max_frame;
+    bool max_fds_set;
+    unsigned max_fds;
+    uint64_t max_outq;
+    unsigned handshake_timeout_ms;
+    bool idle_timeout_set;
+    unsigned idle_timeout_ms;   /* 0 = never */
     bool budget_set;
     uint64_t memory_budget;   /* 0 = unlimited */
     policy_t policy;          /* defaults unless [access] says otherwise */

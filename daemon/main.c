@@ -41,6 +41,18 @@ static const char usage_text[] =
     "  -a, --admin-socket PATH    admin (operator) socket; default admin.sock beside it\n"
     "      --max-connections N    connections on both sockets together (default 4096)\n"
     "      --max-leases N         leases one connection may hold (default 1024)\n"
+    "      --max-connections-per-uid N\n"
+    "                             connections one uid may hold (default: --max-connections)\n"
+    "      --max-frame BYTES      largest request frame accepted, 512..65536 (default 65536)\n"
+    "      --max-fds N            fds one message may carry before the peer is dropped for fd\n"
+    "                             abuse, 0..4 (default 4; no request carries fds yet)\n"
+    "      --max-output-queue SIZE\n"
+    "                             reply bytes queued for a peer that does not read them\n"
+    "                             before it is dropped (K/M/G suffixes; default 256M)\n"
+    "      --handshake-timeout MS HELLO must arrive within MS of connecting; a started request\n"
+    "                             and unread replies may not stall longer (default 5000)\n"
+    "      --idle-timeout MS      close connections holding no lease and sending nothing for\n"
+    "                             MS; 0 = never (default 0)\n"
     "      --memory-budget SIZE   host-tier memory for models: bytes with K/M/G/T, or N% of\n"
     "                             RAM; idle models are evicted (least recently used first)\n"
     "                             to make room, else the preload is refused (default: none)\n"
@@ -101,6 +113,20 @@ static int ensure_dir(const char *sock_path)
     return 0;
 }
 
+/* Like parse_uint() with a lower bound, for limits where 0 means something. */
+static int parse_range(const char *s, unsigned min, unsigned max, unsigned *ret)
+{
+    char *end;
+    unsigned long v;
+
+    errno = 0;
+    v = strtoul(s, &end, 10);
+    if (errno || *end || end == s || s[0] == '-' || v < min || v > max)
+        return -EINVAL;
+    *ret = (unsigned)v;
+    return 0;
+}
+
 static int parse_uint(const char *s, unsigned max, unsigned *ret)
 {
     char *end;
@@ -123,6 +149,12 @@ int main(int argc, char **argv)
         {"admin-socket", required_argument, NULL, 'a'},
         {"max-connections", required_argument, NULL, 'C'},
         {"max-leases", required_argument, NULL, 'L'},
+        {"max-connections-per-uid", required_argument, NULL, 'U'},
+        {"max-frame", required_argument, NULL, 'F'},
+        {"max-fds", required_argument, NULL, 'D'},
+        {"max-output-queue", required_argument, NULL, 'Q'},
+        {"handshake-timeout", required_argument, NULL, 'H'},
+        {"idle-timeout", required_argument, NULL, 'I'},
         {"memory-budget", required_argument, NULL, 'B'},
         {"log-level", required_argument, NULL, 'l'},
         {"help", no_argument, NULL, 'h'},
@@ -135,7 +167,16 @@ int main(int argc, char **argv)
         .max_connections = WSD_CONNECTIONS_MAX_DEFAULT,
         .max_leases_per_conn = WSD_LEASES_PER_CONN_DEFAULT,
         .max_outq_bytes = WSD_OUTQ_BYTES_MAX_DEFAULT,
+        .max_frame = WSD_REQUEST_MAX,
+        .max_fds_per_msg = WSD_FDS_PER_FRAME_MAX,
+        .handshake_timeout_ms = WSD_HANDSHAKE_TIMEOUT_MS,
+        .idle_timeout_ms = WSD_IDLE_TIMEOUT_MS_DEFAULT,
     };
+    /* Limits given on the command line, which win over the config file's. */
+    bool uid_given = false, frame_given = false, fds_given = false, outq_given = false,
+         hs_given = false, idle_given = false;
+    uint64_t outq;
+    unsigned frame;
     char sock_default[PATH_MAX], admin_default[PATH_MAX];
     uv_signal_t sigterm, sigint;
     uv_loop_t loop;
@@ -174,6 +215,56 @@ int main(int argc, char **argv)
             leases_given = true;
             if (parse_uint(optarg, 1u << 20, &opts.max_leases_per_conn) < 0) {
                 fprintf(stderr, "weightsd: --max-leases wants 1..1048576, got '%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case 'U':
+            uid_given = true;
+            if (parse_uint(optarg, 1u << 20, &opts.max_conns_per_uid) < 0) {
+                fprintf(stderr, "weightsd: --max-connections-per-uid wants 1..1048576, got "
+                                "'%s'\n", optarg);
+                return 2;
+            }
+            break;
+        case 'F':
+            frame_given = true;
+            if (parse_range(optarg, WSD_REQUEST_MIN, WSD_REQUEST_MAX, &frame) < 0) {
+                fprintf(stderr, "weightsd: --max-frame wants %u..%u, got '%s'\n",
+                        WSD_REQUEST_MIN, WSD_REQUEST_MAX, optarg);
+                return 2;
+            }
+            opts.max_frame = frame;
+            break;
+        case 'D':
+            fds_given = true;
+            if (parse_range(optarg, 0, WSD_FDS_PER_FRAME_MAX, &opts.max_fds_per_msg) < 0) {
+                fprintf(stderr, "weightsd: --max-fds wants 0..%u, got '%s'\n",
+                        WSD_FDS_PER_FRAME_MAX, optarg);
+                return 2;
+            }
+            break;
+        case 'Q':
+            outq_given = true;
+            if (registry_parse_size(optarg, &outq) < 0 || outq < 4096 || outq > SIZE_MAX / 2) {
+                fprintf(stderr, "weightsd: --max-output-queue wants 4K or more (K/M/G "
+                                "suffixes), got '%s'\n", optarg);
+                return 2;
+            }
+            opts.max_outq_bytes = (size_t)outq;
+            break;
+        case 'H':
+            hs_given = true;
+            if (parse_range(optarg, 1, 3600000, &opts.handshake_timeout_ms) < 0) {
+                fprintf(stderr, "weightsd: --handshake-timeout wants 1..3600000 ms, got '%s'\n",
+                        optarg);
+                return 2;
+            }
+            break;
+        case 'I':
+            idle_given = true;
+            if (parse_range(optarg, 0, 86400000, &opts.idle_timeout_ms) < 0) {
+                fprintf(stderr, "weightsd: --idle-timeout wants 0..86400000 ms, got '%s'\n",
+                        optarg);
                 return 2;
             }
             break;
@@ -243,6 +334,18 @@ int main(int argc, char **argv)
             opts.max_leases_per_conn = cfg->max_leases;
         if (cfg->budget_set)
             budget = cfg->memory_budget;
+        if (!uid_given && cfg->max_conns_per_uid)
+            opts.max_conns_per_uid = cfg->max_conns_per_uid;
+        if (!frame_given && cfg->max_frame)
+            opts.max_frame = cfg->max_frame;
+        if (!fds_given && cfg->max_fds_set)
+            opts.max_fds_per_msg = cfg->max_fds;
+        if (!outq_given && cfg->max_outq)
+            opts.max_outq_bytes = (size_t)cfg->max_outq;
+        if (!hs_given && cfg->handshake_timeout_ms)
+            opts.handshake_timeout_ms = cfg->handshake_timeout_ms;
+        if (!idle_given && cfg->idle_timeout_set)
+            opts.idle_timeout_ms = cfg->idle_timeout_ms;
     }
     /* Stored model fds are closed until the registry can re-adopt them (issue 7 item 5). */
     if (notify_listen_fds(&opts.socket_fd, &opts.admin_fd, NULL, NULL, err, sizeof(err)) < 0) {

@@ -23,9 +23,18 @@ typedef struct server_opts {
     const char *admin_path;        /* admin socket */
     int socket_fd;                 /* already listening (socket activation), or -1 */
     int admin_fd;                  /* likewise */
-    unsigned max_connections;      /* total, both sockets */
+    unsigned max_connections;      /* total, both sockets (admin gets WSD_ADMIN_RESERVE_CONNS
+                                      more) */
+    unsigned max_conns_per_uid;    /* likewise, per peer uid */
     unsigned max_leases_per_conn;
     size_t max_outq_bytes;         /* queued reply bytes per connection before it is dropped */
+    size_t max_frame;              /* largest request payload, WSD_REQUEST_MIN..WSD_REQUEST_MAX */
+    unsigned max_fds_per_msg;      /* fds one recvmsg() may carry before it is fd abuse (no
+                                      request carries any yet, so any fd is still refused) */
+    unsigned handshake_timeout_ms; /* HELLO within this of accept; also bounds a started frame
+                                      and an output queue that makes no progress */
+    unsigned idle_timeout_ms;      /* close a connection without leases or pending work after
+                                      this long without traffic; 0 = never */
     const policy_t *policy;        /* who may connect (policy.h); NULL admits every peer */
 } server_opts_t;
 
@@ -52,6 +61,8 @@ struct conn {
     bool hello_done;               /* HELLO exchanged */
     bool closing;                  /* conn_close() ran; no more I/O */
     bool close_when_flushed;       /* drop once the output queue is empty (after a fatal Error) */
+    bool uid_counted;              /* holds a slot in the server's per-uid table */
+    int refuse_code;               /* over a limit: answer HELLO with Error{this} and close */
     unsigned refs;                 /* 1 for the handle + 1 per pending async operation */
     uint64_t id;                   /* for logs */
     struct ucred cred;             /* SO_PEERCRED at accept */
@@ -60,7 +71,13 @@ struct conn {
     size_t outq_bytes;
     lease_t *leases;
     size_t nleases, leases_cap;
+    size_t outq_fds;               /* descriptors in outq */
     int poll_events;               /* events currently requested */
+    /* Timestamps (uv_now) for the sweep timer's timeouts. */
+    uint64_t accepted_ms;
+    uint64_t active_ms;            /* last complete frame in or byte out */
+    uint64_t frame_start_ms;       /* first byte of the partial frame in reader, 0 = none */
+    uint64_t stall_since_ms;       /* output queued and none of it sent since, 0 = not stalled */
 };
 
 typedef struct server_stats {
@@ -72,7 +89,16 @@ typedef struct server_stats {
     uint64_t open_errors;
     uint64_t releases_total;
     uint64_t leases_released_on_close;
+    uint64_t connections_rejected_uid; /* over the per-uid limit */
+    uint64_t connections_emfile;   /* accepted and closed at once: out of fds (spare-fd trick) */
+    uint64_t connections_timed_out; /* handshake, stalled frame or output, idle */
+    uint64_t connections_outq_dropped; /* output queue over its byte or fd cap */
 } server_stats_t;
+
+typedef struct uid_count {
+    uid_t uid;
+    unsigned n;
+} uid_count_t;
 
 struct server {
     uv_loop_t *loop;
@@ -83,7 +109,14 @@ struct server {
     char *listen_path[2];          /* unlinked at stop when we created them */
     bool listening[2];
     conn_t *conns;
-    unsigned nconns;
+    unsigned nconns;               /* every connection in conns, refusing ones included */
+    unsigned nrefusing;            /* of those, over a limit (refuse_code set) */
+    uid_count_t *uids;             /* connections per uid (refusing ones not counted) */
+    size_t nuids, uids_cap;
+    uv_timer_t sweep;              /* enforces every timeout; unref'd */
+    bool sweep_on;
+    int spare_fd;                  /* reserved for accepting (and closing) at EMFILE, or -1 */
+    bool accept_paused;            /* out of fds and no spare: the sweep re-arms listening */
     uint64_t next_conn_id;
     uint64_t next_lease_id;
     uint64_t started_ms;
@@ -91,10 +124,16 @@ struct server {
     server_stats_t stats;
 };
 
-/* Binds (or adopts) both sockets and starts serving on \p loop. */
+/* Binds (or adopts) both sockets and starts serving on \p loop. A socket with neither a path nor
+ * an fd is not served (tests and fuzzers hand connections in with server_adopt_conn()). */
 int server_start(server_t *s, uv_loop_t *loop, registry_t *reg, const server_opts_t *opts);
 /* Stops listening and closes every connection; the loop then drains and returns. */
 void server_stop(server_t *s);
+/* Serves the connected stream socket \p fd (taken over: closed on failure) as if accepted on the
+ * client or admin socket: access policy, connection limits and everything after.
+ * \retval 0; -EUSERS: over a connection limit, kept only to answer its HELLO with
+ *         Error{WSD_ELIMIT}; other < 0: refused (policy) or could not be set up, fd closed. */
+int server_adopt_conn(server_t *s, int fd, bool admin);
 
 /* Takes ownership of \p buf and \p fds; queues and starts sending. Drops the connection if its
  * queue would pass the cap. */

@@ -95,7 +95,10 @@ int wire_reader_fill(wire_reader_t *r, int sock)
     }
     if (want <= r->len)
         return -EINVAL; /* caller must drain frames with wire_reader_next() first */
-    k = reader_reserve(r, want < 65536 ? 65536 : want);
+    /* One read takes up to 64 KiB when the limit allows, so small frames need few calls. */
+    k = reader_reserve(r, want > 65536 ? want : r->max_frame + WSD_FRAME_HEADER_SIZE < 65536
+                                                  ? r->max_frame + WSD_FRAME_HEADER_SIZE
+                                                  : 65536);
     if (k < 0 && k != -EMSGSIZE)
         return k;
     if (r->cap < want)
@@ -145,6 +148,15 @@ int wire_reader_next(wire_reader_t *r, wire_frame_t *ret)
     memmove(r->buf, r->buf + total, r->len - total);
     r->len -= total;
     return 1;
+}
+
+void wire_reader_compact(wire_reader_t *r)
+{
+    if (r->len == 0 && r->buf) {
+        free(r->buf);
+        r->buf = NULL;
+        r->cap = 0;
+    }
 }
 
 void wire_frame_done(wire_frame_t *f)

@@ -60,6 +60,9 @@ int wire_reader_fill(wire_reader_t *r, int sock);
  */
 int wire_reader_next(wire_reader_t *r, wire_frame_t *ret);
 
+/* Frees the buffer if it holds no bytes (an idle connection then costs no buffer memory). */
+void wire_reader_compact(wire_reader_t *r);
+
 /* Closes the frame's fds and frees its message. */
 void wire_frame_done(wire_frame_t *f);
 

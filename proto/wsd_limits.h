@@ -29,6 +29,26 @@
 #define WSD_LEASES_PER_CONN_DEFAULT     1024u
 #define WSD_OUTQ_BYTES_MAX_DEFAULT      (256u * 1024u * 1024u)
 #define WSD_HANDSHAKE_TIMEOUT_MS        5000u
+/* Connections one uid may hold on both sockets together; the default is no tighter than the
+ * total, so only a configured value makes it bite. */
+#define WSD_CONNECTIONS_PER_UID_DEFAULT WSD_CONNECTIONS_MAX_DEFAULT
+/* Admin connections accepted beyond the total limit, so an operator can still look at a daemon
+ * that workers have filled up. */
+#define WSD_ADMIN_RESERVE_CONNS         16u
+/* Connections over a limit kept just long enough to answer their HELLO with Error{WSD_ELIMIT};
+ * beyond this many at once they are closed unanswered. */
+#define WSD_REFUSING_CONNS_MAX          64u
+/* Smallest --max-frame: a HELLO and an OPEN with a full model name must still fit. */
+#define WSD_REQUEST_MIN                 512u
+/* Descriptors queued for sending on one connection (each queued OpenReply holds a duplicate of
+ * a model fd). Reading stops at half of it; past it the peer is dropped like an over-full queue,
+ * so one peer that never reads cannot take the daemon's RLIMIT_NOFILE. */
+#define WSD_OUTQ_FDS_MAX                256u
+/* Idle timeout default: off (0). A worker holding leases is never idle-closed anyway. */
+#define WSD_IDLE_TIMEOUT_MS_DEFAULT     0u
+/* Bounds of the sweep that enforces the timeouts (one timer for all connections). */
+#define WSD_SWEEP_MIN_MS                50u
+#define WSD_SWEEP_MAX_MS                1000u
 
 /* Names and paths the daemon accepts in requests. */
 #define WSD_MODEL_NAME_MAX 128u
