@@ -24,10 +24,13 @@
 #include <unistd.h>
 
 #include "fdpass.h"
+#include "gpu.h"
 #include "wsd_limits.h"
 #include "wire.h"
 
 #define CLIENT_TIMEOUT_DEFAULT_MS 30000
+/* --device entries one preload may carry: the daemon serves at most 64 GPUs plus the host. */
+#define PRELOAD_DEVICES_MAX 65
 
 /* Seals every host-tier memfd must carry; extra ones (F_SEAL_EXEC) are fine (RELIABILITY I5). */
 #define REQUIRED_SEALS (F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
@@ -76,6 +79,8 @@ struct wsd_model {
     uint32_t *index;          /* open-addressing table of tensor indices by name, size index_cap */
     size_t index_cap;
     char hash[72];            /* content hash, hex */
+    int device;               /* -1: base is a host mapping; N: base is a cuda:N address */
+    wsd__gpu_t *gpu;          /* the process's shared import (device >= 0), one reference */
 };
 
 static wsd_client_t *client_ref(wsd_client_t *c)
@@ -275,7 +280,8 @@ WSD_EXTERN const char *wsd_last_error(const wsd_client_t *c)
 
 /* The daemon is trusted less than nothing here: a bad manifest must not make us read outside
  * the mapping, so every range is checked before any pointer is formed. */
-static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf)
+static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf,
+                       const uint64_t *offsets)
 {
     m->nstorages = mf->n_storages;
     m->storages = calloc(mf->n_storages ? mf->n_storages : 1, sizeof(*m->storages));
@@ -292,9 +298,12 @@ static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf)
     for (size_t i = 0; i < mf->n_storages; i++) {
         const Weightsd__V1__StorageInfo *s = mf->storages[i];
 
-        if (s->offset > m->map_size || s->nbytes > m->map_size - s->offset)
+        /* A device copy has its own layout: offsets[] replaces the host arena's offsets. */
+        uint64_t off = offsets ? offsets[i] : s->offset;
+
+        if (off > m->map_size || s->nbytes > m->map_size - off)
             return WSD_EPROTO;
-        m->storages[i].data = (char *)m->base + s->offset;
+        m->storages[i].data = (char *)m->base + off;
         m->storages[i].nbytes = s->nbytes;
     }
     for (size_t i = 0; i < mf->n_tensors; i++) {
@@ -368,12 +377,38 @@ WSD_EXTERN int wsd_open(wsd_client_t *c, const char *name, const char *device, u
     return wsd_open_with(c, name, &o, ret_model);
 }
 
+/* Imports (or shares this process's import of) a device copy; sets m->base and m->map_size. */
+static int open_gpu(wsd_client_t *c, wsd_model_t *m, const char *name,
+                    const Weightsd__V1__Manifest *mf, const Weightsd__V1__GpuExport *gpu, int fd,
+                    unsigned flags)
+{
+    bool writable = (flags & WSD_OPEN_GPU_WRITE) != 0;
+    char key[WSD_MODEL_NAME_MAX + 160], msg[512];
+    const char *hash = mf->content_hash ? mf->content_hash : "";
+    uint64_t base = 0;
+    int device = atoi(gpu->device + 5), r;
+
+    snprintf(key, sizeof(key), "%s\n%s\n%s\n%s", name, hash, gpu->device, writable ? "rw" : "ro");
+    r = wsd__gpu_import(*hash ? key : NULL, device, gpu->handle, fd, gpu->ipc_handle.data,
+                        gpu->ipc_handle.len, gpu->size, writable, &m->gpu, &base, msg,
+                        sizeof(msg));
+    if (r < 0) {
+        set_error(c, r == -ENOMEM ? "out of memory" : msg);
+        return r;
+    }
+    m->device = device;
+    m->base = (void *)(uintptr_t)base;
+    m->map_size = gpu->size;
+    return 0;
+}
+
 WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_opts_t *opts,
                              wsd_model_t **ret_model)
 {
     Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
     Weightsd__V1__OpenRequest open = WEIGHTSD__V1__OPEN_REQUEST__INIT;
     const Weightsd__V1__Manifest *mf;
+    const Weightsd__V1__GpuExport *gpu;
     wsd_model_t *m = NULL;
     wire_frame_t f = {0};
     int r;
@@ -401,13 +436,21 @@ WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_o
     r = rpc(c, &req, &f);
     if (r < 0)
         return r;
-    if (f.msg->body_case != WEIGHTSD__V1__FRAME__BODY_OPEN_REPLY || f.nfds != 1 ||
-        !f.msg->open_reply->manifest) {
+    if (f.msg->body_case != WEIGHTSD__V1__FRAME__BODY_OPEN_REPLY || !f.msg->open_reply->manifest) {
         r = WSD_EPROTO;
         set_error(c, "malformed open reply");
         goto out;
     }
     mf = f.msg->open_reply->manifest;
+    gpu = f.msg->open_reply->gpu;
+    if (gpu ? !gpu->device || strcmp(gpu->device, device ? device : "") != 0 ||
+                  gpu->n_offsets != mf->n_storages ||
+                  f.nfds != (gpu->handle == WSD__GPU_HANDLE_POSIX_FD ? 1u : 0u)
+            : f.nfds != 1) {
+        r = WSD_EPROTO;
+        set_error(c, "malformed open reply");
+        goto out;
+    }
 
     m = calloc(1, sizeof(*m));
     if (!m) {
@@ -418,8 +461,22 @@ WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_o
     m->client = client_ref(c);
     m->name = strdup(name);
     m->map_size = mf->map_size;
+    m->device = -1;
     if (!m->name) {
         r = -ENOMEM;
+        goto out;
+    }
+    if (gpu) {
+        r = open_gpu(c, m, name, mf, gpu, f.nfds ? f.fds[0] : -1, flags);
+        if (r < 0)
+            goto out;
+        r = model_build(m, mf, gpu->offsets);
+        if (r < 0) {
+            set_error(c, "daemon sent an inconsistent manifest");
+            goto out;
+        }
+        *ret_model = m;
+        m = NULL;
         goto out;
     }
     r = check_fd(f.fds[0], m->map_size);
@@ -439,7 +496,7 @@ WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_o
         }
         m->base = p;
     }
-    r = model_build(m, mf);
+    r = model_build(m, mf, NULL);
     if (r < 0) {
         set_error(c, "daemon sent an inconsistent manifest");
         goto out;
@@ -484,7 +541,9 @@ WSD_EXTERN void wsd_model_free(wsd_model_t *m)
         return;
     if (m->client)
         (void)wsd_model_release(m);
-    if (m->base)
+    if (m->gpu)
+        wsd__gpu_unref(m->gpu);
+    else if (m->base)
         (void)munmap(m->base, m->map_size);
     for (size_t i = 0; m->tensors && i < m->ntensors; i++)
         free(m->tensors[i].name);
@@ -523,6 +582,11 @@ WSD_EXTERN uint64_t wsd_model_lease(const wsd_model_t *m)
 WSD_EXTERN const char *wsd_model_hash(const wsd_model_t *m)
 {
     return m ? m->hash : "";
+}
+
+WSD_EXTERN int wsd_model_device(const wsd_model_t *m)
+{
+    return m && m->gpu ? m->device : -1;
 }
 
 WSD_EXTERN const wsd_tensor_t *wsd_model_tensor(const wsd_model_t *m, size_t i)
@@ -672,6 +736,14 @@ WSD_EXTERN int wsd_admin_preload(wsd_client_t *c, const char *name, const char *
             p.key = wire_str(opts->key);
         if (HAS(no_verify))
             p.no_verify = opts->no_verify != 0;
+        if (HAS(ndevices) && opts->devices && opts->ndevices) {
+            if (opts->ndevices > PRELOAD_DEVICES_MAX)
+                return -EINVAL;
+            p.devices = (char **)(uintptr_t)opts->devices;
+            p.n_devices = opts->ndevices;
+        }
+        if (HAS(allow_gpu_write))
+            p.allow_gpu_write = opts->allow_gpu_write != 0;
 #undef HAS
     }
     req.body_case = WEIGHTSD__V1__FRAME__BODY_PRELOAD;

@@ -107,7 +107,7 @@ static void holder_deleter(DLManagedTensor *self)
     free(h);
 }
 
-static dlpack_holder_t *holder_new(void *data, int ndim, DLDataType dt,
+static dlpack_holder_t *holder_new(void *data, int device, int ndim, DLDataType dt,
                                    wsd_dlpack_release_fn release, void *ctx)
 {
     dlpack_holder_t *h = calloc(1, sizeof(*h));
@@ -117,7 +117,10 @@ static dlpack_holder_t *holder_new(void *data, int ndim, DLDataType dt,
     h->release = release;
     h->ctx = ctx;
     h->managed.dl_tensor.data = data;
-    h->managed.dl_tensor.device = (DLDevice){.device_type = kDLCPU, .device_id = 0};
+    /* A model opened on "cuda:N" hands out device addresses of its shared import. */
+    h->managed.dl_tensor.device = device < 0 ? (DLDevice){.device_type = kDLCPU, .device_id = 0}
+                                             : (DLDevice){.device_type = kDLCUDA,
+                                                          .device_id = device};
     h->managed.dl_tensor.ndim = ndim;
     h->managed.dl_tensor.dtype = dt;
     h->managed.dl_tensor.shape = h->shape;
@@ -152,7 +155,7 @@ WSD_EXTERN int wsd_tensor_dlpack(const wsd_model_t *m, size_t i, wsd_dlpack_rele
                    dt.bits / 8, nbytes))
         return WSD_EPROTO;
     /* Data points at element 0 with byte_offset 0: not every consumer honours byte_offset. */
-    h = holder_new(wsd_tensor_data(t), (int)ndim, dt, release, ctx);
+    h = holder_new(wsd_tensor_data(t), wsd_model_device(m), (int)ndim, dt, release, ctx);
     if (!h)
         return -ENOMEM;
     for (unsigned d = 0; d < ndim; d++) {

@@ -4,6 +4,7 @@
  * Error frames like everywhere else.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -121,6 +122,35 @@ static json_t *holders_json(const server_t *s, const model_t *m)
     return a;
 }
 
+/*
+ * Where the model is served: the host tier always, then each device copy with its handle kind.
+ * Legacy IPC copies say what they cannot promise (RELIABILITY G3, G5).
+ */
+static json_t *devices_json(const model_t *m)
+{
+    json_t *a = json_array();
+
+    json_array_append_new(a, json_pack("{s:s, s:I}", "device", "cpu", "bytes",
+                                       (json_int_t)m->arena.size));
+    for (size_t i = 0; i < m->ngpu; i++) {
+        const gpu_export_t *g = &m->gpu[i];
+        char name[32];
+        json_t *d;
+
+        snprintf(name, sizeof(name), "cuda:%d", g->device);
+        d = json_pack("{s:s, s:s, s:I, s:I, s:b}", "device", name, "handle",
+                      gpu_handle_kind_name(g->kind), "bytes", (json_int_t)g->size, "upload_ms",
+                      (json_int_t)(g->upload_ns / 1000000), "writable", m->allow_gpu_write);
+        if (g->kind == GPU_HANDLE_LEGACY_IPC)
+            json_object_set_new(d, "limits",
+                                json_string("legacy CUDA IPC: the daemon must outlive importers, "
+                                            "importers need its PID namespace, and mappings "
+                                            "cannot be made read-only"));
+        json_array_append_new(a, d);
+    }
+    return a;
+}
+
 static json_t *info_json(const server_t *s, const model_t *m)
 {
     json_t *doc = summary_json(m);
@@ -134,6 +164,7 @@ static json_t *info_json(const server_t *s, const model_t *m)
     json_object_set_new(doc, "hash", json_string(m->hash));
     json_object_set_new(doc, "share", json_string(m->share_file ? "file" : "memfd"));
     json_object_set_new(doc, "pages", json_string(m->arena.pages));
+    json_object_set_new(doc, "devices", devices_json(m));
     if (m->share_file)
         json_object_set_new(doc, "file_replaced", json_boolean(model_source_replaced(m)));
     json_object_set_new(doc, "dtype", m->dtype >= 0 ? json_string(wsd_dtype_name(m->dtype))
@@ -207,6 +238,38 @@ static int parse_dtype(const char *s)
     return -1;
 }
 
+/* --device cpu|cuda:N, repeatable. The host tier is always built (it is the upload's source),
+ * so "cpu" only documents intent; each CUDA ordinal may appear once. Sends the error itself. */
+static int parse_devices(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRequest *req,
+                         preload_args_t *a)
+{
+    static int ords[GPU_DEVICES_MAX];
+    size_t n = 0;
+
+    for (size_t i = 0; i < req->n_devices; i++) {
+        int d;
+
+        if (gpu_parse_device(req->devices[i], &d) < 0) {
+            conn_send_error(c, id, WSD_EINVAL, "--device %s: expected cpu or cuda:N (N < %d)",
+                            req->devices[i], GPU_DEVICES_MAX);
+            return -1;
+        }
+        if (d < 0)
+            continue;
+        for (size_t j = 0; j < n; j++)
+            if (ords[j] == d) {
+                conn_send_error(c, id, WSD_EINVAL, "--device cuda:%d given twice", d);
+                return -1;
+            }
+        ords[n++] = d;
+    }
+    /* registry_preload() copies the list before this buffer is reused (loop thread only). */
+    a->devices = n ? ords : NULL;
+    a->ndevices = n;
+    a->allow_gpu_write = req->allow_gpu_write;
+    return 0;
+}
+
 static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRequest *req)
 {
     preload_args_t a = {
@@ -240,6 +303,8 @@ static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRe
             return;
         }
     }
+    if (parse_devices(c, id, req, &a) < 0)
+        return;
     if (req->share && *req->share) {
         if (strcmp(req->share, "file") == 0)
             a.share_file = true;

@@ -7,6 +7,7 @@
 #include "manifest_pb.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -114,11 +115,47 @@ static size_t varint_len(uint64_t v)
     return n;
 }
 
+int manifest_pb_gpu_export(const gpu_export_t *e, uint8_t **ret, size_t *ret_len)
+{
+    Weightsd__V1__GpuExport pb = WEIGHTSD__V1__GPU_EXPORT__INIT;
+    char device[32];
+    uint8_t *buf;
+    size_t len;
+
+    snprintf(device, sizeof(device), "cuda:%d", e->device);
+    pb.device = device;
+    pb.handle = (uint32_t)e->kind;
+    if (e->kind == GPU_HANDLE_LEGACY_IPC) {
+        pb.ipc_handle.data = (uint8_t *)(uintptr_t)e->ipc; /* pack only reads it */
+        pb.ipc_handle.len = sizeof(e->ipc);
+    }
+    pb.size = e->size;
+    pb.n_offsets = e->noffsets;
+    pb.offsets = e->offsets;
+    len = weightsd__v1__gpu_export__get_packed_size(&pb);
+    buf = malloc(len ? len : 1);
+    if (!buf)
+        return -ENOMEM;
+    (void)weightsd__v1__gpu_export__pack(&pb, buf);
+    *ret = buf;
+    *ret_len = len;
+    return 0;
+}
+
 int manifest_pb_open_reply(uint64_t id, uint64_t lease, const uint8_t *manifest, size_t len,
                            size_t nfds, uint8_t **ret, size_t *ret_len)
 {
-    /* OpenReply body: [lease] [manifest]; proto3 omits zero scalars, protobuf-c does too. */
-    size_t body = (lease ? 1 + varint_len(lease) : 0) + 1 + varint_len(len) + len;
+    return manifest_pb_open_reply_gpu(id, lease, manifest, len, NULL, 0, nfds, ret, ret_len);
+}
+
+int manifest_pb_open_reply_gpu(uint64_t id, uint64_t lease, const uint8_t *manifest, size_t len,
+                               const uint8_t *gpu, size_t gpu_len, size_t nfds, uint8_t **ret,
+                               size_t *ret_len)
+{
+    /* OpenReply body: [lease] [manifest] [gpu]; proto3 omits zero scalars, protobuf-c does too.
+     * Field 20 (gpu) is a two-byte tag, as protobuf-c writes fields in number order. */
+    size_t body = (lease ? 1 + varint_len(lease) : 0) + 1 + varint_len(len) + len +
+                  (gpu ? 2 + varint_len(gpu_len) + gpu_len : 0);
     size_t payload = (id ? 1 + varint_len(id) : 0) + 2 + varint_len(body) + body;
     uint8_t *buf, *p;
 
@@ -151,6 +188,13 @@ int manifest_pb_open_reply(uint64_t id, uint64_t lease, const uint8_t *manifest,
     p += put_varint(p, len);
     memcpy(p, manifest, len);
     p += len;
+    if (gpu) {
+        *p++ = 0xa2; /* field 20, length-delimited: (20 << 3 | 2) as a two-byte varint */
+        *p++ = 0x01;
+        p += put_varint(p, gpu_len);
+        memcpy(p, gpu, gpu_len);
+        p += gpu_len;
+    }
     *ret = buf;
     *ret_len = (size_t)(p - buf);
     return 0;

@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "gpu.h"
 #include "manifest.h"
 
 /* Packs \p m (with arena offsets set) as a weightsd.v1.Manifest into a malloc'ed buffer. */
@@ -20,5 +21,16 @@ int manifest_pb_encode(const manifest_t *m, uint64_t map_size, const char *hash,
  */
 int manifest_pb_open_reply(uint64_t id, uint64_t lease, const uint8_t *manifest, size_t len,
                            size_t nfds, uint8_t **ret, size_t *ret_len);
+
+/* Packs \p e as a weightsd.v1.GpuExport into a malloc'ed buffer. \retval 0 or -ENOMEM. */
+int manifest_pb_gpu_export(const gpu_export_t *e, uint8_t **ret, size_t *ret_len);
+
+/*
+ * As manifest_pb_open_reply(), with OpenReply.gpu set to the packed GpuExport \p gpu (NULL for
+ * a host-tier open).
+ */
+int manifest_pb_open_reply_gpu(uint64_t id, uint64_t lease, const uint8_t *manifest, size_t len,
+                               const uint8_t *gpu, size_t gpu_len, size_t nfds, uint8_t **ret,
+                               size_t *ret_len);
 
 #endif /* WSD_MANIFEST_PB_H */

@@ -51,8 +51,16 @@ static uint64_t model_resident(const model_t *m)
     return m->arena.fd >= 0 && !m->share_file ? m->arena.size : 0;
 }
 
+static void gpu_exports_free(gpu_export_t *g, size_t n)
+{
+    for (size_t i = 0; g && i < n; i++)
+        gpu_release(&g[i]);
+    free(g);
+}
+
 static void model_free(model_t *m)
 {
+    gpu_exports_free(m->gpu, m->ngpu);
     if (m->reg)
         m->reg->resident_bytes -= model_resident(m);
     host_arena_close(&m->arena);
@@ -191,6 +199,9 @@ typedef struct preload_work {
     host_arena_t arena;
     uint8_t *pb;
     size_t pb_len;
+    int *devices;            /* CUDA ordinals to upload to, owned */
+    size_t ndevices;
+    gpu_export_t *gpu;       /* ndevices uploads, filled by the copy phase */
 } preload_work_t;
 
 static void close_sources(preload_work_t *w)
@@ -212,6 +223,14 @@ static void preload_parse_cb(uv_work_t *req)
     int r;
 
     w->arena.fd = -1;
+    /* A device that cannot take the model fails the preload before any file is read. */
+    r = 0;
+    for (size_t i = 0; r == 0 && i < w->ndevices; i++)
+        r = gpu_check_device(w->devices[i], &w->err);
+    if (r < 0) {
+        w->status = r;
+        return;
+    }
     r = fmt_load(w->model->source, &opts, &w->mf, &w->sources, &w->nsources, &w->err);
     if (r == 0 && w->share_file && w->nsources != 1)
         r = fmt_fail(&w->err, WSD_EINVAL, "E_SHARE",
@@ -228,6 +247,29 @@ static void preload_parse_cb(uv_work_t *req)
     if (r < 0 && !w->err.code)
         (void)fmt_fail(&w->err, r, NULL, "%s", wsd_strerror(r));
     w->status = r;
+}
+
+/* Phase 2b, on the thread pool: one upload per requested device from the finished arena (so
+ * --dtype is applied already), each with its GpuExport packed once for every later open. */
+static int preload_gpu(preload_work_t *w)
+{
+    int r = 0;
+
+    w->gpu = calloc(w->ndevices, sizeof(*w->gpu));
+    if (!w->gpu)
+        return fmt_fail(&w->err, -ENOMEM, NULL, "out of memory");
+    for (size_t i = 0; r == 0 && i < w->ndevices; i++) {
+        r = gpu_upload(w->mf, w->arena.fd, w->arena.size, w->devices[i], &w->gpu[i], &w->err);
+        if (r == 0)
+            r = manifest_pb_gpu_export(&w->gpu[i], &w->gpu[i].pb, &w->gpu[i].pb_len);
+        if (r < 0 && !w->err.code)
+            (void)fmt_fail(&w->err, r, NULL, "cuda:%d: %s", w->devices[i], wsd_strerror(r));
+    }
+    if (r < 0) {
+        gpu_exports_free(w->gpu, w->ndevices);
+        w->gpu = NULL;
+    }
+    return r;
 }
 
 /* Phase 2, on the thread pool: copy into the sealed arena and encode the manifest. */
@@ -250,6 +292,8 @@ static void preload_copy_cb(uv_work_t *req)
             r = fmt_fail(&w->err, r, "E_LIMIT", "manifest of %zu tensors too large to send",
                          w->mf->ntensors);
     }
+    if (r == 0 && w->ndevices)
+        r = preload_gpu(w);
     close_sources(w);
     if (r < 0 && !w->err.code)
         (void)fmt_fail(&w->err, r, NULL, "%s", wsd_strerror(r));
@@ -289,6 +333,9 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
         m->arena = w->arena;
         m->manifest_pb = w->pb;
         m->manifest_pb_len = w->pb_len;
+        m->gpu = w->gpu;
+        m->ngpu = w->gpu ? w->ndevices : 0;
+        w->gpu = NULL;
         m->bytes = 0;
         for (size_t i = 0; i < m->mf->nstorages; i++)
             m->bytes += m->mf->storages[i].nbytes;
@@ -304,6 +351,11 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
                  m->dtype >= 0 ? wsd_dtype_name(m->dtype) : "", (unsigned long long)ms, m->hash);
         for (size_t i = 0; i < m->mf->nwarnings; i++)
             log_warning("model '%s': %s", m->name, m->mf->warnings[i]);
+        for (size_t i = 0; i < m->ngpu; i++)
+            log_info("model '%s' on cuda:%d: %llu bytes, %s, uploaded in %llu ms", m->name,
+                     m->gpu[i].device, (unsigned long long)m->gpu[i].size,
+                     gpu_handle_kind_name(m->gpu[i].kind),
+                     (unsigned long long)(m->gpu[i].upload_ns / 1000000));
         notify_waiters(m, 0, NULL);
         w->cb(w->data, m, 0, NULL);
     } else {
@@ -318,6 +370,8 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
         w->cb(w->data, NULL, w->status, w->err.msg);
     }
     model_unref(m);
+    gpu_exports_free(w->gpu, w->ndevices);
+    free(w->devices);
     free(w->key);
     free(w);
 }
@@ -439,6 +493,14 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
         if (!w->key)
             goto nomem;
     }
+    if (a->ndevices) {
+        w->devices = calloc(a->ndevices, sizeof(*w->devices));
+        if (!w->devices)
+            goto nomem;
+        memcpy(w->devices, a->devices, a->ndevices * sizeof(*w->devices));
+        w->ndevices = a->ndevices;
+    }
+    m->allow_gpu_write = a->allow_gpu_write;
     w->no_verify = a->no_verify;
     w->share_file = a->share_file;
     w->hugepages = a->hugepages;
@@ -455,6 +517,7 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
     k = uv_queue_work(r->loop, &w->req, preload_parse_cb, preload_parsed_cb);
     if (k < 0) {
         snprintf(msg, msglen, "cannot queue preload: %s", uv_strerror(k));
+        free(w->devices);
         free(w->key);
         free(w);
         model_free(m);
@@ -469,13 +532,23 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
     return 0;
 
 nomem:
-    if (w)
+    if (w) {
+        free(w->devices);
         free(w->key);
+    }
     free(w);
     if (m)
         model_free(m);
     snprintf(msg, msglen, "out of memory");
     return -ENOMEM;
+}
+
+const gpu_export_t *model_gpu(const model_t *m, int index)
+{
+    for (size_t i = 0; i < m->ngpu; i++)
+        if (m->gpu[i].device == index)
+            return &m->gpu[i];
+    return NULL;
 }
 
 bool model_check_stale(model_t *m)

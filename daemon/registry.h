@@ -14,6 +14,7 @@
 #include <uv.h>
 
 #include "fmt.h"
+#include "gpu.h"
 #include "host.h"
 
 typedef enum model_state {
@@ -61,6 +62,10 @@ struct model {
     struct stat file_st;      /* the file at preload, to notice in-place changes */
     model_waiter_t *waiters;  /* opens waiting while loading */
     struct preload_work *loading; /* the running preload, NULL once it ended */
+    gpu_export_t *gpu;        /* ngpu device copies (GPU tier), owned; freed with the model, so
+                                 never while a lease exists (legacy IPC memory dies with it) */
+    size_t ngpu;
+    bool allow_gpu_write;     /* opens may map the device copies writable */
 };
 
 struct registry {
@@ -97,6 +102,9 @@ typedef struct preload_args {
     bool no_verify;
     bool share_file;   /* serve the checkpoint file itself instead of a sealed copy */
     int hugepages;     /* HOST_HUGEPAGES_* (0 = never; the admin and config default is auto) */
+    const int *devices; /* CUDA ordinals to upload to after the host arena (copied), or NULL */
+    size_t ndevices;
+    bool allow_gpu_write; /* let opens map the device copies writable */
 } preload_args_t;
 
 /* Called on the loop thread when a preload ends: \p m is the ready model, or NULL with a code
@@ -134,6 +142,9 @@ int registry_cancel(registry_t *r, const char *name, char *msg, size_t msglen);
  * the preload has ended. */
 bool model_progress(const model_t *m, const char **ret_phase, uint64_t *ret_done,
                     uint64_t *ret_total);
+
+/* The model's copy on CUDA device \p index, or NULL. */
+const gpu_export_t *model_gpu(const model_t *m, int index);
 
 /* Lease bookkeeping for sessions. */
 void model_lease_get(model_t *m);

@@ -20,6 +20,8 @@ typedef struct open_waiter {
     conn_t *conn;       /* reference */
     uint64_t id;        /* request id */
     char expect[72];    /* required content hash, or "" */
+    int device;         /* CUDA ordinal, or -1 for the host tier */
+    unsigned flags;     /* WSD_OPEN_* of the request */
 } open_waiter_t;
 
 static int lease_add(conn_t *c, model_t *m, uint64_t *ret_id)
@@ -41,39 +43,85 @@ static int lease_add(conn_t *c, model_t *m, uint64_t *ret_id)
     return 0;
 }
 
-/* Grants a lease on a ready model and sends OpenReply with the sealed fd. */
-static void open_grant(conn_t *c, uint64_t id, model_t *m)
+/* "the host tier (cpu), cuda:0, cuda:3": where \p m is served, for errors naming alternatives. */
+static void served_on(const model_t *m, char *buf, size_t len)
 {
+    size_t n = (size_t)snprintf(buf, len, "the host tier (cpu)");
+
+    for (size_t i = 0; i < m->ngpu && n < len; i++)
+        n += (size_t)snprintf(buf + n, len - n, ", cuda:%d", m->gpu[i].device);
+}
+
+/* The device copy an open asks for, or NULL after sending the error that says why not. */
+static const gpu_export_t *open_gpu(conn_t *c, uint64_t id, model_t *m, int device,
+                                    unsigned flags)
+{
+    const gpu_export_t *g = model_gpu(m, device);
+    char where[256];
+
+    if (!g) {
+        served_on(m, where, sizeof(where));
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_ENODEV,
+                        "device 'cuda:%d' unavailable: model '%s' is served on %s only "
+                        "(preload it with --device cuda:%d)", device, m->name, where, device);
+        return NULL;
+    }
+    if ((flags & WSD_OPEN_GPU_WRITE) && !m->allow_gpu_write) {
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_EDENIED,
+                        "model '%s': a writable GPU mapping needs a preload with "
+                        "--allow-gpu-write (other workers share these bytes)", m->name);
+        return NULL;
+    }
+    return g;
+}
+
+/* Grants a lease on a ready model and sends OpenReply with the sealed fd, or for a device the
+ * CUDA export (an fd with VMM, none with legacy IPC) and where each storage lives in it. */
+static void open_grant(conn_t *c, uint64_t id, model_t *m, int device, unsigned flags)
+{
+    const gpu_export_t *g = NULL;
     uint8_t *buf = NULL;
-    size_t len = 0;
+    size_t len = 0, nfds = 1;
     uint64_t lease;
-    int fd, r;
+    int fd = -1, r;
 
     if (c->nleases >= c->srv->opts.max_leases_per_conn) {
         conn_send_error(c, id, WSD_ELIMIT, "connection holds %zu leases (limit %u)", c->nleases,
                         c->srv->opts.max_leases_per_conn);
         return;
     }
+    if (device >= 0) {
+        g = open_gpu(c, id, m, device, flags);
+        if (!g)
+            return;
+        nfds = g->kind == GPU_HANDLE_POSIX_FD ? 1 : 0;
+    }
     /* The queued frame owns a duplicate, so eviction can close the model's fd meanwhile. */
-    fd = fcntl(m->arena.fd, F_DUPFD_CLOEXEC, 3);
-    if (fd < 0) {
+    if (nfds)
+        fd = fcntl(g ? g->fd : m->arena.fd, F_DUPFD_CLOEXEC, 3);
+    if (nfds && fd < 0) {
         conn_send_error(c, id, -errno, "cannot duplicate the model's fd: %s", strerror(errno));
         return;
     }
     r = lease_add(c, m, &lease);
     if (r == 0)
-        r = manifest_pb_open_reply(id, lease, m->manifest_pb, m->manifest_pb_len, 1, &buf, &len);
+        r = manifest_pb_open_reply_gpu(id, lease, m->manifest_pb, m->manifest_pb_len,
+                                       g ? g->pb : NULL, g ? g->pb_len : 0, nfds, &buf, &len);
     if (r < 0) {
-        (void)close(fd);
+        if (fd >= 0)
+            (void)close(fd);
         conn_send_error(c, id, r, "cannot build the reply: %s", wsd_strerror(r));
         return;
     }
     c->srv->stats.opens_total++;
-    conn_send(c, buf, len, &fd, 1);
+    conn_send(c, buf, len, &fd, nfds);
 }
 
 /* A ready model: refuse it if the worker pinned another content hash, else lease it. */
-static void open_ready(conn_t *c, uint64_t id, model_t *m, const char *expect)
+static void open_ready(conn_t *c, uint64_t id, model_t *m, const char *expect, int device,
+                       unsigned flags)
 {
     if (expect && *expect && strcmp(expect, m->hash) != 0) {
         c->srv->stats.open_errors++;
@@ -81,7 +129,7 @@ static void open_ready(conn_t *c, uint64_t id, model_t *m, const char *expect)
                         m->name, m->hash, expect);
         return;
     }
-    open_grant(c, id, m);
+    open_grant(c, id, m, device, flags);
 }
 
 static void open_waiter_cb(model_waiter_t *w, model_t *m, int status, const char *msg)
@@ -91,7 +139,7 @@ static void open_waiter_cb(model_waiter_t *w, model_t *m, int status, const char
 
     if (!c->closing) {
         if (status == 0)
-            open_ready(c, ow->id, m, ow->expect);
+            open_ready(c, ow->id, m, ow->expect, ow->device, ow->flags);
         else
             conn_send_error(c, ow->id, status, "%s", msg ? msg : wsd_strerror(status));
     }
@@ -99,26 +147,20 @@ static void open_waiter_cb(model_waiter_t *w, model_t *m, int status, const char
     free(ow);
 }
 
-static bool device_is_cpu(const char *d)
-{
-    return !d || !*d || strcmp(d, "cpu") == 0;
-}
-
 static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest *req)
 {
     model_t *m = registry_find(c->srv->reg, req->model ? req->model : "");
+    int device;
 
     if (!m) {
         c->srv->stats.open_errors++;
         conn_send_error(c, id, WSD_ENOTFOUND, "no model named '%s'", req->model ? req->model : "");
         return;
     }
-    if (!device_is_cpu(req->device)) {
+    if (gpu_parse_device(req->device, &device) < 0) {
         c->srv->stats.open_errors++;
-        conn_send_error(c, id, WSD_ENODEV,
-                        "device '%s' unavailable: this daemon serves model '%s' on the host tier "
-                        "only (device \"cpu\")",
-                        req->device, m->name);
+        conn_send_error(c, id, WSD_ENODEV, "device '%s' unknown: expected \"cpu\" or \"cuda:N\"",
+                        req->device);
         return;
     }
     if (model_check_stale(m)) {
@@ -130,7 +172,7 @@ static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest 
     }
     switch (m->state) {
     case MODEL_READY:
-        open_ready(c, id, m, req->expect_hash);
+        open_ready(c, id, m, req->expect_hash, device, req->flags);
         return;
     case MODEL_LOADING:
         if (req->flags & WSD_OPEN_WAIT) {
@@ -143,6 +185,8 @@ static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest 
             ow->w.cb = open_waiter_cb;
             ow->conn = conn_ref(c);
             ow->id = id;
+            ow->device = device;
+            ow->flags = req->flags;
             snprintf(ow->expect, sizeof(ow->expect), "%s", req->expect_hash ? req->expect_hash : "");
             ow->w.next = m->waiters;
             m->waiters = &ow->w;

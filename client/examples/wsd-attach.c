@@ -33,6 +33,7 @@ static const char usage_text[] =
     "      --repeat N      open and release N times, then report the median open time\n"
     "      --expect HASH   refuse the model unless its content hash is HASH\n"
     "      --touch         only fault in every page (one read per 4 KiB) and report the time\n"
+    "      --device DEV    cpu (default) or cuda:N; a GPU copy is imported, not read\n"
     "  -h, --help          show this help\n";
 
 static volatile sig_atomic_t stop;
@@ -114,10 +115,10 @@ int main(int argc, char **argv)
         {"write", no_argument, NULL, 'W'},        {"hold", required_argument, NULL, 'H'},
         {"wait", no_argument, NULL, 'w'},         {"repeat", required_argument, NULL, 'R'},
         {"expect", required_argument, NULL, 'E'}, {"touch", no_argument, NULL, 'P'},
-        {"help", no_argument, NULL, 'h'},
+        {"help", no_argument, NULL, 'h'},         {"device", required_argument, NULL, 'D'},
         {NULL, 0, NULL, 0},
     };
-    const char *socket_path = NULL, *name, *expect = NULL;
+    const char *socket_path = NULL, *name, *expect = NULL, *device = "cpu";
     int tensors = 0, do_write = 0, hold = -1, repeat = 0, touch = 0, opt, r;
     unsigned flags = 0;
     uint64_t sum = 1469598103934665603ull, size = 0;
@@ -145,6 +146,9 @@ int main(int argc, char **argv)
             break;
         case 'R':
             repeat = atoi(optarg);
+            break;
+        case 'D':
+            device = optarg;
             break;
         case 'E':
             expect = optarg;
@@ -180,7 +184,7 @@ int main(int argc, char **argv)
         for (int i = 0; samples && i < repeat; i++) {
             double a = now_us();
 
-            r = wsd_open(c, name, "cpu", flags, &m);
+            r = wsd_open(c, name, device, flags, &m);
             if (r < 0)
                 break;
             samples[i] = now_us() - a;
@@ -198,7 +202,8 @@ int main(int argc, char **argv)
         return 0;
     }
     {
-        wsd_open_opts_t o = {.size = sizeof(o), .flags = flags, .expect_hash = expect};
+        wsd_open_opts_t o = {
+            .size = sizeof(o), .device = device, .flags = flags, .expect_hash = expect};
 
         r = wsd_open_with(c, name, &o, &m);
     }
@@ -210,6 +215,9 @@ int main(int argc, char **argv)
         return 1;
     }
     (void)wsd_model_base(m, &size);
+    /* Device memory is not readable from here: a GPU open reports the import, not a checksum. */
+    if (wsd_model_device(m) >= 0)
+        do_write = touch = 0;
     if (do_write && wsd_model_tensor_count(m) > 0) {
         const wsd_tensor_t *t = wsd_model_tensor(m, 0);
         uint8_t *p = wsd_tensor_data(t);
@@ -227,7 +235,7 @@ int main(int argc, char **argv)
         printf("{\"pid\":%d,\"touch_ms\":%.3f,\"pages_4k\":%" PRIu64 ",\"x\":%u}\n",
                (int)getpid(), (now_us() - a) / 1000, size / 4096, x);
     } else
-        for (size_t i = 0; i < wsd_model_storage_count(m); i++) {
+        for (size_t i = 0; wsd_model_device(m) < 0 && i < wsd_model_storage_count(m); i++) {
             void *data;
             uint64_t n;
 

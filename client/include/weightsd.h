@@ -151,17 +151,23 @@ WSD_EXTERN const char *wsd_last_error(const wsd_client_t *c);
 
 /* Flags for wsd_open(). */
 #define WSD_OPEN_WAIT (1u << 0) /* if the model is still loading, wait instead of WSD_ELOADING */
+#define WSD_OPEN_GPU_WRITE (1u << 1) /* map a GPU copy writable (needs --allow-gpu-write) */
 
 /**
  * Opens (leases) a model and maps its memory: MAP_PRIVATE, PROT_READ|PROT_WRITE, so writes stay
  * private to this process (copy-on-write) and other workers never see them.
  * \param[in]  c          connected client.
  * \param[in]  name       model name.
- * \param[in]  device     "cpu" or NULL (the only device this build serves over the host tier).
+ * \param[in]  device     "cpu" or NULL (host tier), or "cuda:N": the daemon's copy on that GPU,
+ *                        imported (CUDA VMM fd, or legacy IPC handle), mapped read-only unless
+ *                        WSD_OPEN_GPU_WRITE; tensor data pointers are then device addresses.
+ *                        Every open of one model on one device in a process shares one import.
+ *                        libcuda.so.1 is loaded at run time, so this library never needs CUDA.
  * \param[in]  flags      WSD_OPEN_* flags.
  * \param[out] ret_model  new handle; free with wsd_model_free(). Holds its own reference on the
  *                        connection's state, so it may outlive wsd_close(c).
- * \retval 0, WSD_ENOTFOUND, WSD_ELOADING, WSD_ENODEV, WSD_EPROTO, WSD_ECLOSED, -errno.
+ * \retval 0, WSD_ENOTFOUND, WSD_ELOADING, WSD_ENODEV, WSD_EPROTO, WSD_ECLOSED, WSD_EGPU (CUDA
+ *         import failed, or no libcuda.so.1), WSD_EDENIED (writable GPU map not allowed), -errno.
  */
 WSD_EXTERN WSD_MUST_CHECK int wsd_open(wsd_client_t *c, const char *name, const char *device,
                                        unsigned flags, wsd_model_t **ret_model);
@@ -195,6 +201,11 @@ WSD_EXTERN const void *wsd_model_base(const wsd_model_t *m, uint64_t *ret_size);
 WSD_EXTERN uint64_t wsd_model_lease(const wsd_model_t *m);
 /** \retval content hash as lowercase hex ("" when the daemon sent none). */
 WSD_EXTERN const char *wsd_model_hash(const wsd_model_t *m);
+/**
+ * \retval -1 when the model's memory is host memory, else the CUDA ordinal N of "cuda:N" (data
+ *         pointers are device addresses then; read them from kernels, not from the CPU).
+ */
+WSD_EXTERN int wsd_model_device(const wsd_model_t *m);
 
 /** \retval tensor \p i in manifest order, or NULL when \p i is out of range. */
 WSD_EXTERN const wsd_tensor_t *wsd_model_tensor(const wsd_model_t *m, size_t i);
@@ -242,6 +253,9 @@ typedef struct wsd_preload_opts {
     void *progress_data;
     int cancel_on_disconnect; /* the daemon cancels the preload if this connection closes */
     const char *hugepages;    /* "auto" (default), "never" or "always": 2 MiB pages */
+    const char *const *devices; /* ndevices of "cpu" / "cuda:N": also upload to these GPUs */
+    size_t ndevices;
+    int allow_gpu_write; /* let workers map the GPU copies writable (WSD_OPEN_GPU_WRITE) */
 } wsd_preload_opts_t;
 
 /** Preloads \p path as \p name. \retval 0, WSD_EEXIST, WSD_EBADCKPT, WSD_EIO, ... */
@@ -269,7 +283,8 @@ struct DLManagedTensor;
 typedef void (*wsd_dlpack_release_fn)(void *ctx);
 
 /**
- * Describes tensor \p i of \p m as a DLPack tensor: kDLCPU, its dtype, shape and strides, data
+ * Describes tensor \p i of \p m as a DLPack tensor: kDLCPU (kDLCUDA with device_id N for a
+ * model opened on "cuda:N"), its dtype, shape and strides, data
  * at element 0 with byte_offset 0. The memory is the model's mapping: the caller keeps \p m
  * alive (not wsd_model_free()'d) until \p release has run.
  * \param[in]  m            open model.

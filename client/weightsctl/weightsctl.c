@@ -32,6 +32,9 @@ static const char usage_text[] =
     "      --no-verify            skip CRC-32 checks of zip records\n"
     "      --hugepages auto|never|always  back the copy with 2 MiB pages (hugetlb pool, or\n"
     "                             shmem transparent huge pages); auto falls back to 4 KiB\n"
+    "      --device cpu|cuda:N    also upload one copy to GPU N for every worker\n"
+    "                             (repeatable; the host copy is always kept)\n"
+    "      --allow-gpu-write      let workers map GPU copies writable\n"
     "      --cancel-on-exit       cancel the preload if weightsctl dies or is interrupted\n"
     "                             (by default the daemon finishes it regardless)\n"
     "                       progress (bytes, rate, ETA) is shown on a terminal, as plain\n"
@@ -63,7 +66,12 @@ enum {
     OPT_PROMETHEUS,
     OPT_CANCEL_ON_EXIT,
     OPT_HUGEPAGES,
+    OPT_DEVICE,
+    OPT_ALLOW_GPU_WRITE,
 };
+
+/* --device may be given once per GPU (and for cpu); more than this is surely a mistake. */
+#define DEVICES_MAX 65
 
 static const char *prog = "weightsctl";
 
@@ -453,10 +461,13 @@ int main(int argc, char **argv)
         {"force", no_argument, NULL, OPT_FORCE},
         {"cancel-on-exit", no_argument, NULL, OPT_CANCEL_ON_EXIT},
         {"hugepages", required_argument, NULL, OPT_HUGEPAGES},
+        {"device", required_argument, NULL, OPT_DEVICE},
+        {"allow-gpu-write", no_argument, NULL, OPT_ALLOW_GPU_WRITE},
         {"prometheus", no_argument, NULL, OPT_PROMETHEUS},
         {NULL, 0, NULL, 0},
     };
     wsd_preload_opts_t popts = {.size = sizeof(popts)};
+    const char *devices[DEVICES_MAX];
     const char *socket_path = NULL, *cmd;
     unsigned evict_flags = 0;
     int as_json = 0, prometheus = 0, timeout_ms = 600000, opt, r, rc = 0;
@@ -513,6 +524,18 @@ int main(int argc, char **argv)
             break;
         case OPT_HUGEPAGES:
             popts.hugepages = optarg;
+            break;
+        case OPT_DEVICE:
+            if (popts.ndevices == DEVICES_MAX) {
+                fprintf(stderr, "%s: too many --device options (at most %d)\n", prog,
+                        DEVICES_MAX);
+                return 2;
+            }
+            devices[popts.ndevices++] = optarg;
+            popts.devices = devices;
+            break;
+        case OPT_ALLOW_GPU_WRITE:
+            popts.allow_gpu_write = 1;
             break;
         case OPT_PROMETHEUS:
             prometheus = 1;

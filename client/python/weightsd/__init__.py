@@ -115,8 +115,8 @@ class Client:
 
     def open(self, name, device="cpu", wait=False):
         """Leases model `name` and maps it. Returns a Model; most callers want state_dict() or
-        tensors() instead. device: "cpu" (the only device served today; others raise
-        DeviceUnavailable with the daemon's message). wait: wait for a model still loading
+        tensors() instead. device: "cpu", or "cuda:N" for the daemon's copy on that GPU
+        (preloaded with --device cuda:N; else DeviceUnavailable with the daemon's message). wait: wait for a model still loading
         instead of raising Loading."""
         dev = str(device) if device is not None else "cpu"
         ptr = ctypes.c_void_p()
@@ -190,6 +190,10 @@ class DLPackTensor:
     def __repr__(self):
         return f"<weightsd.DLPackTensor {self.name!r} {self.dtype} {list(self.shape)}>"
 
+    def _device(self):
+        d = _lib.wsd_model_device(self._model.ptr)
+        return (1, 0) if d < 0 else (2, d)  # (kDLCPU, 0) or (kDLCUDA, N)
+
     def __dlpack__(self, stream=None, *, max_version=None, dl_device=None, copy=None):
         """A new "dltensor" capsule: the legacy (pre-1.0) form, which the protocol lets a
         producer return whatever max_version asks. stream is meaningless on the CPU. Raises
@@ -197,14 +201,16 @@ class DLPackTensor:
         UnsupportedDtype for dtypes DLPack cannot describe (BOOL with DLPack < 0.8, F8_*)."""
         if copy:
             raise BufferError("weightsd exports its mapping as is; copy the imported array")
-        if dl_device is not None and tuple(dl_device) != (1, 0):
-            raise BufferError(f"weightsd tensors live on the CPU, not on {dl_device}")
+        # stream needs no wait: the daemon synchronised its upload before exporting, and
+        # nothing writes these bytes afterwards (read-only mapping).
+        if dl_device is not None and tuple(dl_device) != self._device():
+            raise BufferError(f"weightsd tensor lives on {self._device()}, not on {dl_device}")
         capsule = self._model.capsule(self._index)
         self._capsules.append(capsule)
         return capsule
 
     def __dlpack_device__(self):
-        return (1, 0)  # (kDLCPU, 0)
+        return self._device()
 
 
 def meta_device():

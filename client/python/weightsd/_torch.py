@@ -59,8 +59,35 @@ def _storage(model, index):
     return _untyped(torch.frombuffer(model.buffer(data.value, nbytes.value), dtype=torch.uint8))
 
 
+def _cuda_state_dict(model):
+    """state_dict() of a model opened on "cuda:N": each distinct view is a DLPack (kDLCUDA)
+    import of the process's shared, read-only mapping; tied names share one tensor object.
+
+    Stream semantics: the daemon synchronised the upload before exporting, and nothing writes
+    the bytes afterwards, so tensors are usable on any stream at once. Writing into them is a
+    CUDA illegal-address fault unless the model was preloaded with --allow-gpu-write."""
+    from torch.utils.dlpack import from_dlpack
+    m = model.ptr
+    views, out = {}, {}
+    for i in range(_lib.wsd_model_tensor_count(m)):
+        t = _lib.wsd_model_tensor(m, i)
+        name = _lib.wsd_tensor_name(t).decode()
+        dtype = _torch_dtype(_lib.wsd_tensor_dtype(t), name, model.name)
+        nd = _lib.wsd_tensor_ndim(t)
+        key = (_lib.wsd_tensor_storage(t), _lib.wsd_tensor_storage_offset(t),
+               tuple(_lib.wsd_tensor_shape(t)[:nd]), tuple(_lib.wsd_tensor_strides(t)[:nd]),
+               dtype)
+        tensor = views.get(key)
+        if tensor is None:
+            tensor = views[key] = from_dlpack(model.capsule(i))
+        out[name] = tensor
+    return out
+
+
 def state_dict(model):
     """Builds the dict name -> tensor for an open Model (see Client.state_dict)."""
+    if _lib.wsd_model_device(model.ptr) >= 0:
+        return _cuda_state_dict(model)
     m = model.ptr
     storages = {}  # storage index -> UntypedStorage over the mapping
     views = {}     # (storage, offset, shape, strides, dtype) -> tensor, so tied names share one
@@ -255,7 +282,7 @@ def load_into(module, name, client=None, strict=True, prefix="", device="cpu", d
     shape and dtype mismatches raise RuntimeError worded as torch's ("Error(s) in loading
     state_dict for X:..."); dtype=, if given, must match every floating tensor (the daemon
     serves what it preloaded: no conversion on open), else TypeError. device goes to the daemon
-    ("cuda:N" raises DeviceUnavailable today). client=None connects to the default socket; that
+    ("cuda:N" needs a preload with --device cuda:N). client=None connects to the default socket; that
     connection then lives as long as the loaded tensors do.
 
     Returns torch's _IncompatibleKeys(missing_keys, unexpected_keys).

@@ -1,0 +1,83 @@
+"""GPU tier on a machine without a usable GPU (or a build without CUDA): `preload --device
+cuda:N` fails with a clear message naming the cause, nothing is left listed, the CPU tier keeps
+serving, and an open on cuda:N of a host-only model is WSD_ENODEV naming where it is served.
+
+Skipped where the CUDA runtime does see a device (tests/gpu/run.sh covers that case).
+"""
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+from wsdtest import BIN, Daemon, attach, write_safetensors
+
+WSD_ENODEV = -1007
+
+
+def _has_gpu():
+    return shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+pytestmark = pytest.mark.skipif(_has_gpu(), reason="a GPU is present: see tests/gpu/run.sh")
+
+NO_DEVICE = ("no CUDA device", "built without CUDA support")
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path)
+    yield d
+    assert d.stop() == 0
+
+
+@pytest.fixture
+def model(tmp_path):
+    return write_safetensors(tmp_path / "m.safetensors", [
+        ("w", "F32", [4], struct.pack("<4f", 1, 2, 3, 4)),
+        ("b", "F32", [2], struct.pack("<2f", 5, 6))])
+
+
+def test_preload_cuda_fails_clearly(daemon, model):
+    p = daemon.ctl("preload", "g", str(model), "--device", "cuda:0", check=False)
+    assert p.returncode != 0
+    assert "cuda:0" in p.stderr and any(s in p.stderr for s in NO_DEVICE), p.stderr
+    # The failed preload left nothing behind: the name is free and not listed.
+    assert daemon.ctl_json("list") == []
+    assert daemon.alive()
+
+
+def test_cpu_tier_keeps_serving(daemon, model):
+    daemon.preload("cpu1", model)
+    for _ in range(3):
+        assert daemon.ctl("preload", "g", str(model), "--device", "cpu", "--device", "cuda:0",
+                          check=False).returncode != 0
+    out = attach(daemon, "cpu1", "--tensors")
+    assert [t["name"] for t in out if "name" in t][:2] == ["w", "b"]
+    info = daemon.ctl_json("info", "cpu1")
+    assert info["devices"] == [{"device": "cpu", "bytes": info["map_bytes"]}]
+    # --device cpu alone is the host tier as before.
+    daemon.preload("cpu2", model, "--device", "cpu")
+    assert daemon.ctl_json("info", "cpu2")["devices"][0]["device"] == "cpu"
+
+
+def test_bad_device_names(daemon, model):
+    for bad in ("gpu:0", "cuda:", "cuda:-1", "cuda:01", "cuda:64", "cuda:0x1"):
+        p = daemon.ctl("preload", "x", str(model), "--device", bad, check=False)
+        assert p.returncode != 0 and "expected cpu or cuda:N" in p.stderr, (bad, p.stderr)
+    p = daemon.ctl("preload", "x", str(model), "--device", "cuda:1", "--device", "cuda:1",
+                   check=False)
+    assert p.returncode != 0 and "given twice" in p.stderr
+
+
+def test_open_on_cuda_is_enodev(daemon, model):
+    daemon.preload("m", model)
+    p = subprocess.run([os.path.join(BIN, "wsd-attach"), "--socket", daemon.sock, "--device",
+                        "cuda:0", "m"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert "cuda:0" in p.stderr and "served on the host tier (cpu) only" in p.stderr, p.stderr
+    # The daemon still serves the model on the host tier, and counted the refusal.
+    attach(daemon, "m")
+    assert daemon.ctl_json("stats")["open_errors"] >= 1
