@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# tests/gpu/run.sh [BUILD_DIR] - the GPU tier's hardware checks (issue 6 item 6), one JSON
+# summary on stdout. Builds nothing: BUILD_DIR (default $WSD_BUILD_DIR, else ./build) must hold
+# bin/weightsd, bin/weightsctl, lib/libweightsd.so and tests/test-gpu from a CUDA build (e.g.
+# cmake -DWSD_STATIC_DEPS=ON -DWSD_WITH_CUDA=ON). Needs python3 with torch 2.x (CUDA) and
+# safetensors. Exits 77 (skip) without a GPU, 0 when every check passed, 1 otherwise.
+# Bounded to 8 minutes in total.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+build=$(cd "${1:-${WSD_BUILD_DIR:-$root/build}}" 2>/dev/null && pwd) || {
+    echo "tests/gpu/run.sh: build directory '${1:-${WSD_BUILD_DIR:-$root/build}}' not found" >&2
+    exit 2
+}
+skip() {
+    echo "tests/gpu/run.sh: SKIP: $*" >&2
+    exit 77
+}
+command -v nvidia-smi >/dev/null 2>&1 || skip "no nvidia-smi: this machine has no NVIDIA GPU"
+nvidia-smi -L >/dev/null 2>&1 || skip "nvidia-smi -L lists no GPU (no device or no driver)"
+py=${WSD_PYTHON:-python3}
+"$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null ||
+    skip "torch cannot use CUDA here"
+for f in bin/weightsd bin/weightsctl lib/libweightsd.so; do
+    [ -e "$build/$f" ] || { echo "tests/gpu/run.sh: $build/$f missing" >&2; exit 2; }
+done
+export WSD_BUILD_DIR="$build" WEIGHTSD_LIBRARY="$build/lib/libweightsd.so"
+export PYTHONPATH="$root/client/python:$root/tests/harness${PYTHONPATH:+:$PYTHONPATH}"
+exec timeout -k 10 470 "$py" "$here/gpu_check.py"
