@@ -62,7 +62,7 @@ static int harness_count_fds(void)
     if (!d)
         abort();
     while ((e = readdir(d))) {
-        char path[64], target[256];
+        char path[300], target[256];
         ssize_t k;
 
         if (e->d_name[0] == '.')
