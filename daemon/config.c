@@ -20,6 +20,7 @@
 
 #include <ini.h>
 
+#include "gpu.h"
 #include "log.h"
 #include "weightsd.h"
 #include "wsd_limits.h"
@@ -409,14 +410,26 @@ static void model_key(parse_state_t *ps, const char *name, const char *v)
         else
             m->share_file = strcmp(v, "file") == 0;
     } else if (strcmp(name, "devices") == 0) {
-        /* Only the host tier serves today; naming a GPU must not silently mean host. */
-        if (strcmp(v, "host") != 0 && strcmp(v, "cpu") != 0) {
-            if (strncmp(v, "cuda", 4) == 0)
-                cfg_error(ps, ps->line, "devices: '%s': GPU placement is not supported by this "
-                                        "daemon version (only host)", v);
+        /* "host cuda:0 cuda:1": the host copy always exists; each cuda:N adds a GPU copy. */
+        char buf[512], *save = NULL;
+
+        snprintf(buf, sizeof(buf), "%s", v);
+        m->ndevices = 0;
+        for (char *t = strtok_r(buf, " ,", &save); t; t = strtok_r(NULL, " ,", &save)) {
+            int ix;
+
+            if (strcmp(t, "host") == 0 || strcmp(t, "cpu") == 0)
+                continue;
+            if (gpu_parse_device(t, &ix) < 0 || ix < 0)
+                cfg_error(ps, ps->line, "devices: wants host, cpu or cuda:N, got '%s'", t);
+            else if (m->ndevices == sizeof(m->devices) / sizeof(m->devices[0]))
+                cfg_error(ps, ps->line, "devices: too many devices");
             else
-                cfg_error(ps, ps->line, "devices: wants host, got '%s'", v);
+                m->devices[m->ndevices++] = ix;
         }
+    } else if (strcmp(name, "allow-gpu-write") == 0) {
+        if (!parse_bool(v, &m->allow_gpu_write))
+            cfg_error(ps, ps->line, "allow-gpu-write: wants yes or no, got '%s'", v);
     } else
         cfg_error(ps, ps->line, "unknown key '%s' in [model %s]", name, m->name);
 }
@@ -599,6 +612,8 @@ static bool str_eq(const char *a, const char *b)
 bool cfg_model_same(const cfg_model_t *a, const cfg_model_t *b)
 {
     return str_eq(a->path, b->path) && str_eq(a->key, b->key) && a->dtype == b->dtype &&
-           a->share_file == b->share_file &&
+           a->share_file == b->share_file && a->ndevices == b->ndevices &&
+           memcmp(a->devices, b->devices, a->ndevices * sizeof(a->devices[0])) == 0 &&
+           a->allow_gpu_write == b->allow_gpu_write &&
            a->no_verify == b->no_verify;
 }

@@ -24,6 +24,9 @@ typedef struct cfg_model {
     int dtype;                /* wsd_dtype_t to convert to, or -1 to keep */
     bool share_file;          /* share = file: serve the checkpoint file itself */
     bool no_verify;
+    int devices[16];          /* CUDA ordinals from devices = (host/cpu entries add none) */
+    size_t ndevices;
+    bool allow_gpu_write;     /* allow-gpu-write = yes */
     unsigned line;            /* the [model NAME] header, for messages */
 } cfg_model_t;
 

@@ -76,6 +76,9 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
         .no_verify = cm->no_verify,
         .share_file = cm->share_file,
         .hugepages = HOST_HUGEPAGES_AUTO,
+        .devices = cm->devices,
+        .ndevices = cm->ndevices,
+        .allow_gpu_write = cm->allow_gpu_write,
     };
     preload_ctx_t *ctx = calloc(1, sizeof(*ctx));
     char msg[512];

@@ -81,3 +81,33 @@ def test_open_on_cuda_is_enodev(daemon, model):
     # The daemon still serves the model on the host tier, and counted the refusal.
     attach(daemon, "m")
     assert daemon.ctl_json("stats")["open_errors"] >= 1
+
+
+def test_config_devices_reach_the_gpu_tier(tmp_path, model):
+    """devices = host cuda:0 in weightsd.conf: valid for config-check, and at start the
+    preload fails with the same clear message while the daemon serves everything else."""
+    other = write_safetensors(tmp_path / "o.safetensors", [("x", "U8", [3], b"abc")])
+    cfg = tmp_path / "weightsd.conf"
+    cfg.write_text(f"[model g]\npath = {model}\ndevices = host cuda:0\n\n"
+                   f"[model h]\npath = {other}\n")
+    chk = subprocess.run([os.path.join(BIN, "weightsctl"), "config-check", str(cfg)],
+                         capture_output=True, text=True)
+    assert chk.returncode == 0, chk.stderr
+    bad = tmp_path / "bad.conf"
+    bad.write_text(f"[model g]\npath = {model}\ndevices = tpu:0\n")
+    chk = subprocess.run([os.path.join(BIN, "weightsctl"), "config-check", str(bad)],
+                         capture_output=True, text=True)
+    assert chk.returncode != 0 and f"{bad}:3:" in chk.stderr
+    d = Daemon(tmp_path, extra_args=("--config", str(cfg)))
+    try:
+        for _ in range(200):
+            names = [m["name"] for m in d.ctl_json("list") if m["state"] == "ready"]
+            if "h" in names and any(s in d.log() for s in NO_DEVICE):
+                break
+            import time
+            time.sleep(0.02)
+        assert names == ["h"]
+        assert any(s in d.log() for s in NO_DEVICE), d.log()
+        assert attach(d, "h")[-1]["tensors"] == 1
+    finally:
+        assert d.stop() == 0

@@ -220,7 +220,7 @@ admin-groups = no-such-group-here
 path = /nonexistent/m.safetensors
 dtype = int4
 share = tmpfs
-devices = cuda:1
+devices = tpu:0
 no-verify = perhaps
 what is this
 [model m]
