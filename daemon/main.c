@@ -15,6 +15,7 @@
 #include <uv.h>
 
 #include "config.h"
+#include "fdstore.h"
 #include "log.h"
 #include "notify.h"
 #include "server.h"
@@ -59,6 +60,9 @@ static const char usage_text[] =
     "  -l, --log-level LEVEL      err, warning, notice, info (default) or debug\n"
     "  -h, --help                 show this help\n"
     "  -V, --version              show the version\n";
+
+/* Large (one slot per stored fd), so not on main()'s stack. */
+static fdstore_t fdstore;
 
 static void on_signal(uv_signal_t *h, int signum)
 {
@@ -347,8 +351,10 @@ int main(int argc, char **argv)
         if (!idle_given && cfg->idle_timeout_set)
             opts.idle_timeout_ms = cfg->idle_timeout_ms;
     }
-    /* Stored model fds are closed until the registry can re-adopt them (issue 7 item 5). */
-    if (notify_listen_fds(&opts.socket_fd, &opts.admin_fd, NULL, NULL, err, sizeof(err)) < 0) {
+    /* Stored model fds are kept aside until the registry exists to re-adopt them. */
+    fdstore_init(&fdstore, NULL);
+    if (notify_listen_fds(&opts.socket_fd, &opts.admin_fd, fdstore_collect_cb, &fdstore, err,
+                          sizeof(err)) < 0) {
         log_error("socket activation: %s", err);
         config_free(cfg);
         return 1;
@@ -391,6 +397,8 @@ int main(int argc, char **argv)
     }
 
     signal(SIGPIPE, SIG_IGN);
+    /* A memfd past RLIMIT_FSIZE must fail that one preload (EFBIG), not kill the daemon. */
+    signal(SIGXFSZ, SIG_IGN);
     r = uv_loop_init(&loop);
     if (r < 0) {
         log_error("uv_loop_init: %s", uv_strerror(r));
@@ -402,9 +410,15 @@ int main(int argc, char **argv)
         return 1;
     }
     reg->budget_bytes = budget;
+    if (fdstore.npending)
+        log_info("fd store: %u model(s) re-adopted without reading any checkpoint",
+                 fdstore_adopt_all(&fdstore, reg));
     /* Service first: the watchdog runs from the start, and the policy exists before any peer. */
     (void)service_init(&svc, &loop, reg, config_path, cfg);
     opts.policy = &svc.policy;
+    fdstore.notify = &svc.notify;
+    fdstore_purge(&fdstore, reg);
+    fdstore_attach(&fdstore, reg);
     r = server_start(&srv, &loop, reg, &opts);
     if (r < 0) {
         service_close(&svc);

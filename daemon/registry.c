@@ -9,6 +9,7 @@
 #include "registry.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,6 +87,8 @@ static void registry_unlist(registry_t *r, model_t *m)
             m->next = NULL;
             m->listed = false;
             r->nmodels--;
+            if (r->on_gone)
+                r->on_gone(r->hook_data, m);
             model_unref(m);
             return;
         }
@@ -95,6 +98,9 @@ registry_t *registry_free(registry_t *r)
 {
     if (!r)
         return NULL;
+    /* Shutting down is not evicting: what the fd store holds must stay there for the next
+     * start to re-adopt. */
+    r->on_gone = NULL;
     while (r->models)
         registry_unlist(r, r->models);
     free(r);
@@ -357,6 +363,8 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
                      gpu_handle_kind_name(m->gpu[i].kind),
                      (unsigned long long)(m->gpu[i].upload_ns / 1000000));
         notify_waiters(m, 0, NULL);
+        if (r->on_ready)
+            r->on_ready(r->hook_data, m);
         w->cb(w->data, m, 0, NULL);
     } else {
         r->preloads_failed++;
@@ -578,6 +586,80 @@ bool model_source_replaced(const model_t *m)
         return false;
     return stat(m->source, &st) < 0 || st.st_ino != m->file_st.st_ino ||
            st.st_dev != m->file_st.st_dev;
+}
+
+int registry_adopt(registry_t *r, const char *name, const char *source, const char *hash,
+                   int dtype, manifest_t *mf, int arena_fd, uint64_t arena_size, char *msg,
+                   size_t msglen)
+{
+    const int need = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE;
+    fmt_err_t err = {0};
+    struct stat st;
+    model_t *m;
+    int seals = fcntl(arena_fd, F_GET_SEALS);
+
+    if (registry_find(r, name) || !name_ok(name)) {
+        snprintf(msg, msglen, "model '%s' exists already or has an invalid name", name);
+        manifest_free(mf);
+        return WSD_EEXIST;
+    }
+    if (seals < 0 || (seals & need) != need || fstat(arena_fd, &st) < 0 ||
+        (uint64_t)st.st_size != arena_size) {
+        snprintf(msg, msglen, "stored arena of '%s' is not a sealed memfd of %llu bytes", name,
+                 (unsigned long long)arena_size);
+        manifest_free(mf);
+        return WSD_EBADCKPT;
+    }
+    if (manifest_validate(mf, &err) < 0) {
+        snprintf(msg, msglen, "stored manifest of '%s': %s", name, err.msg);
+        manifest_free(mf);
+        return WSD_EBADCKPT;
+    }
+    for (size_t i = 0; i < mf->nstorages; i++)
+        if (mf->storages[i].arena_offset > arena_size ||
+            mf->storages[i].nbytes > arena_size - mf->storages[i].arena_offset) {
+            snprintf(msg, msglen, "stored manifest of '%s' points outside its arena", name);
+            manifest_free(mf);
+            return WSD_EBADCKPT;
+        }
+    m = calloc(1, sizeof(*m));
+    if (!m || !(m->name = strdup(name)) || !(m->source = strdup(source ? source : ""))) {
+        if (m) {
+            free(m->name);
+            free(m);
+        }
+        manifest_free(mf);
+        snprintf(msg, msglen, "out of memory");
+        return -ENOMEM;
+    }
+    if (manifest_pb_encode(mf, arena_size, hash, &m->manifest_pb, &m->manifest_pb_len) < 0) {
+        free(m->name);
+        free(m->source);
+        free(m);
+        manifest_free(mf);
+        snprintf(msg, msglen, "cannot encode the manifest of '%s'", name);
+        return WSD_ELIMIT;
+    }
+    m->reg = r;
+    m->mf = mf;
+    m->arena.fd = arena_fd;
+    m->arena.size = arena_size;
+    snprintf(m->arena.pages, sizeof(m->arena.pages), "adopted");
+    snprintf(m->hash, sizeof(m->hash), "%s", hash ? hash : "");
+    m->dtype = dtype;
+    for (size_t i = 0; i < mf->nstorages; i++)
+        m->bytes += mf->storages[i].nbytes;
+    m->state = MODEL_READY;
+    m->last_used_ms = uv_now(r->loop);
+    m->refs = 1;
+    m->listed = true;
+    m->next = r->models;
+    r->models = m;
+    r->nmodels++;
+    r->resident_bytes += model_resident(m);
+    log_info("re-adopted '%s' from the fd store: %zu tensors, %llu bytes, hash %s", name,
+             mf->ntensors, (unsigned long long)m->bytes, m->hash);
+    return 0;
 }
 
 int registry_cancel(registry_t *r, const char *name, char *msg, size_t msglen)

@@ -77,6 +77,11 @@ struct registry {
     uint64_t reserved_bytes;  /* arena bytes promised to preloads now copying */
     uint64_t budget_bytes;    /* host-tier memory budget; 0 = unlimited */
     uint64_t budget_evictions; /* idle models evicted to make room */
+    /* Told when a model becomes ready and when it leaves the list (eviction; not at shutdown,
+     * where registry_free() clears them first). For the fd store. */
+    void (*on_ready)(void *data, model_t *m);
+    void (*on_gone)(void *data, model_t *m);
+    void *hook_data;
     uint64_t preloads_ok;
     uint64_t preloads_failed;
 };
@@ -134,6 +139,16 @@ bool model_check_stale(model_t *m);
 
 /* File share mode: true if the path now names another file (replaced by rename). */
 bool model_source_replaced(const model_t *m);
+
+/*
+ * Lists a model that already exists as a sealed arena (re-adopted from the service manager's
+ * fd store after a restart): \p mf (taken over) describes it, \p arena_fd (taken over on
+ * success) holds it. The arena is checked to be a sealed memfd of \p arena_size bytes.
+ * \retval 0, WSD_EEXIST, WSD_EBADCKPT (fd not sealed / wrong size) with \p msg filled.
+ */
+int registry_adopt(registry_t *r, const char *name, const char *source, const char *hash,
+                   int dtype, manifest_t *mf, int arena_fd, uint64_t arena_size, char *msg,
+                   size_t msglen);
 
 /* Asks a loading model's preload to stop; it then fails with WSD_ECANCELED. */
 int registry_cancel(registry_t *r, const char *name, char *msg, size_t msglen);

@@ -89,6 +89,13 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
         svc->failed++;
         return;
     }
+    /* Re-adopted from the fd store before we got here: its bytes are already served. */
+    if (registry_find(svc->reg, cm->name) && registry_find(svc->reg, cm->name)->source &&
+        strcmp(registry_find(svc->reg, cm->name)->source, cm->path) == 0) {
+        log_info("configured model '%s' is already resident, not reading it again", cm->name);
+        free(ctx);
+        return;
+    }
     ctx->svc = svc;
     ctx->generation = svc->generation;
     r = registry_preload(svc->reg, &a, preload_done, ctx, msg, sizeof(msg));

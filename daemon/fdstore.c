@@ -1,0 +1,283 @@
+/*
+ * fdstore.c - restart without reloading: every ready host-tier model is handed to the service
+ * manager's fd store as two sealed memfds, and re-adopted from LISTEN_FDS at the next start.
+ *
+ *   FDNAME "wsd-a.<name>"  the model's arena (the very memfd workers map)
+ *   FDNAME "wsd-m.<name>"  its record: u32 LE length, JSON {name, source, hash, dtype,
+ *                          arena_size, format}, then the packed weightsd.v1.Manifest
+ *
+ * Names are encoded with notify_fdname(). An evicted model's pair is removed from the store
+ * (FDSTOREREMOVE=1); a clean stop or a crash leaves it there, which is the point. Models served
+ * with --share file are not stored (the file itself is their copy) and GPU copies are not
+ * either: a re-adopted model is served on the host tier until preloaded again for a device.
+ */
+#include "fdstore.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <jansson.h>
+
+#include "log.h"
+#include "wire.h"
+
+#define PREFIX_ARENA  "wsd-a."
+#define PREFIX_RECORD "wsd-m."
+#define RECORD_MAX    (WSD_FRAME_MAX + (1u << 20)) /* a manifest plus its JSON header */
+
+void fdstore_init(fdstore_t *fs, notify_t *n)
+{
+    memset(fs, 0, sizeof(*fs));
+    fs->notify = n;
+}
+
+void fdstore_done(fdstore_t *fs)
+{
+    for (size_t i = 0; i < fs->npending; i++)
+        if (fs->pending[i].fd >= 0)
+            (void)close(fs->pending[i].fd);
+    fs->npending = 0;
+}
+
+int fdstore_collect_cb(void *data, const char *name, int fd)
+{
+    fdstore_t *fs = data;
+
+    if (fs->npending >= FDSTORE_PENDING_MAX ||
+        (strncmp(name, PREFIX_ARENA, strlen(PREFIX_ARENA)) != 0 &&
+         strncmp(name, PREFIX_RECORD, strlen(PREFIX_RECORD)) != 0))
+        return -1; /* not ours: closed by the caller */
+    (void)fcntl(fd, F_SETFD, FD_CLOEXEC); /* inherited fds come without it */
+    snprintf(fs->pending[fs->npending].name, sizeof(fs->pending[fs->npending].name), "%s", name);
+    fs->pending[fs->npending].fd = fd;
+    fs->npending++;
+    return 0;
+}
+
+/* A sealed memfd holding \p len bytes of \p data. */
+static int sealed_blob(const char *label, const void *a, size_t alen, const void *b, size_t blen)
+{
+    int fd = memfd_create(label, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+
+    if (fd < 0)
+        return -errno;
+    if (write(fd, a, alen) != (ssize_t)alen || (blen && write(fd, b, blen) != (ssize_t)blen) ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE) < 0) {
+        int e = errno ? -errno : -EIO;
+
+        (void)close(fd);
+        return e;
+    }
+    return fd;
+}
+
+static void on_ready(void *data, model_t *m)
+{
+    fdstore_t *fs = data;
+    char an[256], mn[256];
+    json_t *doc;
+    char *text;
+    uint8_t hdr[4];
+    size_t tlen;
+    uint8_t *rec;
+    int fd;
+
+    if (m->share_file || m->arena.fd < 0 || !fs->notify || fs->notify->fd < 0)
+        return;
+    if (notify_fdname(an, sizeof(an), PREFIX_ARENA, m->name) < 0 ||
+        notify_fdname(mn, sizeof(mn), PREFIX_RECORD, m->name) < 0)
+        return;
+    doc = json_pack("{s:s, s:s, s:s, s:i, s:I, s:s}", "name", m->name, "source", m->source,
+                    "hash", m->hash, "dtype", m->dtype, "arena_size", (json_int_t)m->arena.size,
+                    "format", m->mf ? m->mf->format : "");
+    text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
+    json_decref(doc);
+    if (!text)
+        return;
+    tlen = strlen(text);
+    hdr[0] = (uint8_t)tlen;
+    hdr[1] = (uint8_t)(tlen >> 8);
+    hdr[2] = (uint8_t)(tlen >> 16);
+    hdr[3] = (uint8_t)(tlen >> 24);
+    rec = malloc(4 + tlen);
+    if (!rec) {
+        free(text);
+        return;
+    }
+    memcpy(rec, hdr, 4);
+    memcpy(rec + 4, text, tlen);
+    free(text);
+    fd = sealed_blob("weightsd:record", rec, 4 + tlen, m->manifest_pb, m->manifest_pb_len);
+    free(rec);
+    if (fd < 0) {
+        log_warning("fd store: cannot record model '%s': %s, ignoring", m->name, strerror(-fd));
+        return;
+    }
+    /* Record first: an arena without its record would be dropped at the next start anyway. */
+    if (notify_fdstore(fs->notify, mn, fd) < 0 || notify_fdstore(fs->notify, an, m->arena.fd) < 0)
+        log_warning("fd store: cannot store model '%s', ignoring", m->name);
+    else
+        log_debug("fd store: stored model '%s'", m->name);
+    (void)close(fd);
+}
+
+static void on_gone(void *data, model_t *m)
+{
+    fdstore_t *fs = data;
+    char an[256], mn[256];
+
+    if (m->share_file || !fs->notify || fs->notify->fd < 0)
+        return;
+    if (notify_fdname(an, sizeof(an), PREFIX_ARENA, m->name) == 0)
+        (void)notify_fdstore_remove(fs->notify, an);
+    if (notify_fdname(mn, sizeof(mn), PREFIX_RECORD, m->name) == 0)
+        (void)notify_fdstore_remove(fs->notify, mn);
+}
+
+void fdstore_attach(fdstore_t *fs, registry_t *r)
+{
+    r->on_ready = on_ready;
+    r->on_gone = on_gone;
+    r->hook_data = fs;
+}
+
+/* Rebuilds a manifest from its wire form (arena offsets included). */
+static manifest_t *manifest_from_pb(const Weightsd__V1__Manifest *pb)
+{
+    manifest_t *m = manifest_new();
+
+    if (!m)
+        return NULL;
+    for (size_t i = 0; i < pb->n_storages; i++) {
+        const Weightsd__V1__StorageInfo *s = pb->storages[i];
+        int dtype = WSD_DTYPE_U8;
+
+        for (size_t k = 0; k < pb->n_tensors; k++)
+            if (pb->tensors[k]->storage == i) {
+                dtype = (int)pb->tensors[k]->dtype;
+                break;
+            }
+        if (manifest_add_storage(m, s->key, 0, s->offset, s->nbytes, dtype, NULL) < 0)
+            return manifest_free(m);
+        m->storages[i].arena_offset = s->offset;
+    }
+    for (size_t i = 0; i < pb->n_tensors; i++) {
+        const Weightsd__V1__TensorInfo *t = pb->tensors[i];
+        mf_tensor_t mt = {.name = t->name, .dtype = (int)t->dtype, .ndim = (uint32_t)t->n_shape,
+                          .storage = t->storage, .storage_offset = t->storage_offset};
+
+        if (t->n_shape > WSD_MAX_NDIM || t->n_stride != t->n_shape)
+            return manifest_free(m);
+        if (t->n_shape) {
+            memcpy(mt.shape, t->shape, t->n_shape * sizeof(int64_t));
+            memcpy(mt.stride, t->stride, t->n_stride * sizeof(int64_t));
+        }
+        if (manifest_add_tensor(m, &mt) < 0)
+            return manifest_free(m);
+    }
+    for (size_t i = 0; i < pb->n_meta; i++)
+        if (manifest_add_meta(m, pb->meta[i]->key, pb->meta[i]->value) < 0)
+            return manifest_free(m);
+    return m;
+}
+
+/* Reads a record memfd (sealed, so its size cannot change under us). */
+static int adopt_one(registry_t *r, int rec_fd, int arena_fd, const char *want)
+{
+    Weightsd__V1__Manifest *pb = NULL;
+    json_t *doc = NULL;
+    manifest_t *mf = NULL;
+    uint8_t *buf = NULL;
+    off_t size = lseek(rec_fd, 0, SEEK_END);
+    uint32_t tlen;
+    char msg[512];
+    int r2 = WSD_EBADCKPT;
+
+    if (size < 4 || size > (off_t)RECORD_MAX)
+        goto out;
+    buf = malloc((size_t)size);
+    if (!buf || pread(rec_fd, buf, (size_t)size, 0) != size)
+        goto out;
+    tlen = (uint32_t)buf[0] | (uint32_t)buf[1] << 8 | (uint32_t)buf[2] << 16 |
+           (uint32_t)buf[3] << 24;
+    if (tlen > (uint64_t)size - 4)
+        goto out;
+    doc = json_loadb((const char *)buf + 4, tlen, 0, NULL);
+    pb = weightsd__v1__manifest__unpack(NULL, (size_t)size - 4 - tlen, buf + 4 + tlen);
+    if (!doc || !pb || !json_is_string(json_object_get(doc, "name")) ||
+        strcmp(json_string_value(json_object_get(doc, "name")), want) != 0)
+        goto out;
+    mf = manifest_from_pb(pb);
+    if (!mf)
+        goto out;
+    snprintf(mf->format, sizeof(mf->format), "%s",
+             json_string_value(json_object_get(doc, "format")) ?: "");
+    r2 = registry_adopt(r, want, json_string_value(json_object_get(doc, "source")),
+                        json_string_value(json_object_get(doc, "hash")),
+                        (int)json_integer_value(json_object_get(doc, "dtype")), mf, arena_fd,
+                        (uint64_t)json_integer_value(json_object_get(doc, "arena_size")), msg,
+                        sizeof(msg));
+    mf = NULL; /* taken over, or freed, by registry_adopt */
+    if (r2 < 0)
+        log_warning("fd store: not re-adopting '%s': %s", want, msg);
+out:
+    if (r2 == WSD_EBADCKPT && !doc)
+        log_warning("fd store: unreadable record for '%s', dropping it", want);
+    manifest_free(mf);
+    if (pb)
+        weightsd__v1__manifest__free_unpacked(pb, NULL);
+    json_decref(doc);
+    free(buf);
+    return r2;
+}
+
+unsigned fdstore_adopt_all(fdstore_t *fs, registry_t *r)
+{
+    unsigned adopted = 0;
+
+    for (size_t i = 0; i < fs->npending; i++) {
+        char name[256];
+        int rec = -1;
+
+        if (fs->pending[i].fd < 0 || strncmp(fs->pending[i].name, PREFIX_ARENA,
+                                             strlen(PREFIX_ARENA)) != 0)
+            continue;
+        if (notify_fdname_decode(name, sizeof(name), PREFIX_ARENA, fs->pending[i].name) < 0)
+            continue;
+        for (size_t k = 0; k < fs->npending; k++)
+            if (fs->pending[k].fd >= 0 &&
+                strncmp(fs->pending[k].name, PREFIX_RECORD, strlen(PREFIX_RECORD)) == 0 &&
+                strcmp(fs->pending[k].name + strlen(PREFIX_RECORD),
+                       fs->pending[i].name + strlen(PREFIX_ARENA)) == 0)
+                rec = (int)k;
+        if (rec < 0)
+            continue;
+        if (adopt_one(r, fs->pending[rec].fd, fs->pending[i].fd, name) == 0) {
+            fs->pending[i].fd = -1; /* the registry owns the arena now */
+            adopted++;
+        }
+    }
+    return adopted;
+}
+
+void fdstore_purge(fdstore_t *fs, registry_t *r)
+{
+    /* Whatever could not be adopted is useless in the store: ask for its removal. */
+    for (size_t i = 0; i < fs->npending; i++) {
+        if (fs->pending[i].fd >= 0) {
+            bool arena = strncmp(fs->pending[i].name, PREFIX_ARENA, strlen(PREFIX_ARENA)) == 0;
+            char name[256];
+
+            if (arena || (notify_fdname_decode(name, sizeof(name), PREFIX_RECORD,
+                                               fs->pending[i].name) == 0 &&
+                          !registry_find(r, name)))
+                (void)notify_fdstore_remove(fs->notify, fs->pending[i].name);
+        }
+    }
+    fdstore_done(fs);
+}
