@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +47,10 @@ static const char usage_text[] =
     "  list                 models with state, bytes and lease count\n"
     "  info NAME            one model: source, tensors, metadata\n"
     "  stats                daemon counters\n"
+    "      --prometheus           in the Prometheus text format\n"
+    "      --metrics-file PATH    write that format to PATH atomically (a node_exporter\n"
+    "                             textfile), once or, with --interval SECS, every SECS\n"
+    "                             seconds until SIGTERM\n"
     "\n"
     "Options:\n"
     "  -s, --admin-socket PATH  admin socket (default: $WEIGHTSD_ADMIN_SOCKET, else\n"
@@ -68,6 +73,8 @@ enum {
     OPT_HUGEPAGES,
     OPT_DEVICE,
     OPT_ALLOW_GPU_WRITE,
+    OPT_METRICS_FILE,
+    OPT_INTERVAL,
 };
 
 /* --device may be given once per GPU (and for cpu); more than this is surely a mistake. */
@@ -315,6 +322,9 @@ static void metric_name(char *dst, size_t size, const char *flat)
         snprintf(dst + n, size - n, "_total");
 }
 
+/* Where the Prometheus text goes: stdout, or the temporary file of --metrics-file. */
+static FILE *prom_out;
+
 /* Every numeric stat, nested objects flattened with '_': new daemon keys appear unasked. */
 static void prom_flat(json_t *doc, const char *prefix)
 {
@@ -336,11 +346,11 @@ static void prom_flat(json_t *doc, const char *prefix)
         if (!json_is_number(v))
             continue;
         metric_name(name, sizeof(name), flat);
-        printf("# TYPE %s %s\n", name, is_counter(flat) ? "counter" : "gauge");
+        fprintf(prom_out, "# TYPE %s %s\n", name, is_counter(flat) ? "counter" : "gauge");
         if (json_is_integer(v))
-            printf("%s %" JSON_INTEGER_FORMAT "\n", name, json_integer_value(v));
+            fprintf(prom_out, "%s %" JSON_INTEGER_FORMAT "\n", name, json_integer_value(v));
         else
-            printf("%s %.17g\n", name, json_real_value(v));
+            fprintf(prom_out, "%s %.17g\n", name, json_real_value(v));
     }
 }
 
@@ -349,12 +359,12 @@ static void prom_label(const char *s)
 {
     for (; *s; s++) {
         if (*s == '\\' || *s == '"')
-            putchar('\\');
+            fputc('\\', prom_out);
         if (*s == '\n') {
-            fputs("\\n", stdout);
+            fputs("\\n", prom_out);
             continue;
         }
-        putchar(*s);
+        fputc(*s, prom_out);
     }
 }
 
@@ -370,27 +380,89 @@ static int render_prometheus(const char *stats, const char *models)
         return 1;
     }
     prom_flat(st, "");
-    printf("# HELP weightsd_model_bytes Tensor bytes of each model the daemon lists.\n"
+    fprintf(prom_out, "# HELP weightsd_model_bytes Tensor bytes of each model the daemon lists.\n"
            "# TYPE weightsd_model_bytes gauge\n");
     json_array_foreach(ms, i, m)
     {
-        printf("weightsd_model_bytes{model=\"");
+        fprintf(prom_out, "weightsd_model_bytes{model=\"");
         prom_label(jstr(m, "name"));
-        printf("\",state=\"");
+        fprintf(prom_out, "\",state=\"");
         prom_label(jstr(m, "state"));
-        printf("\"} %" PRIu64 "\n", jint(m, "bytes"));
+        fprintf(prom_out, "\"} %" PRIu64 "\n", jint(m, "bytes"));
     }
-    printf("# HELP weightsd_model_leases Leases workers hold on each model.\n"
+    fprintf(prom_out, "# HELP weightsd_model_leases Leases workers hold on each model.\n"
            "# TYPE weightsd_model_leases gauge\n");
     json_array_foreach(ms, i, m)
     {
-        printf("weightsd_model_leases{model=\"");
+        fprintf(prom_out, "weightsd_model_leases{model=\"");
         prom_label(jstr(m, "name"));
-        printf("\"} %" PRIu64 "\n", jint(m, "leases"));
+        fprintf(prom_out, "\"} %" PRIu64 "\n", jint(m, "leases"));
     }
     json_decref(st);
     json_decref(ms);
     return 0;
+}
+
+static volatile sig_atomic_t metrics_stop;
+
+static void metrics_stop_cb(int sig)
+{
+    (void)sig;
+    metrics_stop = 1;
+}
+
+/*
+ * --metrics-file: a node_exporter textfile, rewritten atomically (temporary file in the same
+ * directory, fsync, rename) once, or every \p interval seconds until SIGTERM/SIGINT. Each round
+ * connects afresh, so a daemon restart costs one missed round, not the exporter. A round that
+ * cannot reach the daemon leaves the previous file in place and says so on stderr.
+ */
+static int write_metrics_file(const char *socket_path, int timeout_ms, const char *path,
+                              int interval)
+{
+    char tmp[PATH_MAX];
+    int rc = 0;
+
+    if (snprintf(tmp, sizeof(tmp), "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof(tmp)) {
+        fprintf(stderr, "%s: --metrics-file: path too long\n", prog);
+        return 2;
+    }
+    signal(SIGTERM, metrics_stop_cb);
+    signal(SIGINT, metrics_stop_cb);
+    do {
+        char *stats = NULL, *models = NULL;
+        wsd_client_t *c = NULL;
+        int r = wsd_connect(socket_path, &c);
+
+        if (r == 0) {
+            (void)wsd_set_timeout(c, timeout_ms);
+            r = wsd_admin_stats(c, &stats);
+            if (r == 0)
+                r = wsd_admin_list(c, &models);
+        }
+        if (r < 0) {
+            fprintf(stderr, "%s: metrics: %s\n", prog,
+                    c && *wsd_last_error(c) ? wsd_last_error(c) : wsd_strerror(r));
+            rc = 1;
+        } else {
+            prom_out = fopen(tmp, "w");
+            if (!prom_out || render_prometheus(stats, models) != 0 || fflush(prom_out) != 0 ||
+                fsync(fileno(prom_out)) != 0 || fclose(prom_out) != 0 || rename(tmp, path) != 0) {
+                fprintf(stderr, "%s: metrics: cannot write %s: %s\n", prog, path,
+                        strerror(errno));
+                (void)unlink(tmp);
+                rc = 1;
+            } else
+                rc = 0;
+            prom_out = NULL;
+        }
+        free(stats);
+        free(models);
+        wsd_close(c);
+        for (int i = 0; i < interval * 10 && !metrics_stop; i++)
+            usleep(100000);
+    } while (interval > 0 && !metrics_stop);
+    return rc;
 }
 
 static void render_preload(json_t *doc)
@@ -461,6 +533,8 @@ int main(int argc, char **argv)
         {"force", no_argument, NULL, OPT_FORCE},
         {"cancel-on-exit", no_argument, NULL, OPT_CANCEL_ON_EXIT},
         {"hugepages", required_argument, NULL, OPT_HUGEPAGES},
+        {"metrics-file", required_argument, NULL, OPT_METRICS_FILE},
+        {"interval", required_argument, NULL, OPT_INTERVAL},
         {"device", required_argument, NULL, OPT_DEVICE},
         {"allow-gpu-write", no_argument, NULL, OPT_ALLOW_GPU_WRITE},
         {"prometheus", no_argument, NULL, OPT_PROMETHEUS},
@@ -470,7 +544,8 @@ int main(int argc, char **argv)
     const char *devices[DEVICES_MAX];
     const char *socket_path = NULL, *cmd;
     unsigned evict_flags = 0;
-    int as_json = 0, prometheus = 0, timeout_ms = 600000, opt, r, rc = 0;
+    int as_json = 0, prometheus = 0, timeout_ms = 600000, opt, r, rc = 0, interval = 0;
+    const char *metrics_file = NULL;
     wsd_client_t *c = NULL;
     char *json = NULL;
 
@@ -525,6 +600,22 @@ int main(int argc, char **argv)
         case OPT_HUGEPAGES:
             popts.hugepages = optarg;
             break;
+        case OPT_METRICS_FILE:
+            metrics_file = optarg;
+            prometheus = 1;
+            break;
+        case OPT_INTERVAL: {
+            char *end;
+            long v = strtol(optarg, &end, 10);
+
+            if (*end || v < 1 || v > 86400) {
+                fprintf(stderr, "%s: --interval wants seconds (1..86400), got '%s'\n", prog,
+                        optarg);
+                return 2;
+            }
+            interval = (int)v;
+            break;
+        }
         case OPT_DEVICE:
             if (popts.ndevices == DEVICES_MAX) {
                 fprintf(stderr, "%s: too many --device options (at most %d)\n", prog,
@@ -631,9 +722,13 @@ int main(int argc, char **argv)
     } else if (strcmp(cmd, "info") == 0) {
         r = wsd_admin_info(c, argv[optind], &json);
         rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, print_info);
+    } else if (prometheus && metrics_file) {
+        wsd_close(c);
+        return write_metrics_file(socket_path, timeout_ms, metrics_file, interval);
     } else if (prometheus) {
         char *models = NULL;
 
+        prom_out = stdout;
         r = wsd_admin_stats(c, &json);
         if (r == 0)
             r = wsd_admin_list(c, &models);
