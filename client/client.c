@@ -426,6 +426,8 @@ WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_o
         flags = opts->flags;
     if (HAS(expect_hash))
         expect = opts->expect_hash;
+    if (HAS(path) && opts->path)
+        open.path = wire_str(opts->path);
 #undef HAS
     open.model = wire_str(name);
     open.device = wire_str(device ? device : "cpu");

@@ -358,6 +358,21 @@ static void daemon_key(parse_state_t *ps, const char *name, const char *v)
         if (!c->idle_timeout_set)
             cfg_error(ps, ps->line, "idle-timeout: wants 0..86400000 (ms; 0 = never), got '%s'",
                       v);
+    } else if (strcmp(name, "allow-client-preload") == 0) {
+        if (!parse_bool(v, &c->client_preload))
+            cfg_error(ps, ps->line, "allow-client-preload: wants yes or no, got '%s'", v);
+    } else if (strcmp(name, "client-preload-dirs") == 0) {
+        char buf[4096], *save = NULL;
+        bool ok = true;
+
+        snprintf(buf, sizeof(buf), "%s", v);
+        for (char *t = strtok_r(buf, " ,", &save); t; t = strtok_r(NULL, " ,", &save))
+            if (t[0] != '/') {
+                cfg_error(ps, ps->line, "client-preload-dirs: '%s' is not an absolute path", t);
+                ok = false;
+            }
+        if (ok)
+            set_string(ps, &c->client_preload_dirs, v);
     } else if (strcmp(name, "memory-budget") == 0) {
         if (!parse_size(v, &c->memory_budget))
             cfg_error(ps, ps->line, "memory-budget: wants bytes with an optional K, M, G or T "
@@ -590,6 +605,7 @@ void config_free(config_t *c)
         free(c->models[i].key);
     }
     free(c->models);
+    free(c->client_preload_dirs);
     free(c->socket_path);
     free(c->admin_path);
     free(c->file);

@@ -45,6 +45,8 @@ typedef struct config {
     unsigned handshake_timeout_ms;
     bool idle_timeout_set;
     unsigned idle_timeout_ms;   /* 0 = never */
+    bool client_preload;      /* allow-client-preload = yes */
+    char *client_preload_dirs; /* client-preload-dirs: absolute directories, space separated */
     bool budget_set;
     uint64_t memory_budget;   /* 0 = unlimited */
     policy_t policy;          /* defaults unless [access] says otherwise */

@@ -410,6 +410,8 @@ int main(int argc, char **argv)
         return 1;
     }
     reg->budget_bytes = budget;
+    if (cfg)
+        registry_set_client_preload(reg, cfg->client_preload, cfg->client_preload_dirs);
     if (fdstore.npending)
         log_info("fd store: %u model(s) re-adopted without reading any checkpoint",
                  fdstore_adopt_all(&fdstore, reg));

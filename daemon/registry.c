@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,10 +95,66 @@ static void registry_unlist(registry_t *r, model_t *m)
         }
 }
 
+static void client_dirs_free(registry_t *r)
+{
+    for (size_t i = 0; i < r->n_client_preload_dirs; i++)
+        free(r->client_preload_dirs[i]);
+    free(r->client_preload_dirs);
+    r->client_preload_dirs = NULL;
+    r->n_client_preload_dirs = 0;
+}
+
+void registry_set_client_preload(registry_t *r, bool on, const char *dirs)
+{
+    char buf[4096], *save = NULL;
+
+    client_dirs_free(r);
+    if (!on || !dirs)
+        return;
+    snprintf(buf, sizeof(buf), "%s", dirs);
+    for (char *t = strtok_r(buf, " ,", &save); t; t = strtok_r(NULL, " ,", &save)) {
+        char real[PATH_MAX], **p;
+
+        if (!realpath(t, real)) {
+            log_warning("client-preload-dirs: '%s': %s, ignoring", t, strerror(errno));
+            continue;
+        }
+        p = realloc(r->client_preload_dirs, (r->n_client_preload_dirs + 1) * sizeof(*p));
+        if (!p)
+            break;
+        r->client_preload_dirs = p;
+        /* With a trailing '/', "/data" does not admit "/database". */
+        if (asprintf(&p[r->n_client_preload_dirs], "%s%s", real,
+                     strcmp(real, "/") == 0 ? "" : "/") < 0)
+            break;
+        r->n_client_preload_dirs++;
+    }
+}
+
+int registry_client_path(const registry_t *r, const char *path, char *resolved, char *msg,
+                         size_t msglen)
+{
+    if (r->n_client_preload_dirs == 0) {
+        snprintf(msg, msglen, "opening a checkpoint by path is not allowed here "
+                              "(allow-client-preload is off)");
+        return WSD_EDENIED;
+    }
+    if (!path || path[0] != '/' || !realpath(path, resolved)) {
+        snprintf(msg, msglen, "checkpoint path '%s' must be absolute and exist", path ? path : "");
+        return WSD_EDENIED;
+    }
+    for (size_t i = 0; i < r->n_client_preload_dirs; i++)
+        if (strncmp(resolved, r->client_preload_dirs[i], strlen(r->client_preload_dirs[i])) == 0)
+            return 0;
+    snprintf(msg, msglen, "'%s' is outside the client-preload directories", resolved);
+    return WSD_EDENIED;
+}
+
 registry_t *registry_free(registry_t *r)
 {
     if (!r)
         return NULL;
+    client_dirs_free(r);
     /* Shutting down is not evicting: what the fd store holds must stay there for the next
      * start to re-adopt. */
     r->on_gone = NULL;

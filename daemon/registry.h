@@ -82,6 +82,10 @@ struct registry {
     void (*on_ready)(void *data, model_t *m);
     void (*on_gone)(void *data, model_t *m);
     void *hook_data;
+    /* allow-client-preload: opens may name a checkpoint under one of these directories
+     * (realpath'ed, each ending in '/'), loaded on first use. Off when ndirs is 0. */
+    char **client_preload_dirs;
+    size_t n_client_preload_dirs;
     uint64_t preloads_ok;
     uint64_t preloads_failed;
 };
@@ -149,6 +153,18 @@ bool model_source_replaced(const model_t *m);
 int registry_adopt(registry_t *r, const char *name, const char *source, const char *hash,
                    int dtype, manifest_t *mf, int arena_fd, uint64_t arena_size, char *msg,
                    size_t msglen);
+
+/* Sets (or, with \p on false, clears) the client-preload policy from a space/comma separated
+ * list of directories. Directories that do not resolve are skipped with a warning. */
+void registry_set_client_preload(registry_t *r, bool on, const char *dirs);
+
+/*
+ * Whether \p path may be preloaded on a client's behalf: resolves it (realpath) and checks it
+ * lies under an allowed directory. \retval 0 with the resolved path in \p resolved, or
+ * WSD_EDENIED with \p msg filled.
+ */
+int registry_client_path(const registry_t *r, const char *path, char *resolved, char *msg,
+                         size_t msglen);
 
 /* Asks a loading model's preload to stop; it then fails with WSD_ECANCELED. */
 int registry_cancel(registry_t *r, const char *name, char *msg, size_t msglen);

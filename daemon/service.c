@@ -184,6 +184,8 @@ void service_apply_limits(const config_t *cfg, server_t *s, registry_t *reg)
         s->opts.max_leases_per_conn = cfg->max_leases;
     if (reg && cfg->budget_set)
         reg->budget_bytes = cfg->memory_budget;
+    if (reg)
+        registry_set_client_preload(reg, cfg->client_preload, cfg->client_preload_dirs);
 }
 
 static void report_to_log(void *data, const char *msg)

@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -147,11 +148,49 @@ static void open_waiter_cb(model_waiter_t *w, model_t *m, int status, const char
     free(ow);
 }
 
+static void client_preload_done_cb(void *data, model_t *m, int status, const char *msg)
+{
+    /* Nothing to do: the opening client waits as a model waiter and hears the outcome there. */
+}
+
+/* allow-client-preload: an open naming a file loads it as the model on first use. */
+static model_t *client_preload(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest *req)
+{
+    preload_args_t a = {.name = req->model, .dtype = -1, .hugepages = HOST_HUGEPAGES_AUTO};
+    char real[PATH_MAX], msg[512];
+    int r = registry_client_path(c->srv->reg, req->path, real, msg, sizeof(msg));
+
+    if (r == 0) {
+        a.path = real;
+        r = registry_preload(c->srv->reg, &a, client_preload_done_cb, NULL, msg, sizeof(msg));
+    }
+    if (r < 0) {
+        c->srv->stats.open_errors++;
+        log_warning("pid %d uid %u: client preload of '%s' refused: %s", (int)c->cred.pid,
+                    (unsigned)c->cred.uid, req->model ? req->model : "", msg);
+        conn_send_error(c, id, r, "%s", msg);
+        return NULL;
+    }
+    log_info("pid %d uid %u: preloading '%s' from '%s' on first use", (int)c->cred.pid,
+             (unsigned)c->cred.uid, req->model, real);
+    return registry_find(c->srv->reg, req->model);
+}
+
 static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest *req)
 {
     model_t *m = registry_find(c->srv->reg, req->model ? req->model : "");
+    Weightsd__V1__OpenRequest waiting;
     int device;
 
+    if (!m && req->path && *req->path) {
+        m = client_preload(c, id, req);
+        if (!m)
+            return;
+        /* The first open waits for the load it caused, whatever its flags said. */
+        waiting = *req;
+        waiting.flags |= WSD_OPEN_WAIT;
+        req = &waiting;
+    }
     if (!m) {
         c->srv->stats.open_errors++;
         conn_send_error(c, id, WSD_ENOTFOUND, "no model named '%s'", req->model ? req->model : "");

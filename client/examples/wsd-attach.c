@@ -33,6 +33,7 @@ static const char usage_text[] =
     "      --repeat N      open and release N times, then report the median open time\n"
     "      --expect HASH   refuse the model unless its content hash is HASH\n"
     "      --touch         only fault in every page (one read per 4 KiB) and report the time\n"
+    "      --path FILE     load FILE as MODEL if it is not resident (allow-client-preload)\n"
     "      --device DEV    cpu (default) or cuda:N; a GPU copy is imported, not read\n"
     "  -h, --help          show this help\n";
 
@@ -115,10 +116,11 @@ int main(int argc, char **argv)
         {"write", no_argument, NULL, 'W'},        {"hold", required_argument, NULL, 'H'},
         {"wait", no_argument, NULL, 'w'},         {"repeat", required_argument, NULL, 'R'},
         {"expect", required_argument, NULL, 'E'}, {"touch", no_argument, NULL, 'P'},
+        {"path", required_argument, NULL, 'F'},
         {"help", no_argument, NULL, 'h'},         {"device", required_argument, NULL, 'D'},
         {NULL, 0, NULL, 0},
     };
-    const char *socket_path = NULL, *name, *expect = NULL, *device = "cpu";
+    const char *socket_path = NULL, *name, *expect = NULL, *device = "cpu", *path = NULL;
     int tensors = 0, do_write = 0, hold = -1, repeat = 0, touch = 0, opt, r;
     unsigned flags = 0;
     uint64_t sum = 1469598103934665603ull, size = 0;
@@ -155,6 +157,9 @@ int main(int argc, char **argv)
             break;
         case 'P':
             touch = 1;
+            break;
+        case 'F':
+            path = optarg;
             break;
         case 'h':
             fputs(usage_text, stdout);
@@ -203,7 +208,8 @@ int main(int argc, char **argv)
     }
     {
         wsd_open_opts_t o = {
-            .size = sizeof(o), .device = device, .flags = flags, .expect_hash = expect};
+            .size = sizeof(o), .device = device, .flags = flags, .expect_hash = expect,
+            .path = path};
 
         r = wsd_open_with(c, name, &o, &m);
     }

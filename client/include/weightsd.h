@@ -178,6 +178,9 @@ typedef struct wsd_open_opts {
     const char *device;      /* as wsd_open(); NULL = "cpu" */
     unsigned flags;          /* WSD_OPEN_* */
     const char *expect_hash; /* refuse (WSD_EMISMATCH) unless the model's content hash is this */
+    /* Where the daemon allows it (allow-client-preload), a checkpoint to load as the model if
+     * it is not resident yet; the open then waits for the load. */
+    const char *path;
 } wsd_open_opts_t;
 
 /** wsd_open() with options; \retval as wsd_open(), plus WSD_EMISMATCH. */
