@@ -164,6 +164,7 @@ static json_t *info_json(const server_t *s, const model_t *m)
     json_object_set_new(doc, "hash", json_string(m->hash));
     json_object_set_new(doc, "share", json_string(m->share_file ? "file" : "memfd"));
     json_object_set_new(doc, "pages", json_string(m->arena.pages));
+    json_object_set_new(doc, "restricted", json_boolean(m->acl));
     json_object_set_new(doc, "devices", devices_json(m));
     if (m->share_file)
         json_object_set_new(doc, "file_replaced", json_boolean(model_source_replaced(m)));

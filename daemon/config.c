@@ -442,6 +442,12 @@ static void model_key(parse_state_t *ps, const char *name, const char *v)
             else
                 m->devices[m->ndevices++] = ix;
         }
+    } else if (strcmp(name, "allow-users") == 0) {
+        m->acl = true;
+        parse_ids(ps, name, v, false, &m->acl_users);
+    } else if (strcmp(name, "allow-groups") == 0) {
+        m->acl = true;
+        parse_ids(ps, name, v, true, &m->acl_groups);
     } else if (strcmp(name, "allow-gpu-write") == 0) {
         if (!parse_bool(v, &m->allow_gpu_write))
             cfg_error(ps, ps->line, "allow-gpu-write: wants yes or no, got '%s'", v);
@@ -630,6 +636,8 @@ bool cfg_model_same(const cfg_model_t *a, const cfg_model_t *b)
     return str_eq(a->path, b->path) && str_eq(a->key, b->key) && a->dtype == b->dtype &&
            a->share_file == b->share_file && a->ndevices == b->ndevices &&
            memcmp(a->devices, b->devices, a->ndevices * sizeof(a->devices[0])) == 0 &&
-           a->allow_gpu_write == b->allow_gpu_write &&
+           a->allow_gpu_write == b->allow_gpu_write && a->acl == b->acl &&
+           memcmp(&a->acl_users, &b->acl_users, sizeof(a->acl_users)) == 0 &&
+           memcmp(&a->acl_groups, &b->acl_groups, sizeof(a->acl_groups)) == 0 &&
            a->no_verify == b->no_verify;
 }

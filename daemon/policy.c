@@ -92,6 +92,15 @@ static bool groups_match(const policy_ids_t *configured, bool default_group, int
     return false;
 }
 
+bool policy_allows(const policy_ids_t *users, const policy_ids_t *groups, int fd,
+                   const struct ucred *cred)
+{
+    if (cred->uid == (uid_t)-1)
+        return false;
+    return cred->uid == 0 || cred->uid == geteuid() || ids_have(users, (unsigned)cred->uid) ||
+           groups_match(groups, false, fd, cred);
+}
+
 int policy_check(const policy_t *p, int fd, const struct ucred *cred, bool admin)
 {
     bool ok;

@@ -44,4 +44,11 @@ int policy_ids_add(policy_ids_t *ids, unsigned id);
  */
 int policy_check(const policy_t *p, int fd, const struct ucred *cred, bool admin);
 
+/*
+ * A per-model allowlist: root and the daemon's own user always pass; anyone else must be in
+ * \p users or hold one of \p groups (primary or supplementary, as for the sockets).
+ */
+bool policy_allows(const policy_ids_t *users, const policy_ids_t *groups, int fd,
+                   const struct ucred *cred);
+
 #endif /* WSD_POLICY_H */

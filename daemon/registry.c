@@ -570,6 +570,13 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
     w->share_file = a->share_file;
     w->hugepages = a->hugepages;
     m->share_file = a->share_file;
+    if (a->acl_users || a->acl_groups) {
+        m->acl = true;
+        if (a->acl_users)
+            m->acl_users = *a->acl_users;
+        if (a->acl_groups)
+            m->acl_groups = *a->acl_groups;
+    }
     w->dtype = a->dtype;
     m->dtype = a->dtype;
     w->model = m;

@@ -14,6 +14,7 @@
 #include <uv.h>
 
 #include "fmt.h"
+#include "policy.h"
 #include "gpu.h"
 #include "host.h"
 
@@ -60,6 +61,8 @@ struct model {
     char hash[33];            /* content hash (host_arena_t.hash), "" until ready */
     bool share_file;          /* arena.fd is the checkpoint file (read-only), not a memfd */
     struct stat file_st;      /* the file at preload, to notice in-place changes */
+    bool acl;                 /* only acl_users/acl_groups (and root, the daemon) may open it */
+    policy_ids_t acl_users, acl_groups;
     model_waiter_t *waiters;  /* opens waiting while loading */
     struct preload_work *loading; /* the running preload, NULL once it ended */
     gpu_export_t *gpu;        /* ngpu device copies (GPU tier), owned; freed with the model, so
@@ -114,6 +117,8 @@ typedef struct preload_args {
     const int *devices; /* CUDA ordinals to upload to after the host arena (copied), or NULL */
     size_t ndevices;
     bool allow_gpu_write; /* let opens map the device copies writable */
+    const policy_ids_t *acl_users; /* per-model allowlist (config), or NULL: whoever may */
+    const policy_ids_t *acl_groups; /* use the client socket may open it */
 } preload_args_t;
 
 /* Called on the loop thread when a preload ends: \p m is the ready model, or NULL with a code

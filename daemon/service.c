@@ -79,6 +79,8 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
         .devices = cm->devices,
         .ndevices = cm->ndevices,
         .allow_gpu_write = cm->allow_gpu_write,
+        .acl_users = cm->acl ? &cm->acl_users : NULL,
+        .acl_groups = cm->acl ? &cm->acl_groups : NULL,
     };
     preload_ctx_t *ctx = calloc(1, sizeof(*ctx));
     char msg[512];

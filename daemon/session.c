@@ -202,6 +202,15 @@ static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest 
                         req->device);
         return;
     }
+    if (m->acl && !policy_allows(&m->acl_users, &m->acl_groups, c->fd, &c->cred)) {
+        c->srv->stats.open_errors++;
+        c->srv->stats.connections_denied++;
+        log_warning("pid %d uid %u may not open model '%s' (its allow-users/allow-groups)",
+                    (int)c->cred.pid, (unsigned)c->cred.uid, m->name);
+        conn_send_error(c, id, WSD_EDENIED, "model '%s' is not open to uid %u", m->name,
+                        (unsigned)c->cred.uid);
+        return;
+    }
     if (model_check_stale(m)) {
         c->srv->stats.open_errors++;
         conn_send_error(c, id, WSD_ESTALE,

@@ -497,3 +497,44 @@ def test_policy_admits_a_configured_supplementary_group(open_dir):
         assert d.ctl_json("stats")["connections"]["denied"] == 1
     finally:
         assert d.stop() == 0, d.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run a peer under another uid")
+def test_per_model_allowlists(open_dir):
+    """[model] allow-users/allow-groups: the client socket admits uid 65534, but only the models
+    whose allowlist names it (or its group) may be opened by it."""
+    base = wsdtest_path(open_dir)
+    f = model_file(base)
+    cfg = write_config(base / "acl.conf", f"""\
+[access]
+client-users = 65534
+
+[model open]
+path = {f}
+
+[model private]
+path = {f}
+allow-users = 1234
+
+[model bygroup]
+path = {f}
+allow-groups = 65534
+""")
+    d = start(open_dir, cfg)
+    try:
+        loosen(d)
+        for _ in range(200):
+            if len([m for m in d.ctl_json("list") if m["state"] == "ready"]) == 3:
+                break
+            time.sleep(0.02)
+        assert as_nobody(os.path.join(BIN, "wsd-attach"), "--socket", d.sock,
+                         "open").returncode == 0
+        p = as_nobody(os.path.join(BIN, "wsd-attach"), "--socket", d.sock, "private")
+        assert p.returncode != 0 and "not open to uid 65534" in p.stderr
+        assert as_nobody(os.path.join(BIN, "wsd-attach"), "--socket", d.sock,
+                         "bygroup").returncode == 0
+        assert attach(d, "private")[-1]["tensors"] >= 1   # root may always
+        assert "may not open model 'private'" in d.log()
+    finally:
+        assert d.stop() == 0, d.log()
