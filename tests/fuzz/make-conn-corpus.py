@@ -6,7 +6,6 @@ replies are read). Names are derived from the scenario, so reruns rewrite the sa
 
     WSD_BUILD_DIR=build tests/fuzz/make-conn-corpus.py
 """
-import json
 import os
 import socket
 import struct

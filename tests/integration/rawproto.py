@@ -2,7 +2,6 @@
 library would: raw frames, wrong limits, stray fds. Only the few messages the limit and chaos
 tests need are encoded; replies are decoded into {field number: value} dicts.
 """
-import array
 import os
 import socket
 import struct

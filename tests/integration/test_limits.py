@@ -12,8 +12,7 @@ import pytest
 
 import wsdtest
 from wsdtest import Daemon, attach, write_safetensors
-from rawproto import (ERROR, HELLO_REPLY, OPEN_REPLY, WSD_ELIMIT, WSD_EPROTO, Conn, frame,
-                      hello, open_req)
+from rawproto import OPEN_REPLY, WSD_ELIMIT, WSD_EPROTO, Conn, hello, open_req
 
 
 def small_model(tmp_path, ntensors=1, name="m.safetensors"):
