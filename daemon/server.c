@@ -463,11 +463,14 @@ static const char *conn_over_limit(server_t *s, bool admin, uid_t uid, bool *ret
 {
     unsigned serving = s->nconns - s->nrefusing;
     unsigned reserve = admin ? WSD_ADMIN_RESERVE_CONNS : 0;
+    /* Unset follows the total, also when a reload changes the total. */
+    unsigned per_uid = s->opts.max_conns_per_uid ? s->opts.max_conns_per_uid
+                                                 : s->opts.max_connections;
 
     *ret_uid = false;
     if (serving >= s->opts.max_connections + reserve)
         return "total";
-    if (uid_conns(s, uid) >= s->opts.max_conns_per_uid + reserve) {
+    if (uid_conns(s, uid) >= per_uid + reserve) {
         *ret_uid = true;
         return "per-uid";
     }
@@ -514,7 +517,8 @@ int server_adopt_conn(server_t *s, int fd, bool admin)
                     "%u for this uid; limits %u and %u)", (int)c->cred.pid,
                     (unsigned)c->cred.uid, over, s->nconns - s->nrefusing,
                     uid_conns(s, c->cred.uid), s->opts.max_connections,
-                    s->opts.max_conns_per_uid);
+                    s->opts.max_conns_per_uid ? s->opts.max_conns_per_uid
+                                              : s->opts.max_connections);
         /* Kept only to tell the peer why (a typed Error in reply to its HELLO), and only a
          * bounded number at once. */
         if (s->nrefusing >= WSD_REFUSING_CONNS_MAX) {
@@ -740,8 +744,6 @@ int server_start(server_t *s, uv_loop_t *loop, registry_t *reg, const server_opt
     s->started_ms = uv_now(loop);
     loop->data = s;
     /* Zero means "not set" to callers that fill only some fields. */
-    if (!s->opts.max_conns_per_uid)
-        s->opts.max_conns_per_uid = s->opts.max_connections;
     if (!s->opts.max_frame || s->opts.max_frame > WSD_REQUEST_MAX)
         s->opts.max_frame = WSD_REQUEST_MAX;
     if (s->opts.max_frame < WSD_REQUEST_MIN)

@@ -25,7 +25,7 @@ typedef struct server_opts {
     int admin_fd;                  /* likewise */
     unsigned max_connections;      /* total, both sockets (admin gets WSD_ADMIN_RESERVE_CONNS
                                       more) */
-    unsigned max_conns_per_uid;    /* likewise, per peer uid */
+    unsigned max_conns_per_uid;    /* likewise, per peer uid; 0 = as max_connections */
     unsigned max_leases_per_conn;
     size_t max_outq_bytes;         /* queued reply bytes per connection before it is dropped */
     size_t max_frame;              /* largest request payload, WSD_REQUEST_MIN..WSD_REQUEST_MAX */

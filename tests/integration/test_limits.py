@@ -3,6 +3,7 @@ gets a typed Error where one can be sent, is disconnected, is counted in stats, 
 fds and lease table are back where they were (RELIABILITY I6, I8, I9, I10).
 """
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -267,3 +268,32 @@ def test_limits_from_the_config_file(started, tmp_path):
     p = subprocess.run([os.path.join(wsdtest.BIN, "weightsd"), "--check-config", str(bad)],
                        capture_output=True, text=True)
     assert p.returncode == 1 and p.stderr.count("bad.conf:") == 3, p.stderr
+
+
+def test_reload_raises_the_total_and_the_per_uid_default_follows(started, tmp_path):
+    conf = tmp_path / "weightsd.conf"
+    conf.write_text("[daemon]\nmax-connections = 2\n")
+    d = started("--config", str(conf))
+    d.fd_count()
+    a, b = Conn(d.sock), Conn(d.sock)
+    a.handshake()
+    b.handshake()
+    c = Conn(d.sock)
+    c.send(hello(3))
+    assert c.error()[1] == WSD_ELIMIT
+    c.close()
+    conf.write_text("[daemon]\nmax-connections = 3\n")
+    d.proc.send_signal(signal.SIGHUP)
+
+    def third_admitted():
+        c = Conn(d.sock)
+        try:
+            c.handshake()
+            return True
+        except AssertionError:
+            return False
+        finally:
+            c.close()
+    assert wait_for(third_admitted)
+    a.close()
+    b.close()
