@@ -184,6 +184,20 @@ void service_apply_limits(const config_t *cfg, server_t *s, registry_t *reg)
         s->opts.max_connections = cfg->max_connections;
     if (s && cfg->max_leases)
         s->opts.max_leases_per_conn = cfg->max_leases;
+    /* The rest apply to connections accepted from now on (frame size, fds) or at the next
+     * sweep (timeouts, at most one sweep period late). */
+    if (s && cfg->max_conns_per_uid)
+        s->opts.max_conns_per_uid = cfg->max_conns_per_uid;
+    if (s && cfg->max_frame)
+        s->opts.max_frame = cfg->max_frame;
+    if (s && cfg->max_fds_set)
+        s->opts.max_fds_per_msg = cfg->max_fds;
+    if (s && cfg->max_outq)
+        s->opts.max_outq_bytes = (size_t)cfg->max_outq;
+    if (s && cfg->handshake_timeout_ms)
+        s->opts.handshake_timeout_ms = cfg->handshake_timeout_ms;
+    if (s && cfg->idle_timeout_set)
+        s->opts.idle_timeout_ms = cfg->idle_timeout_ms;
     if (reg && cfg->budget_set)
         reg->budget_bytes = cfg->memory_budget;
     if (reg)

@@ -54,7 +54,9 @@ int source_open(const char *path, source_t *ret, fmt_err_t *err)
 {
     source_t s = {.fd = -1};
 
-    s.fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    /* O_NONBLOCK: opening a FIFO must not hang a pool thread; it is refused below as not a
+     * regular file, and for regular files the flag changes nothing. */
+    s.fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (s.fd < 0) {
         int e = errno;
 

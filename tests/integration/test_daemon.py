@@ -257,6 +257,10 @@ def test_unreadable_inputs(daemon, tmp_path):
     assert missing.returncode != 0 and "No such file" in missing.stderr
     d = daemon.ctl("preload", "x", str(tmp_path), check=False)
     assert d.returncode != 0 and "directory" in d.stderr
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)   # nobody writes it: opening it blocking would hang a pool thread
+    f = daemon.ctl("preload", "x", str(fifo), check=False, timeout=10)
+    assert f.returncode != 0 and "special file" in f.stderr
     if os.geteuid() != 0:  # root reads anything: the permission case needs a normal user
         locked = write_safetensors(tmp_path / "locked.safetensors", sample_tensors())
         os.chmod(locked, 0)
