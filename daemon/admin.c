@@ -423,7 +423,7 @@ static void handle_stats(conn_t *c, uint64_t id)
                         (json_int_t)r->preloads_ok, "preloads_failed",
                         (json_int_t)r->preloads_failed, "protocol_violations",
                         (json_int_t)s->stats.protocol_violations, "memory_budget",
-                        (json_int_t)r->budget_bytes, "reserved_bytes",
+                        (json_int_t)registry_effective_budget(r), "reserved_bytes",
                         (json_int_t)r->reserved_bytes, "budget_evictions",
                         (json_int_t)r->budget_evictions));
 }

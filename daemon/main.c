@@ -410,6 +410,7 @@ int main(int argc, char **argv)
         return 1;
     }
     reg->budget_bytes = budget;
+    registry_detect_cgroup_limit(reg);
     if (cfg)
         registry_set_client_preload(reg, cfg->client_preload, cfg->client_preload_dirs);
     if (fdstore.npending)

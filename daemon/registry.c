@@ -443,22 +443,81 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
 
 /* Evicts idle models, least recently used first, until \p need more bytes fit the budget. Does
  * nothing (and fails) if even evicting every idle model would not be enough. */
+uint64_t registry_effective_budget(const registry_t *r)
+{
+    uint64_t cg = r->cgroup_limit > REGISTRY_CGROUP_RESERVE ? r->cgroup_limit -
+                                                                   REGISTRY_CGROUP_RESERVE
+                                                             : (r->cgroup_limit ? 1 : 0);
+
+    if (!r->budget_bytes)
+        return cg;
+    return cg && cg < r->budget_bytes ? cg : r->budget_bytes;
+}
+
+/* The memory limit of the cgroup we run in (v2 memory.max, v1 memory.limit_in_bytes), 0 if
+ * none: memfd pages are charged to it, so exceeding it means the OOM killer, not an error. */
+static uint64_t cgroup_memory_limit(void)
+{
+    char line[512], path[1024];
+    uint64_t limit = 0;
+    FILE *f = fopen("/proc/self/cgroup", "re");
+
+    if (!f)
+        return 0;
+    while (fgets(line, sizeof(line), f)) {
+        const char *rel = NULL, *file = NULL;
+        FILE *lf;
+        unsigned long long v;
+
+        line[strcspn(line, "\n")] = '\0';
+        if (strncmp(line, "0::", 3) == 0) {
+            rel = line + 3;
+            file = "memory.max";
+            snprintf(path, sizeof(path), "/sys/fs/cgroup%s/%s", rel, file);
+        } else if (strstr(line, ":memory:")) {
+            rel = strstr(line, ":memory:") + strlen(":memory:");
+            file = "memory.limit_in_bytes";
+            snprintf(path, sizeof(path), "/sys/fs/cgroup/memory%s/%s", rel, file);
+        } else
+            continue;
+        lf = fopen(path, "re");
+        if (!lf)
+            continue;
+        /* "max" (v2) or a huge page-rounded number (v1) both mean unlimited. */
+        if (fscanf(lf, "%llu", &v) == 1 && v < (1ull << 60) && (!limit || v < limit))
+            limit = v;
+        fclose(lf);
+    }
+    fclose(f);
+    return limit;
+}
+
+void registry_detect_cgroup_limit(registry_t *r)
+{
+    r->cgroup_limit = cgroup_memory_limit();
+    if (r->cgroup_limit)
+        log_info("cgroup memory limit %llu bytes: models may use at most %llu of it",
+                 (unsigned long long)r->cgroup_limit,
+                 (unsigned long long)registry_effective_budget(r));
+}
+
 static int make_room(registry_t *r, model_t *self, uint64_t need, fmt_err_t *err)
 {
     uint64_t used = r->resident_bytes + r->reserved_bytes, idle = 0;
+    uint64_t budget = registry_effective_budget(r);
 
-    if (!r->budget_bytes || (need <= r->budget_bytes && used <= r->budget_bytes - need))
+    if (!budget || (need <= budget && used <= budget - need))
         return 0;
     for (model_t *m = r->models; m; m = m->next)
         if (m != self && m->state == MODEL_READY && m->leases == 0)
             idle += model_resident(m);
-    if (need > r->budget_bytes || used - idle > r->budget_bytes - need)
+    if (need > budget || used - idle > budget - need)
         return fmt_fail(err, WSD_ENOMEM, "E_BUDGET",
                         "needs %llu bytes; the memory budget is %llu with %llu in use by leased "
                         "or loading models (%llu more held by idle models)",
-                        (unsigned long long)need, (unsigned long long)r->budget_bytes,
+                        (unsigned long long)need, (unsigned long long)budget,
                         (unsigned long long)(used - idle), (unsigned long long)idle);
-    while (used > r->budget_bytes - need) {
+    while (used > budget - need) {
         model_t *lru = NULL;
         char msg[128];
 

@@ -80,6 +80,7 @@ struct registry {
     uint64_t reserved_bytes;  /* arena bytes promised to preloads now copying */
     uint64_t budget_bytes;    /* host-tier memory budget; 0 = unlimited */
     uint64_t budget_evictions; /* idle models evicted to make room */
+    uint64_t cgroup_limit;    /* memory limit of our cgroup (0 = none); caps the budget */
     /* Told when a model becomes ready and when it leaves the list (eviction; not at shutdown,
      * where registry_free() clears them first). For the fd store. */
     void (*on_ready)(void *data, model_t *m);
@@ -158,6 +159,16 @@ bool model_source_replaced(const model_t *m);
 int registry_adopt(registry_t *r, const char *name, const char *source, const char *hash,
                    int dtype, manifest_t *mf, int arena_fd, uint64_t arena_size, char *msg,
                    size_t msglen);
+
+/* What the daemon keeps for itself below a cgroup memory limit (code, buffers, page cache). */
+#define REGISTRY_CGROUP_RESERVE (32ull << 20)
+
+/* Reads the cgroup memory limit into r->cgroup_limit (call once at start). */
+void registry_detect_cgroup_limit(registry_t *r);
+
+/* The budget preloads are held to: --memory-budget, capped by the cgroup limit less
+ * REGISTRY_CGROUP_RESERVE; 0 = unlimited. */
+uint64_t registry_effective_budget(const registry_t *r);
 
 /* Sets (or, with \p on false, clears) the client-preload policy from a space/comma separated
  * list of directories. Directories that do not resolve are skipped with a warning. */

@@ -346,10 +346,9 @@ def cgroup_v1_memory():
         return None
 
 
-@pytest.mark.xfail(strict=True, reason="a preload over the cgroup's memory limit OOM-kills the "
-                   "daemon: it does not read memory.max/limit_in_bytes into its budget (set "
-                   "--memory-budget below MemoryMax=)")
 def test_preload_over_cgroup_memory_limit(tmp_path):
+    """The daemon reads its cgroup's memory limit into the budget, so a model that would not
+    fit is refused (E_BUDGET) instead of the kernel OOM-killing the daemon."""
     cg = cgroup_v1_memory()
     if not cg:
         pytest.skip("cannot create a memory cgroup here")
@@ -361,8 +360,11 @@ def test_preload_over_cgroup_memory_limit(tmp_path):
         try:
             d.preload("small", model(tmp_path, "small"))
             big = model(tmp_path, "big", nbytes=96 << 20)
-            d.ctl("preload", "big", str(big), check=False)
-            assert d.alive()
+            r = d.ctl("preload", "big", str(big), check=False)
+            assert d.alive(), d.log()[-2000:]
+            assert r.returncode != 0 and "E_BUDGET" in r.stderr, r.stderr
+            assert "cgroup memory limit" in d.log()
+            assert [m["name"] for m in d.ctl_json("list")] == ["small"]
         finally:
             d.kill()
     finally:
