@@ -328,11 +328,36 @@ static int copy_all(copy_job_t *job, char *ret_hash, size_t hashlen)
     return r;
 }
 
+/* Copies (or with \p map NULL, only reads and checks) every storage, filling \p hash. */
+static int run_copy(manifest_t *m, const source_t *sources, uint8_t *map, bool verify_crc,
+                    host_progress_t *progress, char *hash, size_t hashlen, fmt_err_t *err)
+{
+    copy_job_t job = {.m = m, .sources = sources, .map = map, .verify_crc = verify_crc,
+                      .err = err, .progress = progress};
+    int r;
+
+    atomic_init(&job.next, 0);
+    atomic_init(&job.failed, false);
+    pthread_mutex_init(&job.lock, NULL);
+    r = make_chunks(m, &job.chunks, &job.nchunks, err);
+    if (r == 0 && progress) {
+        uint64_t total = 0;
+
+        for (size_t i = 0; i < m->nstorages; i++)
+            total += m->storages[i].src_nbytes;
+        atomic_store(&progress->total, total);
+    }
+    if (r == 0)
+        r = copy_all(&job, hash, hashlen);
+    free(job.chunks);
+    pthread_mutex_destroy(&job.lock);
+    return r;
+}
+
 int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,
                bool verify_crc, int hugepages, host_progress_t *progress, host_arena_t *ret,
                fmt_err_t *err)
 {
-    copy_job_t job = {0};
     uint64_t size = 0;
     uint8_t *map = NULL;
     int fd = -1, r;
@@ -358,27 +383,7 @@ int host_build(const char *label, manifest_t *m, const source_t *sources, size_t
                          m->storages[i].key, m->storages[i].source, nsources);
             goto fail;
         }
-    job.m = m;
-    job.sources = sources;
-    job.map = map;
-    job.verify_crc = verify_crc;
-    job.err = err;
-    job.progress = progress;
-    atomic_init(&job.next, 0);
-    atomic_init(&job.failed, false);
-    pthread_mutex_init(&job.lock, NULL);
-    r = make_chunks(m, &job.chunks, &job.nchunks, err);
-    if (r == 0 && progress) {
-        uint64_t total = 0;
-
-        for (size_t i = 0; i < m->nstorages; i++)
-            total += m->storages[i].src_nbytes;
-        atomic_store(&progress->total, total);
-    }
-    if (r == 0)
-        r = copy_all(&job, ret->hash, sizeof(ret->hash));
-    free(job.chunks);
-    pthread_mutex_destroy(&job.lock);
+    r = run_copy(m, sources, map, verify_crc, progress, ret->hash, sizeof(ret->hash), err);
     if (r < 0)
         goto fail;
     for (size_t i = 0; i < nsources; i++) {
@@ -410,7 +415,6 @@ fail:
 int host_share_file(manifest_t *m, const source_t *src, bool verify_crc,
                     host_progress_t *progress, host_arena_t *ret, fmt_err_t *err)
 {
-    copy_job_t job = {0};
     int fd, r;
 
     for (size_t i = 0; i < m->nstorages; i++) {
@@ -419,26 +423,7 @@ int host_share_file(manifest_t *m, const source_t *src, bool verify_crc,
                                                       "model");
         m->storages[i].arena_offset = m->storages[i].src_offset;
     }
-    job.m = m;
-    job.sources = src;
-    job.verify_crc = verify_crc;
-    job.err = err;
-    job.progress = progress;
-    atomic_init(&job.next, 0);
-    atomic_init(&job.failed, false);
-    pthread_mutex_init(&job.lock, NULL);
-    r = make_chunks(m, &job.chunks, &job.nchunks, err);
-    if (r == 0 && progress) {
-        uint64_t total = 0;
-
-        for (size_t i = 0; i < m->nstorages; i++)
-            total += m->storages[i].src_nbytes;
-        atomic_store(&progress->total, total);
-    }
-    if (r == 0)
-        r = copy_all(&job, ret->hash, sizeof(ret->hash));
-    free(job.chunks);
-    pthread_mutex_destroy(&job.lock);
+    r = run_copy(m, src, NULL, verify_crc, progress, ret->hash, sizeof(ret->hash), err);
     if (r == 0)
         r = source_check_unchanged(src, err);
     if (r < 0)
