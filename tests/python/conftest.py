@@ -31,7 +31,6 @@ TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, tor
                 torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64,
                 torch.complex128]
 
-NOT_BUILT = "not built yet"
 
 
 def raw_bytes(t):
@@ -62,11 +61,9 @@ def write_st(path, tensors):
 class Daemon(wsdtest.Daemon):
     """wsdtest.Daemon plus the helpers these tests share."""
 
-    def preload_or_skip(self, name, path, *opts):
-        """Preloads, skipping the test while the daemon's torch reader is not built yet."""
+    def preload_json(self, name, path, *opts):
+        """Preloads, failing the test with the daemon's message if it refuses."""
         p = self.ctl("preload", name, str(path), *opts, "--json", check=False)
-        if p.returncode != 0 and NOT_BUILT in p.stderr + p.stdout:
-            pytest.skip(f"daemon cannot read torch.save files yet: {p.stderr.strip()}")
         assert p.returncode == 0, f"preload {name} failed: {p.stderr}"
 
     def leases(self, name):

@@ -52,7 +52,7 @@ def checkpoint(daemon, tmp_path, sd, fmt, name="m", *opts):
         daemon.preload(name, write_st(tmp_path / f"{name}.safetensors", sd))
     else:
         torch.save(sd, tmp_path / f"{name}.pth")
-        daemon.preload_or_skip(name, tmp_path / f"{name}.pth", *opts)
+        daemon.preload_json(name, tmp_path / f"{name}.pth", *opts)
 
 
 def meta_module(cls, *args):

@@ -553,7 +553,7 @@ TEST(index_truncation_every_offset)
     }
 }
 
-/* Torch shards: written by torch 1.13 when available; skipped while torch_read is a stub. */
+/* Torch shards: written by torch 1.13 when available. */
 static void write_bin_shards(void)
 {
     char cmd[1024];
@@ -565,12 +565,6 @@ static void write_bin_shards(void)
     if (WIFEXITED(st) && WEXITSTATUS(st) == 77)
         SKIP("torch is not importable by " WSD_PYTHON);
     ASSERT(WIFEXITED(st) && WEXITSTATUS(st) == 0);
-}
-
-static void skip_if_torch_stub(const ld_t *l)
-{
-    if (l->r < 0 && strstr(l->err.msg, "not built yet"))
-        SKIP("torch_read is not built yet");
 }
 
 #define BIN1 "pytorch_model-00001-of-00002.bin"
@@ -587,7 +581,6 @@ TEST(ok_sharded_bin)
                         "\"embed.weight\":\"" BIN1 "\",\"lm_head.bias\":\"" BIN2 "\","
                         "\"norm.weight\":\"" BIN2 "\",\"tied.a\":\"" BIN2 "\","
                         "\"tied.b\":\"" BIN2 "\"}}"));
-    skip_if_torch_stub(&l);
     expect_ok("ok_sharded_bin", &l);
     ASSERT_STR_EQ(l.m->format, "torch-index");
     ASSERT_EQ(l.nsrc, 2);
