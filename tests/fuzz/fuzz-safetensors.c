@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "fuzz-source.h"
 #include "fmt.h"
 #include "manifest.h"
 
@@ -43,30 +44,13 @@ static void check_accepted(const source_t *s, const manifest_t *m)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    char path[64];
     fmt_err_t err = {0};
     manifest_t *m;
     fmt_kind_t kind;
     source_t s;
-    size_t done = 0;
-    int fd, r;
+    int r;
 
-    fd = memfd_create("fuzz-safetensors", MFD_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    while (done < size) {
-        ssize_t w = write(fd, data + done, size - done);
-
-        if (w <= 0) {
-            close(fd);
-            return 0;
-        }
-        done += (size_t)w;
-    }
-    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-    r = source_open(path, &s, &err);
-    close(fd);
-    if (r < 0)
+    if (fuzz_source("fuzz-safetensors", data, size, &s) < 0)
         return 0;
 
     /* Detection runs on everything; the reader runs on every input, as fmt_load would only on

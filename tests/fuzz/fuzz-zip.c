@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "fuzz-source.h"
 #include "fmt.h"
 #include "manifest.h"
 #include "zip.h"
@@ -58,29 +59,11 @@ static void run(const source_t *s, const char *key)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    char path[64];
     fmt_err_t err = {0};
     source_t s;
     zip_t z;
-    size_t done = 0;
-    int fd, r;
 
-    fd = memfd_create("fuzz-zip", MFD_CLOEXEC);
-    if (fd < 0)
-        return 0;
-    while (done < size) {
-        ssize_t w = write(fd, data + done, size - done);
-
-        if (w <= 0) {
-            close(fd);
-            return 0;
-        }
-        done += (size_t)w;
-    }
-    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-    r = source_open(path, &s, &err);
-    close(fd);
-    if (r < 0)
+    if (fuzz_source("fuzz-zip", data, size, &s) < 0)
         return 0;
     /* The directory reader alone: every entry it accepts lies inside the file. */
     if (zip_open(&s, &z, &err) == 0) {
