@@ -10,6 +10,7 @@
 
 #include <jansson.h>
 
+#include "convert.h"
 #include "log.h"
 #include "server.h"
 
@@ -220,25 +221,6 @@ static void preload_done_cb(void *data, model_t *m, int status, const char *msg)
         free(ctx);
 }
 
-/* --dtype accepts torch's names and the safetensors ones. */
-static int parse_dtype(const char *s)
-{
-    static const struct {
-        const char *name;
-        int dtype;
-    } names[] = {
-        {"bf16", WSD_DTYPE_BF16},    {"bfloat16", WSD_DTYPE_BF16}, {"BF16", WSD_DTYPE_BF16},
-        {"f16", WSD_DTYPE_F16},      {"float16", WSD_DTYPE_F16},   {"half", WSD_DTYPE_F16},
-        {"F16", WSD_DTYPE_F16},      {"f32", WSD_DTYPE_F32},       {"float32", WSD_DTYPE_F32},
-        {"float", WSD_DTYPE_F32},    {"F32", WSD_DTYPE_F32},
-    };
-
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-        if (strcmp(s, names[i].name) == 0)
-            return names[i].dtype;
-    return -1;
-}
-
 /* --device cpu|cuda:N, repeatable. The host tier is always built (it is the upload's source),
  * so "cpu" only documents intent; each CUDA ordinal may appear once. Sends the error itself. */
 static int parse_devices(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRequest *req,
@@ -286,8 +268,7 @@ static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRe
     int r;
 
     if (req->dtype && *req->dtype) {
-        a.dtype = parse_dtype(req->dtype);
-        if (a.dtype < 0) {
+        if (convert_parse_target(req->dtype, &a.dtype) < 0) {
             conn_send_error(c, id, WSD_EINVAL, "--dtype %s: expected bf16, f16 or f32",
                             req->dtype);
             return;

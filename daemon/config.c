@@ -20,6 +20,7 @@
 
 #include <ini.h>
 
+#include "convert.h"
 #include "gpu.h"
 #include "log.h"
 #include "weightsd.h"
@@ -186,27 +187,6 @@ static int level_from_name(const char *v)
     for (size_t i = 0; i < sizeof(levels) / sizeof(levels[0]); i++)
         if (strcmp(v, levels[i].name) == 0)
             return levels[i].level;
-    return -1;
-}
-
-/* The conversion targets weightsctl preload --dtype accepts; "none" keeps stored dtypes. */
-static int dtype_from_name(const char *v, bool *ok)
-{
-    static const struct {
-        const char *name;
-        int dtype;
-    } names[] = {
-        {"none", -1},          {"bf16", WSD_DTYPE_BF16}, {"bfloat16", WSD_DTYPE_BF16},
-        {"f16", WSD_DTYPE_F16}, {"float16", WSD_DTYPE_F16}, {"half", WSD_DTYPE_F16},
-        {"f32", WSD_DTYPE_F32}, {"float32", WSD_DTYPE_F32}, {"float", WSD_DTYPE_F32},
-    };
-
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-        if (strcasecmp(v, names[i].name) == 0) {
-            *ok = true;
-            return names[i].dtype;
-        }
-    *ok = false;
     return -1;
 }
 
@@ -405,7 +385,6 @@ static void access_key(parse_state_t *ps, const char *name, const char *v)
 static void model_key(parse_state_t *ps, const char *name, const char *v)
 {
     cfg_model_t *m = ps->model;
-    bool ok;
 
     if (strcmp(name, "path") == 0) {
         free(m->path);
@@ -416,8 +395,7 @@ static void model_key(parse_state_t *ps, const char *name, const char *v)
         if (!parse_bool(v, &m->no_verify))
             cfg_error(ps, ps->line, "no-verify: wants yes or no, got '%s'", v);
     } else if (strcmp(name, "dtype") == 0) {
-        m->dtype = dtype_from_name(v, &ok);
-        if (!ok)
+        if (convert_parse_target(v, &m->dtype) < 0)
             cfg_error(ps, ps->line, "dtype: '%s' is not none, bf16, f16 or f32", v);
     } else if (strcmp(name, "share") == 0) {
         if (strcmp(v, "memfd") != 0 && strcmp(v, "file") != 0)

@@ -13,7 +13,9 @@
  */
 #include "convert.h"
 
+#include <errno.h>
 #include <string.h>
+#include <strings.h>
 
 #include "weightsd.h"
 
@@ -75,6 +77,25 @@ float convert_f16_to_f32(uint16_t h)
     uint32_t result = sign | (two_w < denorm_cutoff ? f2u(denormalized) : f2u(normalized));
 
     return u2f(result);
+}
+
+int convert_parse_target(const char *name, int *ret)
+{
+    static const struct {
+        const char *name;
+        int dtype;
+    } names[] = {
+        {"none", -1},          {"bf16", WSD_DTYPE_BF16}, {"bfloat16", WSD_DTYPE_BF16},
+        {"f16", WSD_DTYPE_F16}, {"float16", WSD_DTYPE_F16}, {"half", WSD_DTYPE_F16},
+        {"f32", WSD_DTYPE_F32}, {"float32", WSD_DTYPE_F32}, {"float", WSD_DTYPE_F32},
+    };
+
+    for (size_t i = 0; name && i < sizeof(names) / sizeof(names[0]); i++)
+        if (strcasecmp(name, names[i].name) == 0) {
+            *ret = names[i].dtype;
+            return 0;
+        }
+    return -EINVAL;
 }
 
 bool convert_is_float(int dtype)

@@ -29,6 +29,12 @@ void convert_run(int from, int to, const void *src, void *dst, size_t n);
  */
 int convert_manifest(manifest_t *m, int to, fmt_err_t *err);
 
+/*
+ * Parses a --dtype / dtype= target: bf16|bfloat16, f16|float16|half, f32|float32|float (any
+ * case), or "none" for no conversion (*ret = -1). \retval 0 or -EINVAL.
+ */
+int convert_parse_target(const char *name, int *ret);
+
 /* Single values, exposed for the tests. */
 uint16_t convert_f32_to_bf16(float f);
 uint16_t convert_f32_to_f16(float f);
