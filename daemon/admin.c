@@ -123,6 +123,50 @@ static json_t *holders_json(const server_t *s, const model_t *m)
     return a;
 }
 
+/* "state": "ok" or "degraded", with the first sticky CUDA error that caused it (G6). */
+static void gpu_state_set(json_t *d, int device)
+{
+    char why[200];
+
+    if (gpu_device_degraded(device, why, sizeof(why))) {
+        json_object_set_new(d, "state", json_string("degraded"));
+        json_object_set_new(d, "degraded_reason", json_string(why));
+    } else
+        json_object_set_new(d, "state", json_string("ok"));
+}
+
+/*
+ * The GPU tier for stats: whether the build has CUDA, and once a preload has probed the
+ * devices (stats never starts the probe: it can block the loop for seconds), each device.
+ */
+static json_t *gpu_json(void)
+{
+    const gpu_probe_t *p = gpu_probe_peek();
+    json_t *doc = json_pack("{s:b, s:b}", "cuda_build", gpu_build_has_cuda(), "probed", p != NULL);
+    json_t *devs;
+
+    if (!p)
+        return doc;
+    devs = json_array();
+    json_object_set_new(doc, "driver_version", json_integer(p->driver_version));
+    json_object_set_new(doc, "runtime_version", json_integer(p->runtime_version));
+    if (p->error[0])
+        json_object_set_new(doc, "error", json_string(p->error));
+    for (int i = 0; i < p->ndevices; i++) {
+        char name[32];
+        json_t *d;
+
+        snprintf(name, sizeof(name), "cuda:%d", i);
+        d = json_pack("{s:s, s:s, s:I, s:b, s:b}", "device", name, "name", p->dev[i].name,
+                      "total_bytes", (json_int_t)p->dev[i].total_bytes, "vmm", p->dev[i].vmm,
+                      "posix_fd", p->dev[i].posix_fd);
+        gpu_state_set(d, i);
+        json_array_append_new(devs, d);
+    }
+    json_object_set_new(doc, "devices", devs);
+    return doc;
+}
+
 /*
  * Where the model is served: the host tier always, then each device copy with its handle kind.
  * Legacy IPC copies say what they cannot promise (RELIABILITY G3, G5).
@@ -142,6 +186,7 @@ static json_t *devices_json(const model_t *m)
         d = json_pack("{s:s, s:s, s:I, s:I, s:b}", "device", name, "handle",
                       gpu_handle_kind_name(g->kind), "bytes", (json_int_t)g->size, "upload_ms",
                       (json_int_t)(g->upload_ns / 1000000), "writable", m->allow_gpu_write);
+        gpu_state_set(d, g->device);
         if (g->kind == GPU_HANDLE_LEGACY_IPC)
             json_object_set_new(d, "limits",
                                 json_string("legacy CUDA IPC: the daemon must outlive importers, "
@@ -376,13 +421,13 @@ static void handle_stats(conn_t *c, uint64_t id)
     const server_t *s = c->srv;
     const registry_t *r = s->reg;
     json_int_t leases = 0, client_conns = 0;
+    json_t *doc;
 
     for (const conn_t *k = s->conns; k; k = k->next) {
         leases += (json_int_t)k->nleases;
         client_conns += !k->admin;
     }
-    send_json(c, id,
-              json_pack("{s:I, s:I, s:I, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}, "
+    doc = json_pack("{s:I, s:I, s:I, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}, "
                         "s:I, s:I, s:I, s:I, s:I, "
                         "s:I, s:I, s:I, s:I, s:I, s:I}",
                         "uptime_s", (json_int_t)((uv_now(s->loop) - s->started_ms) / 1000),
@@ -406,7 +451,10 @@ static void handle_stats(conn_t *c, uint64_t id)
                         (json_int_t)s->stats.protocol_violations, "memory_budget",
                         (json_int_t)registry_effective_budget(r), "reserved_bytes",
                         (json_int_t)r->reserved_bytes, "budget_evictions",
-                        (json_int_t)r->budget_evictions));
+                        (json_int_t)r->budget_evictions);
+    if (doc)
+        json_object_set_new(doc, "gpu", gpu_json());
+    send_json(c, id, doc);
 }
 
 int admin_dispatch(conn_t *c, wire_frame_t *f)

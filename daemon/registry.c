@@ -238,6 +238,9 @@ void model_lease_put(model_t *m)
     model_unref(m);
 }
 
+/* A preload's phases as Progress frames name them. */
+enum { PHASE_PARSE, PHASE_COPY, PHASE_UPLOAD };
+
 typedef struct preload_work {
     uv_work_t req;
     model_t *model;          /* reference held until after_work */
@@ -255,7 +258,7 @@ typedef struct preload_work {
     uint64_t need;           /* arena bytes (page-rounded), known after parsing */
     bool reserved;           /* need is counted in registry.reserved_bytes */
     host_progress_t progress; /* bytes copied, and the cancel request, shared with the pool */
-    _Atomic bool copying;    /* the copy phase has started */
+    _Atomic int phase;       /* PHASE_*: what progress.done counts now */
     int status;
     fmt_err_t err;
     manifest_t *mf;
@@ -316,13 +319,24 @@ static void preload_parse_cb(uv_work_t *req)
  * --dtype is applied already), each with its GpuExport packed once for every later open. */
 static int preload_gpu(preload_work_t *w)
 {
+    uint64_t bytes = 0, total;
     int r = 0;
 
     w->gpu = calloc(w->ndevices, sizeof(*w->gpu));
     if (!w->gpu)
         return fmt_fail(&w->err, -ENOMEM, NULL, "out of memory");
+    for (size_t i = 0; i < w->mf->nstorages; i++)
+        bytes += w->mf->storages[i].nbytes; /* fits: the arena holds them all */
+    if (!ck_mul_u64(bytes, w->ndevices, &total))
+        total = UINT64_MAX;
+    /* The upload phase counts device bytes from zero; readers may see the switch torn, which
+     * costs one odd Progress frame at most. */
+    atomic_store(&w->progress.total, total);
+    atomic_store(&w->progress.done, 0);
+    atomic_store(&w->phase, PHASE_UPLOAD);
     for (size_t i = 0; r == 0 && i < w->ndevices; i++) {
-        r = gpu_upload(w->mf, w->arena.fd, w->arena.size, w->devices[i], &w->gpu[i], &w->err);
+        r = gpu_upload(w->mf, w->arena.fd, w->arena.size, w->devices[i], &w->progress,
+                       &w->gpu[i], &w->err);
         if (r == 0)
             r = manifest_pb_gpu_export(&w->gpu[i], &w->gpu[i].pb, &w->gpu[i].pb_len);
         if (r < 0 && !w->err.code)
@@ -553,7 +567,7 @@ static void preload_parsed_cb(uv_work_t *req, int uvstatus)
     if (w->status == 0) {
         r->reserved_bytes += w->need;
         w->reserved = true;
-        atomic_store(&w->copying, true);
+        atomic_store(&w->phase, PHASE_COPY);
         k = uv_queue_work(r->loop, &w->req, preload_copy_cb, preload_copied_cb);
         if (k == 0)
             return;
@@ -811,7 +825,17 @@ bool model_progress(const model_t *m, const char **ret_phase, uint64_t *ret_done
 
     if (!w)
         return false;
-    *ret_phase = atomic_load(&w->copying) ? "copy" : "parse";
+    switch (atomic_load(&w->phase)) {
+    case PHASE_COPY:
+        *ret_phase = "copy";
+        break;
+    case PHASE_UPLOAD:
+        *ret_phase = "upload";
+        break;
+    default:
+        *ret_phase = "parse";
+        break;
+    }
     *ret_done = atomic_load(&w->progress.done);
     *ret_total = atomic_load(&w->progress.total);
     return true;

@@ -58,7 +58,7 @@ static const gpu_export_t *open_gpu(conn_t *c, uint64_t id, model_t *m, int devi
                                     unsigned flags)
 {
     const gpu_export_t *g = model_gpu(m, device);
-    char where[256];
+    char where[256], why[200];
 
     if (!g) {
         served_on(m, where, sizeof(where));
@@ -66,6 +66,14 @@ static const gpu_export_t *open_gpu(conn_t *c, uint64_t id, model_t *m, int devi
         conn_send_error(c, id, WSD_ENODEV,
                         "device 'cuda:%d' unavailable: model '%s' is served on %s only "
                         "(preload it with --device cuda:%d)", device, m->name, where, device);
+        return NULL;
+    }
+    if (gpu_device_degraded(device, why, sizeof(why))) {
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_EGPU,
+                        "device 'cuda:%d' is degraded (%s): no new GPU lease on it until "
+                        "weightsd restarts; model '%s' is still served on the host tier (cpu)",
+                        device, why, m->name);
         return NULL;
     }
     if ((flags & WSD_OPEN_GPU_WRITE) && !m->allow_gpu_write) {

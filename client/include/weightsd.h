@@ -250,8 +250,9 @@ typedef struct wsd_preload_opts {
     const char *share; /* "memfd" (default) or "file" */
     const char *key;   /* serve only this subtree of a nested checkpoint */
     int no_verify;     /* skip CRC-32 checks of zip records */
-    /* Called while the preload runs (phase "parse" or "copy", bytes done of total); NULL for
-     * none. Runs inside wsd_admin_preload() on the caller's thread. */
+    /* Called while the preload runs (phase "parse", "copy" into the host tier, then "upload"
+     * to the devices with bytes counted afresh; bytes done of total); NULL for none. Runs
+     * inside wsd_admin_preload() on the caller's thread. */
     void (*progress)(void *data, const char *phase, uint64_t done, uint64_t total);
     void *progress_data;
     int cancel_on_disconnect; /* the daemon cancels the preload if this connection closes */

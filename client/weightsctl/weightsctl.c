@@ -398,6 +398,21 @@ static int render_prometheus(const char *stats, const char *models)
         prom_label(jstr(m, "name"));
         fprintf(prom_out, "\"} %" PRIu64 "\n", jint(m, "leases"));
     }
+    /* One row per probed CUDA device: 1 once a sticky CUDA error took it out of service. */
+    m = json_object_get(json_object_get(st, "gpu"), "devices");
+    if (json_array_size(m) > 0) {
+        json_t *d;
+
+        fprintf(prom_out, "# HELP weightsd_gpu_degraded 1 if the device takes no new GPU lease "
+                          "after a sticky CUDA error.\n"
+                          "# TYPE weightsd_gpu_degraded gauge\n");
+        json_array_foreach(m, i, d)
+        {
+            fprintf(prom_out, "weightsd_gpu_degraded{device=\"");
+            prom_label(jstr(d, "device"));
+            fprintf(prom_out, "\"} %d\n", strcmp(jstr(d, "state"), "degraded") == 0);
+        }
+    }
     json_decref(st);
     json_decref(ms);
     return 0;

@@ -50,8 +50,67 @@ static struct {
 
 static pthread_once_t probe_once = PTHREAD_ONCE_INIT;
 static gpu_probe_t probe_result;
+static atomic_bool probe_done; /* probe_result is complete and immutable */
 static bool drv_ok;       /* every entry point above was found */
 static bool force_legacy; /* WEIGHTSD_GPU_LEGACY=1: test the fallback on VMM hardware */
+
+/* gpu_error_is_sticky() uses plain numbers; these are the header's names for them. */
+_Static_assert(cudaErrorECCUncorrectable == 214 && cudaErrorIllegalAddress == 700 &&
+                   cudaErrorLaunchTimeout == 702 && cudaErrorAssert == 710 &&
+                   cudaErrorHardwareStackError == 714 && cudaErrorIllegalInstruction == 715 &&
+                   cudaErrorMisalignedAddress == 716 && cudaErrorInvalidAddressSpace == 717 &&
+                   cudaErrorInvalidPc == 718 && cudaErrorLaunchFailure == 719 &&
+                   cudaErrorMpsClientTerminated == 810 && CUDA_ERROR_ILLEGAL_ADDRESS == 700 &&
+                   CUDA_ERROR_LAUNCH_FAILED == 719 && CUDA_ERROR_ECC_UNCORRECTABLE == 214,
+               "CUDA's sticky error codes moved");
+
+/* Per-device health (G6): set once, by the first sticky error the daemon's context sees. */
+static struct {
+    atomic_bool degraded;
+    pthread_mutex_t lock; /* guards reason */
+    char reason[200];
+} health[GPU_DEVICES_MAX];
+static pthread_once_t health_once = PTHREAD_ONCE_INIT;
+
+static void health_init(void)
+{
+    for (int i = 0; i < GPU_DEVICES_MAX; i++)
+        pthread_mutex_init(&health[i].lock, NULL);
+}
+
+/* Marks \p dev degraded if \p code is sticky; the first reason is kept and logged once. */
+static void note_error(int dev, const char *call, int code, const char *name, const char *what)
+{
+    bool was = true;
+
+    if (dev < 0 || dev >= GPU_DEVICES_MAX || !gpu_error_is_sticky(code))
+        return;
+    (void)pthread_once(&health_once, health_init);
+    pthread_mutex_lock(&health[dev].lock);
+    if (!atomic_load(&health[dev].degraded)) {
+        snprintf(health[dev].reason, sizeof(health[dev].reason), "%s failed: %s (%s %d)", call,
+                 what, name, code);
+        atomic_store(&health[dev].degraded, true);
+        was = false;
+    }
+    pthread_mutex_unlock(&health[dev].lock);
+    if (!was)
+        log_error("cuda:%d: degraded: %s failed: %s (%s %d); no new preload or GPU lease on it "
+                  "until weightsd restarts, the host tier keeps serving",
+                  dev, call, what, name, code);
+}
+
+bool gpu_device_degraded(int index, char *reason, size_t len)
+{
+    if (index < 0 || index >= GPU_DEVICES_MAX || !atomic_load(&health[index].degraded))
+        return false;
+    if (reason && len) {
+        pthread_mutex_lock(&health[index].lock);
+        snprintf(reason, len, "%s", health[index].reason);
+        pthread_mutex_unlock(&health[index].lock);
+    }
+    return true;
+}
 
 /* Live allocation state behind gpu_export_t.priv. */
 typedef struct gpu_alloc {
@@ -70,12 +129,14 @@ static const char *cu_str(CUresult r)
 
 static int cu_fail(fmt_err_t *err, int dev, const char *call, CUresult r)
 {
+    note_error(dev, call, (int)r, "CUresult", cu_str(r));
     return fmt_fail(err, WSD_EGPU, "E_GPU", "cuda:%d: %s failed: %s (CUresult %d)", dev, call,
                     cu_str(r), (int)r);
 }
 
 static int rt_fail(fmt_err_t *err, int dev, const char *call, cudaError_t e)
 {
+    note_error(dev, call, (int)e, cudaGetErrorName(e), cudaGetErrorString(e));
     /* Clear a non-sticky error so the next call on this thread starts clean. */
     (void)cudaGetLastError();
     return fmt_fail(err, WSD_EGPU, "E_GPU", "cuda:%d: %s failed: %s (%s)", dev, call,
@@ -209,16 +270,33 @@ static void probe_run(void)
     p->ndevices = n;
 }
 
+static void probe_once_cb(void)
+{
+    probe_run();
+    atomic_store(&probe_done, true);
+}
+
 int gpu_probe(const gpu_probe_t **ret)
 {
-    (void)pthread_once(&probe_once, probe_run);
+    (void)pthread_once(&probe_once, probe_once_cb);
     *ret = &probe_result;
     return 0;
+}
+
+bool gpu_build_has_cuda(void)
+{
+    return true;
+}
+
+const gpu_probe_t *gpu_probe_peek(void)
+{
+    return atomic_load(&probe_done) ? &probe_result : NULL;
 }
 
 int gpu_check_device(int index, fmt_err_t *err)
 {
     const gpu_probe_t *p;
+    char why[200];
 
     (void)gpu_probe(&p);
     if (p->ndevices == 0)
@@ -228,6 +306,11 @@ int gpu_check_device(int index, fmt_err_t *err)
         return fmt_fail(err, WSD_ENODEV, "E_NO_DEVICE",
                         "cuda:%d: no such CUDA device; this host has %d (cuda:0 to cuda:%d)",
                         index, p->ndevices, p->ndevices - 1);
+    if (gpu_device_degraded(index, why, sizeof(why)))
+        return fmt_fail(err, WSD_EGPU, "E_DEVICE_DEGRADED",
+                        "cuda:%d is degraded since %s; it takes no new preload or GPU lease "
+                        "until weightsd restarts (the host tier keeps serving)",
+                        index, why);
     return 0;
 }
 
@@ -249,6 +332,7 @@ typedef struct up_job {
     size_t nchunks;
     atomic_size_t next;      /* next chunk to take */
     atomic_bool failed;      /* stop taking chunks */
+    host_progress_t *progress; /* may be NULL */
     pthread_mutex_t lock;    /* guards err */
     fmt_err_t *err;
 } up_job_t;
@@ -259,6 +343,13 @@ static void job_fail(up_job_t *job, const fmt_err_t *e)
     (void)fmt_fail(job->err, e->code, NULL, "%s", e->msg);
     pthread_mutex_unlock(&job->lock);
     atomic_store(&job->failed, true);
+}
+
+/* Progress counts bytes whose copy has completed, not merely been queued. */
+static void done_add(up_job_t *job, uint64_t n)
+{
+    if (job->progress)
+        atomic_fetch_add(&job->progress->done, n);
 }
 
 static int pread_full(int fd, void *buf, size_t len, uint64_t off)
@@ -291,6 +382,7 @@ static void *up_thread(void *arg)
     cudaEvent_t ev[2] = {NULL, NULL};
     void *buf[2] = {NULL, NULL};
     bool pending[2] = {false, false};
+    uint64_t plen[2] = {0, 0}; /* bytes of the copy in flight from each buffer */
     fmt_err_t e = {0};
     cudaError_t ce;
     unsigned k = 0;
@@ -298,15 +390,28 @@ static void *up_thread(void *arg)
     ce = cudaSetDevice(job->dev);
     if (ce == cudaSuccess)
         ce = cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking);
-    for (unsigned i = 0; i < 2 && ce == cudaSuccess; i++) {
-        ce = cudaHostAlloc(&buf[i], STAGE_BYTES, cudaHostAllocDefault);
-        if (ce == cudaSuccess)
-            ce = cudaEventCreateWithFlags(&ev[i], cudaEventDisableTiming);
-    }
+    for (unsigned i = 0; i < 2 && ce == cudaSuccess; i++)
+        ce = cudaEventCreateWithFlags(&ev[i], cudaEventDisableTiming);
     if (ce != cudaSuccess) {
         (void)rt_fail(&e, job->dev, "setting up a staging stream", ce);
         job_fail(job, &e);
         goto out;
+    }
+    for (unsigned i = 0; i < 2; i++) {
+        ce = cudaHostAlloc(&buf[i], STAGE_BYTES, cudaHostAllocDefault);
+        if (ce != cudaSuccess) {
+            buf[i] = NULL;
+            note_error(job->dev, "cudaHostAlloc", (int)ce, cudaGetErrorName(ce),
+                       cudaGetErrorString(ce));
+            (void)cudaGetLastError();
+            (void)fmt_fail(&e, WSD_EGPU, "E_PIN_FAILED",
+                           "cuda:%d: cannot pin a %u MiB staging buffer: %s (%s); the upload "
+                           "needs %u MiB of pinned host memory",
+                           job->dev, STAGE_BYTES >> 20, cudaGetErrorString(ce),
+                           cudaGetErrorName(ce), (UPLOAD_STREAMS * 2 * STAGE_BYTES) >> 20);
+            job_fail(job, &e);
+            goto out;
+        }
     }
     for (;; k ^= 1) {
         size_t i = atomic_fetch_add(&job->next, 1);
@@ -316,6 +421,11 @@ static void *up_thread(void *arg)
 
         if (i >= job->nchunks || atomic_load(&job->failed))
             break;
+        if (job->progress && atomic_load(&job->progress->cancel)) {
+            (void)fmt_fail(&e, WSD_ECANCELED, "E_CANCELED", "preload cancelled");
+            job_fail(job, &e);
+            break;
+        }
         c = &job->chunks[i];
         s = &job->m->storages[c->storage];
         if (pending[k]) {
@@ -326,6 +436,7 @@ static void *up_thread(void *arg)
                 break;
             }
             pending[k] = false;
+            done_add(job, plen[k]);
         }
         if (s->arena_offset > job->host_size || c->off + c->len > job->host_size - s->arena_offset)
             r = -ENODATA;
@@ -349,6 +460,7 @@ static void *up_thread(void *arg)
             break;
         }
         pending[k] = true;
+        plen[k] = c->len;
     }
     if (st) {
         /* Always drain: a staging buffer must not be freed under a copy in flight. */
@@ -357,6 +469,9 @@ static void *up_thread(void *arg)
             (void)rt_fail(&e, job->dev, "cudaStreamSynchronize", ce);
             job_fail(job, &e);
         }
+        for (unsigned i = 0; ce == cudaSuccess && i < 2; i++)
+            if (pending[i])
+                done_add(job, plen[i]);
     }
 out:
     for (unsigned i = 0; i < 2; i++) {
@@ -372,10 +487,10 @@ out:
 
 /* Fills [dbase, dbase + layout) from the host arena. */
 static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint64_t host_size,
-                int dev, char *dbase, fmt_err_t *err)
+                int dev, char *dbase, host_progress_t *progress, fmt_err_t *err)
 {
     up_job_t job = {.m = m, .offsets = offsets, .host_fd = host_fd, .host_size = host_size,
-                    .dev = dev, .dbase = dbase, .err = err};
+                    .dev = dev, .dbase = dbase, .progress = progress, .err = err};
     pthread_t th[UPLOAD_STREAMS];
     unsigned nth = 0, want;
     size_t n = 0;
@@ -423,8 +538,8 @@ static uint64_t now_ns(void)
 
 /* VMM: create, map for the fill, unmap, export. On success only the handle and fd remain. */
 static int upload_vmm(const manifest_t *m, const uint64_t *offsets, int host_fd,
-                      uint64_t host_size, int dev, uint64_t size, gpu_alloc_t *a, int *ret_fd,
-                      fmt_err_t *err)
+                      uint64_t host_size, int dev, uint64_t size, host_progress_t *progress,
+                      gpu_alloc_t *a, int *ret_fd, fmt_err_t *err)
 {
     CUmemAllocationProp prop = vmm_prop(dev);
     CUmemAccessDesc acc;
@@ -460,7 +575,7 @@ static int upload_vmm(const manifest_t *m, const uint64_t *offsets, int host_fd,
         r = cu_fail(err, dev, "cuMemSetAccess", cr);
         goto out;
     }
-    r = fill(m, offsets, host_fd, host_size, dev, (char *)(uintptr_t)ptr, err);
+    r = fill(m, offsets, host_fd, host_size, dev, (char *)(uintptr_t)ptr, progress, err);
     if (r < 0)
         goto out;
     cr = drv.MemExportToShareableHandle(&fd, a->handle, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
@@ -491,8 +606,8 @@ out:
 /* Legacy fallback: one cudaMalloc, filled, with an IPC handle. The pointer is kept: freeing it
  * would free the memory under importers, so it goes only with the model's last lease. */
 static int upload_legacy(const manifest_t *m, const uint64_t *offsets, int host_fd,
-                         uint64_t host_size, int dev, uint64_t size, gpu_alloc_t *a,
-                         uint8_t ipc[GPU_IPC_HANDLE_SIZE], fmt_err_t *err)
+                         uint64_t host_size, int dev, uint64_t size, host_progress_t *progress,
+                         gpu_alloc_t *a, uint8_t ipc[GPU_IPC_HANDLE_SIZE], fmt_err_t *err)
 {
     cudaIpcMemHandle_t h;
     cudaError_t ce;
@@ -504,7 +619,7 @@ static int upload_legacy(const manifest_t *m, const uint64_t *offsets, int host_
         a->dptr = NULL;
         return rt_fail(err, dev, "cudaMalloc", ce);
     }
-    r = fill(m, offsets, host_fd, host_size, dev, a->dptr, err);
+    r = fill(m, offsets, host_fd, host_size, dev, a->dptr, progress, err);
     if (r == 0) {
         ce = cudaIpcGetMemHandle(&h, a->dptr);
         if (ce != cudaSuccess)
@@ -520,7 +635,7 @@ static int upload_legacy(const manifest_t *m, const uint64_t *offsets, int host_
 }
 
 int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
-               gpu_export_t *ret, fmt_err_t *err)
+               host_progress_t *progress, gpu_export_t *ret, fmt_err_t *err)
 {
     const gpu_probe_t *p;
     const gpu_device_info_t *d;
@@ -561,9 +676,11 @@ int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
     }
     t0 = now_ns();
     if (e.kind == GPU_HANDLE_POSIX_FD)
-        r = upload_vmm(m, e.offsets, host_fd, host_size, index, e.size, a, &e.fd, err);
+        r = upload_vmm(m, e.offsets, host_fd, host_size, index, e.size, progress, a, &e.fd,
+                       err);
     else
-        r = upload_legacy(m, e.offsets, host_fd, host_size, index, e.size, a, e.ipc, err);
+        r = upload_legacy(m, e.offsets, host_fd, host_size, index, e.size, progress, a, e.ipc,
+                          err);
     if (r < 0)
         goto fail;
     e.upload_ns = now_ns() - t0;

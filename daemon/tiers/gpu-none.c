@@ -24,10 +24,29 @@ int gpu_check_device(int index, fmt_err_t *err)
     return fmt_fail(err, -EOPNOTSUPP, "E_NO_CUDA", "cuda:%d: " NO_CUDA_MSG, index);
 }
 
+bool gpu_build_has_cuda(void)
+{
+    return false;
+}
+
+const gpu_probe_t *gpu_probe_peek(void)
+{
+    return NULL;
+}
+
+bool gpu_device_degraded(int index, char *reason, size_t len)
+{
+    (void)index;
+    (void)reason;
+    (void)len;
+    return false;
+}
+
 int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
-               gpu_export_t *ret, fmt_err_t *err)
+               host_progress_t *progress, gpu_export_t *ret, fmt_err_t *err)
 {
     (void)m;
+    (void)progress;
     (void)host_fd;
     (void)host_size;
     (void)ret;

@@ -23,6 +23,7 @@
 
 #include "checked.h"
 #include "fmt.h"
+#include "host.h"
 
 /* Devices a daemon can serve; a larger ordinal is refused at preload. */
 #define GPU_DEVICES_MAX 64
@@ -74,6 +75,54 @@ int gpu_probe(const gpu_probe_t **ret);
  */
 int gpu_check_device(int index, fmt_err_t *err);
 
+/*
+ * The probe's result if it has run to completion, else NULL; never starts it (the loop thread
+ * asks this for stats, and a first probe can block for seconds). NULL in a build without CUDA.
+ */
+const gpu_probe_t *gpu_probe_peek(void);
+
+/* Whether this build has the CUDA implementation (false: gpu-none.c). */
+bool gpu_build_has_cuda(void);
+
+/*
+ * Whether device \p index is degraded: the daemon's own CUDA context on it hit a sticky error
+ * (gpu_error_is_sticky) or an uncorrectable ECC error, after which every CUDA call in this
+ * process fails the same way (RELIABILITY G6). A degraded device takes no new preload and no
+ * new GPU lease until the daemon restarts; leases already granted keep their mappings, which
+ * live in the workers' contexts, and the host tier keeps serving. \p reason (may be NULL)
+ * gets the first error's words. Thread-safe; cheap.
+ */
+bool gpu_device_degraded(int index, char *reason, size_t len);
+
+/*
+ * CUDA errors that leave the calling process's context unusable: the CUDA headers document
+ * each as "the process must be terminated and relaunched" (the same values in cudaError_t and
+ * CUresult), plus an uncorrectable ECC error (214), after which results cannot be trusted.
+ * Plain numbers, so this builds and is tested without a CUDA toolkit.
+ */
+static inline bool gpu_error_is_sticky(int code)
+{
+    switch (code) {
+    case 214: /* ECCUncorrectable */
+    case 226: /* Contained */
+    case 700: /* IllegalAddress */
+    case 702: /* LaunchTimeout */
+    case 710: /* Assert */
+    case 714: /* HardwareStackError */
+    case 715: /* IllegalInstruction */
+    case 716: /* MisalignedAddress */
+    case 717: /* InvalidAddressSpace */
+    case 718: /* InvalidPc */
+    case 719: /* LaunchFailure */
+    case 721: /* TensorMemoryLeak */
+    case 810: /* MpsClientTerminated */
+    case 911: /* ExternalDevice */
+        return true;
+    default:
+        return false;
+    }
+}
+
 /* One model's copy on one device. Owned by the model; gpu_release() frees it. An empty export
  * (all zero, or what gpu_release() leaves) has kind 0 and owns nothing. */
 typedef struct gpu_export {
@@ -123,12 +172,15 @@ static inline int gpu_layout(const manifest_t *m, uint64_t **ret_offsets, uint64
  * SIGBUS) through pinned staging buffers on several streams, synchronised, then exported. The
  * daemon keeps no mapping of a VMM allocation afterwards: only the handle and the fd.
  * Storage i is read at m->storages[i].arena_offset of \p host_fd.
+ * \p progress (may be NULL): done grows by every byte copied to the device (the caller sets
+ * total), and a set cancel stops the upload with WSD_ECANCELED.
  * \param[out] ret  filled on success only; free with gpu_release().
- * \retval 0, or WSD_EGPU / WSD_ENODEV / -EOPNOTSUPP / WSD_EIO / -ENOMEM with \p err filled.
+ * \retval 0, or WSD_EGPU / WSD_ENODEV / -EOPNOTSUPP / WSD_EIO / WSD_ECANCELED / -ENOMEM
+ *         with \p err filled ("E_PIN_FAILED" when pinned staging memory cannot be had).
  *         Nothing is left allocated on failure.
  */
 int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
-               gpu_export_t *ret, fmt_err_t *err);
+               host_progress_t *progress, gpu_export_t *ret, fmt_err_t *err);
 
 /*
  * Frees the daemon's hold on the copy: closes the fd and releases the allocation handle. With

@@ -63,6 +63,25 @@ def test_cpu_tier_keeps_serving(daemon, model):
     assert daemon.ctl_json("info", "cpu2")["devices"][0]["device"] == "cpu"
 
 
+def test_stats_gpu_section(daemon, model):
+    """stats never starts the CUDA probe itself; after a cuda preload it shows what the probe
+    found (no device, and why), and a build without CUDA says so."""
+    before = daemon.ctl_json("stats")["gpu"]
+    assert before["probed"] is False
+    p = daemon.ctl("preload", "g", str(model), "--device", "cuda:0", check=False)
+    assert p.returncode != 0
+    after = daemon.ctl_json("stats")["gpu"]
+    if "built without CUDA support" in p.stderr:
+        assert after == {"cuda_build": False, "probed": False}
+        return
+    assert before["cuda_build"] is True and after["cuda_build"] is True
+    assert after["probed"] is True and after["devices"] == []
+    assert after["error"] and after["error"] in p.stderr, (after, p.stderr)
+    # The human form flattens it; nothing claims a device.
+    out = daemon.ctl("stats").stdout
+    assert "gpu.probed: true" in out and "gpu.devices: []" in out, out
+
+
 def test_bad_device_names(daemon, model):
     for bad in ("gpu:0", "cuda:", "cuda:-1", "cuda:01", "cuda:64", "cuda:0x1"):
         p = daemon.ctl("preload", "x", str(model), "--device", bad, check=False)

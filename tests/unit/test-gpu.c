@@ -144,8 +144,10 @@ TEST(no_cuda_build_says_so)
     ASSERT(strstr(err.msg, "built without CUDA support"));
     ASSERT(strstr(err.msg, "cuda:0"));
     memset(&err, 0, sizeof(err));
-    ASSERT_EQ(gpu_upload(m, -1, 0, 1, &e, &err), -EOPNOTSUPP);
+    ASSERT_EQ(gpu_upload(m, -1, 0, 1, NULL, &e, &err), -EOPNOTSUPP);
     ASSERT(strstr(err.msg, "cuda:1: weightsd was built without CUDA support"));
+    ASSERT(gpu_probe_peek() == NULL);
+    ASSERT(!gpu_device_degraded(0, NULL, 0));
     manifest_free(m);
 }
 
@@ -188,7 +190,7 @@ TEST(upload_without_device_fails_cleanly)
     if (p->ndevices > 0)
         test_skip("a CUDA device is present");
     memset(&e, 0xa5, sizeof(e));
-    ASSERT_EQ(gpu_upload(m, -1, 0, 0, &e, &err), WSD_ENODEV);
+    ASSERT_EQ(gpu_upload(m, -1, 0, 0, NULL, &e, &err), WSD_ENODEV);
     ASSERT(strstr(err.msg, "no CUDA device"));
     ASSERT_EQ(e.device, (int)0xa5a5a5a5); /* ret is written on success only */
     manifest_free(m);
@@ -202,6 +204,7 @@ TEST(upload_small_model)
     fmt_err_t err = {0};
     gpu_export_t e;
     uint64_t size = 512 + 4096 * 3 + 17;
+    host_progress_t prog;
     int fd;
 
     ASSERT_EQ(gpu_probe(&p), 0);
@@ -213,7 +216,13 @@ TEST(upload_small_model)
     m->storages[0].arena_offset = 0;
     m->storages[1].arena_offset = 128;
     m->storages[2].arena_offset = 192;
-    ASSERT_EQ(gpu_upload(m, fd, size, 0, &e, &err), 0);
+    atomic_init(&prog.done, 0);
+    atomic_init(&prog.total, 0);
+    atomic_init(&prog.cancel, false);
+    ASSERT_EQ(gpu_upload(m, fd, size, 0, &prog, &e, &err), 0);
+    /* Progress counts completed copies: every storage byte exactly once. */
+    ASSERT_UINT_EQ(atomic_load(&prog.done), 100 + 1 + 4096 * 3 + 17);
+    ASSERT(!gpu_device_degraded(0, NULL, 0));
     printf("# cuda:0 %s, %llu bytes\n", gpu_handle_kind_name(e.kind),
            (unsigned long long)e.size);
     ASSERT_EQ(e.noffsets, 3);
@@ -225,11 +234,49 @@ TEST(upload_small_model)
     }
     gpu_release(&e);
     ASSERT_EQ(e.kind, 0);
+    /* A cancel set before the fill stops it, and nothing is handed back. */
+    atomic_store(&prog.cancel, true);
+    memset(&err, 0, sizeof(err));
+    ASSERT_EQ(gpu_upload(m, fd, size, 0, &prog, &e, &err), WSD_ECANCELED);
+    ASSERT(strstr(err.msg, "E_CANCELED"));
     close(fd);
     manifest_free(m);
 }
 
+/* The probe's cached answer is visible to peek only once the probe has finished, and nothing
+ * starts degraded. */
+TEST(probe_peek_and_health)
+{
+    const gpu_probe_t *p = NULL;
+
+    ASSERT(gpu_probe_peek() == NULL); /* each test runs in a fresh process */
+    ASSERT_EQ(gpu_probe(&p), 0);
+    ASSERT(gpu_probe_peek() == p);
+    for (int i = 0; i < GPU_DEVICES_MAX; i++)
+        ASSERT(!gpu_device_degraded(i, NULL, 0));
+    ASSERT(!gpu_device_degraded(-1, NULL, 0));
+    ASSERT(!gpu_device_degraded(GPU_DEVICES_MAX, NULL, 0));
+}
+
 #endif
+
+/* The errors after which the daemon's context on a device is unusable (G6), by CUDA's own
+ * wording in driver_types.h / cuda.h; transient ones (out of memory, busy, invalid value) are
+ * not, or one failed allocation would take a device out of service. */
+TEST(sticky_errors)
+{
+    static const int sticky[] = {214, 226, 700, 702, 710, 714, 715, 716, 717, 718, 719, 721,
+                                 810, 911};
+    static const int transient[] = {0, 1, 2, 3, 46, 100, 101, 201, 400, 600, 701, 709, 720,
+                                    801, 999};
+
+    for (size_t i = 0; i < sizeof(sticky) / sizeof(sticky[0]); i++)
+        if (!gpu_error_is_sticky(sticky[i]))
+            TEST_FAIL("%d not sticky", sticky[i]);
+    for (size_t i = 0; i < sizeof(transient) / sizeof(transient[0]); i++)
+        if (gpu_error_is_sticky(transient[i]))
+            TEST_FAIL("%d sticky", transient[i]);
+}
 
 int main(int argc, char **argv)
 {
