@@ -508,7 +508,15 @@ WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_o
 
 out:
     wire_frame_done(&f); /* closes the fd: the mapping keeps the memory */
-    wsd_model_free(m);
+    if (m) {
+        /* Freeing releases the lease with a request of its own, which would clear the message
+         * saying why this open failed. */
+        char why[sizeof(c->last_error)];
+
+        memcpy(why, c->last_error, sizeof(why));
+        wsd_model_free(m);
+        memcpy(c->last_error, why, sizeof(why));
+    }
     return r;
 }
 
