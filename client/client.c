@@ -23,6 +23,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "extent.h"
 #include "fdpass.h"
 #include "gpu.h"
 #include "wsd_limits.h"
@@ -279,9 +280,11 @@ WSD_EXTERN const char *wsd_last_error(const wsd_client_t *c)
 }
 
 /* The daemon is trusted less than nothing here: a bad manifest must not make us read outside
- * the mapping, so every range is checked before any pointer is formed. */
-static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf,
-                       const uint64_t *offsets)
+ * the mapping, so every range is checked before any pointer is formed. The daemon checked the
+ * same rules before serving the manifest; checking again is defence in depth against a buggy
+ * or compromised daemon. On WSD_EPROTO \p msg says which storage or tensor broke which rule. */
+static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf, const uint64_t *offsets,
+                       char *msg, size_t msglen)
 {
     m->nstorages = mf->n_storages;
     m->storages = calloc(mf->n_storages ? mf->n_storages : 1, sizeof(*m->storages));
@@ -301,8 +304,12 @@ static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf,
         /* A device copy has its own layout: offsets[] replaces the host arena's offsets. */
         uint64_t off = offsets ? offsets[i] : s->offset;
 
-        if (off > m->map_size || s->nbytes > m->map_size - off)
+        if (off > m->map_size || s->nbytes > m->map_size - off) {
+            snprintf(msg, msglen, "storage %zu: %llu bytes at %llu exceed the %llu-byte mapping", i,
+                     (unsigned long long)s->nbytes, (unsigned long long)off,
+                     (unsigned long long)m->map_size);
             return WSD_EPROTO;
+        }
         m->storages[i].data = (char *)m->base + off;
         m->storages[i].nbytes = s->nbytes;
     }
@@ -312,16 +319,18 @@ static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf,
         unsigned bits = wsd_dtype_bits((int)ti->dtype);
         uint64_t h = 1469598103934665603ull;
         size_t slot;
+        int r;
 
-        if (!bits || ti->n_shape != ti->n_stride || ti->n_shape > WSD_MAX_NDIM ||
-            ti->storage >= m->nstorages || !ti->name)
+        if (ti->storage >= m->nstorages) {
+            snprintf(msg, msglen, "tensor '%s': storage %u does not exist",
+                     ti->name ? ti->name : "", ti->storage);
             return WSD_EPROTO;
-        if (bits % 8 == 0) {
-            uint64_t itemsize = bits / 8;
-
-            if (ti->storage_offset > m->storages[ti->storage].nbytes / itemsize)
-                return WSD_EPROTO;
         }
+        /* Every element of the view inside its storage, before data, shape or strides can
+         * reach an accessor or a DLPack export. */
+        r = wsd__tensor_extent_check(ti, m->storages[ti->storage].nbytes, msg, msglen);
+        if (r < 0)
+            return r;
         t->model = m;
         t->name = strdup(ti->name);
         if (!t->name)
@@ -369,6 +378,19 @@ static int check_fd(int fd, uint64_t map_size)
     return 0;
 }
 
+/* Sets last_error for a model_build() failure: its own message for a bad manifest. */
+static void manifest_error(wsd_client_t *c, int r, const char *msg)
+{
+    char buf[sizeof(c->last_error)];
+
+    if (r != WSD_EPROTO) {
+        set_error(c, wsd_strerror(r));
+        return;
+    }
+    snprintf(buf, sizeof(buf), "daemon sent an inconsistent manifest: %s", msg);
+    set_error(c, buf);
+}
+
 WSD_EXTERN int wsd_open(wsd_client_t *c, const char *name, const char *device, unsigned flags,
                         wsd_model_t **ret_model)
 {
@@ -411,6 +433,7 @@ WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_o
     const Weightsd__V1__GpuExport *gpu;
     wsd_model_t *m = NULL;
     wire_frame_t f = {0};
+    char msg[384] = "";
     int r;
 
     const char *device = NULL, *expect = NULL;
@@ -472,9 +495,9 @@ WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_o
         r = open_gpu(c, m, name, mf, gpu, f.nfds ? f.fds[0] : -1, flags);
         if (r < 0)
             goto out;
-        r = model_build(m, mf, gpu->offsets);
+        r = model_build(m, mf, gpu->offsets, msg, sizeof(msg));
         if (r < 0) {
-            set_error(c, "daemon sent an inconsistent manifest");
+            manifest_error(c, r, msg);
             goto out;
         }
         *ret_model = m;
@@ -498,9 +521,9 @@ WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_o
         }
         m->base = p;
     }
-    r = model_build(m, mf, NULL);
+    r = model_build(m, mf, NULL, msg, sizeof(msg));
     if (r < 0) {
-        set_error(c, "daemon sent an inconsistent manifest");
+        manifest_error(c, r, msg);
         goto out;
     }
     *ret_model = m;

@@ -168,6 +168,9 @@ WSD_EXTERN const char *wsd_last_error(const wsd_client_t *c);
  *                        connection's state, so it may outlive wsd_close(c).
  * \retval 0, WSD_ENOTFOUND, WSD_ELOADING, WSD_ENODEV, WSD_EPROTO, WSD_ECLOSED, WSD_EGPU (CUDA
  *         import failed, or no libcuda.so.1), WSD_EDENIED (writable GPU map not allowed), -errno.
+ *         WSD_EPROTO also when the manifest has a tensor whose elements (offset, sizes and
+ *         strides) or nbytes reach outside its storage: the library checks every tensor itself
+ *         before handing out the model, and wsd_last_error() names the tensor.
  */
 WSD_EXTERN WSD_MUST_CHECK int wsd_open(wsd_client_t *c, const char *name, const char *device,
                                        unsigned flags, wsd_model_t **ret_model);
@@ -298,7 +301,8 @@ typedef void (*wsd_dlpack_release_fn)(void *ctx);
  * \param[out] ret_managed  new DLManagedTensor; its consumer calls ->deleter (or, if it was
  *                          never consumed, the producer calls wsd_dlpack_free()).
  * \retval 0, -EINVAL, -EOPNOTSUPP (a dtype the installed DLPack cannot name: BOOL before
- *         DLPack 0.8, F8_*, F6_*, F4), WSD_EPROTO (view outside its storage), -ENOMEM.
+ *         DLPack 0.8, F8_*, F6_*, F4), -ENOMEM. (A tensor outside its storage never gets this
+ *         far: wsd_open() refuses its manifest.)
  */
 WSD_EXTERN WSD_MUST_CHECK int wsd_tensor_dlpack(const wsd_model_t *m, size_t i,
                                                 wsd_dlpack_release_fn release, void *ctx,
