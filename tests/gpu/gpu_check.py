@@ -4,8 +4,8 @@ One JSON document on stdout: {"ok": bool, "checks": {name: {"ok": bool, ...figur
 check is independent and records its own failure, so one broken check does not hide the others.
 Worker processes are real processes (this file re-run with --worker), talking to the real daemon.
 
-Covers issue 6 item 6 / RELIABILITY G1, G2: import + read-only map + comparison against the
-file; lifetime (importer killed, evict --force with importers, daemon SIGKILL with importers);
+Covers issue 6 item 6 / RELIABILITY G1, G2, G6 (worker half): import + read-only map +
+comparison against the file; a worker's sticky fault leaves the daemon's device healthy; lifetime (importer killed, evict --force with importers, daemon SIGKILL with importers);
 4 workers -> one copy (nvidia-smi / cudaMemGetInfo); H2D upload rate against a plain pinned
 copy of the same bytes in the same run; attach time per worker; load_into(SomeModule) on cuda:0
 against torch.load(...).to("cuda"); the legacy IPC fallback (WEIGHTSD_GPU_LEGACY=1).
@@ -82,6 +82,16 @@ def worker(sock, name, ref_path):
             except RuntimeError as e:  # the context is now unusable; report and leave
                 say(phase="wrote", refused=True, error=str(e).splitlines()[0])
                 os._exit(3)
+        elif cmd == "fault":
+            # A device-side assert (cudaErrorAssert, sticky): this worker's context is dead.
+            try:
+                x = torch.zeros(4, device="cuda")
+                x[torch.tensor([1 << 20], device="cuda")] += 1
+                torch.cuda.synchronize()
+                say(phase="faulted", error=None)
+            except RuntimeError as e:
+                say(phase="faulted", error=str(e).splitlines()[0])
+                os._exit(4)
         elif cmd == "exit":
             break
     say(phase="bye")
@@ -196,8 +206,38 @@ def check_g1(res, d, path):
     finally:
         w2.close()
     res["forged_fd_refused"] = forged_fd_refused()
+    if res["write_refused"] is not True:
+        # The write landed: serve fresh bytes so the later checks test their own property.
+        d.ctl("evict", "big", "--force")
+        d.preload("big", path, "--device", "cuda:0")
     res["ok"] = (res.get("verify", {}).get("mismatches") == 0 and res["write_refused"] is True
                  and res["after_write_attempt"]["mismatches"] == 0 and res["forged_fd_refused"])
+
+
+def check_g6(res, d, path):
+    """RELIABILITY G6, the worker half: a worker whose own context dies (device-side assert)
+    leaves the daemon's context alone: the device is not marked degraded and the next worker
+    attaches and reads correct bytes."""
+    w = Worker(d.sock, "big", path)
+    try:
+        w.ask("attach")
+        f = w.ask("fault")
+        res["worker_error"] = f.get("error")
+        res["worker_exit"] = w.p.wait(30)
+    finally:
+        if w.p.poll() is None:
+            w.kill()
+    w2 = Worker(d.sock, "big", path)
+    try:
+        w2.ask("attach")
+        res["next_worker"] = w2.ask("verify")
+    finally:
+        w2.close()
+    gpu = d.ctl_json("stats")["gpu"]
+    res["daemon_gpu"] = gpu
+    state = [x for x in gpu.get("devices", []) if x["device"] == "cuda:0"]
+    res["ok"] = (res["worker_error"] is not None and d.alive() and state
+                 and state[0]["state"] == "ok" and res["next_worker"]["mismatches"] == 0)
 
 
 def forged_fd_refused():
@@ -371,6 +411,7 @@ def main():
         try:
             run("h2d_upload_rate", check_upload, d, path, nbytes)
             run("g1_import_readonly_checksum", check_g1, d, path)
+            run("g6_worker_fault_isolated", check_g6, d, path)
             run("four_workers_one_copy", check_one_copy, d, path, nbytes)
             run("load_into_somemodule", check_load_into, d, tmp)
             run("g2_lifetime", check_g2, d, path, nbytes, Daemon, tmp)
