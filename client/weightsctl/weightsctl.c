@@ -92,9 +92,10 @@ static double now_s(void)
 
 struct progress_state {
     int tty;       /* stderr is a terminal: redraw one line */
-    double t0;     /* start of the preload */
+    double t0;     /* start of the current phase: each counts its bytes from zero */
     double last;   /* last plain line printed */
     int shown;     /* anything printed */
+    char phase[16]; /* the current phase's name */
 };
 
 static void human_bytes(uint64_t n, char *buf, size_t len);
@@ -103,9 +104,20 @@ static void human_bytes(uint64_t n, char *buf, size_t len);
 static void show_progress(void *data, const char *phase, uint64_t done, uint64_t total)
 {
     struct progress_state *ps = data;
-    double t = now_s(), el = t - ps->t0, rate = el > 0 ? (double)done / el : 0;
+    double t = now_s(), el, rate;
     char d[32], tot[32], rt[32];
     int pct = total ? (int)(done * 100 / total) : 0;
+
+    if (strncmp(ps->phase, phase, sizeof(ps->phase) - 1) != 0) {
+        /* A new phase ("copy" then "upload"): its rate and ETA start now, on a new line. */
+        if (ps->tty && ps->shown)
+            fputc('\n', stderr);
+        snprintf(ps->phase, sizeof(ps->phase), "%s", phase);
+        ps->t0 = t;
+        ps->last = 0;
+    }
+    el = t - ps->t0;
+    rate = el > 0 ? (double)done / el : 0;
 
     human_bytes(done, d, sizeof(d));
     human_bytes(total, tot, sizeof(tot));
