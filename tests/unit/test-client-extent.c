@@ -22,8 +22,8 @@
 
 /* A TensorInfo over caller-owned arrays (they must outlive it). */
 static Weightsd__V1__TensorInfo tinfo(const char *name, int dtype, size_t ndim,
-                                      const int64_t *shape, const int64_t *stride,
-                                      uint64_t offset, uint64_t nbytes)
+                                      const int64_t *shape, const int64_t *stride, uint64_t offset,
+                                      uint64_t nbytes)
 {
     Weightsd__V1__TensorInfo ti = WEIGHTSD__V1__TENSOR_INFO__INIT;
 
@@ -47,8 +47,7 @@ static int check(const Weightsd__V1__TensorInfo *ti, uint64_t storage_nbytes)
 
 TEST(exact_fit_accepted)
 {
-    static const int64_t shape[] = {2, 3}, stride[] = {3, 1}, tshape[] = {3, 2},
-                         tstride[] = {1, 3};
+    static const int64_t shape[] = {2, 3}, stride[] = {3, 1}, tshape[] = {3, 2}, tstride[] = {1, 3};
     Weightsd__V1__TensorInfo ti = tinfo("w", WSD_DTYPE_F32, 2, shape, stride, 0, 24);
 
     ASSERT_EQ(check(&ti, 24), 0);
@@ -196,8 +195,7 @@ TEST(nbytes_must_match)
 
 TEST(sub_byte_dtypes)
 {
-    static const int64_t shape[] = {2, 4}, stride[] = {4, 1}, odd[] = {3}, one[] = {1},
-                         six[] = {4};
+    static const int64_t shape[] = {2, 4}, stride[] = {4, 1}, odd[] = {3}, one[] = {1}, six[] = {4};
     Weightsd__V1__TensorInfo ti = tinfo("f4", WSD_DTYPE_F4, 2, shape, stride, 0, 4);
 
     /* 8 F4 elements are 4 bytes. */
@@ -221,7 +219,8 @@ TEST(sub_byte_dtypes)
 TEST(malformed_entries_rejected)
 {
     static const int64_t shape[WSD_MAX_NDIM + 1] = {1, 1, 1, 1, 1, 1, 1, 1, 1},
-                         stride[WSD_MAX_NDIM + 1] = {1, 1, 1, 1, 1, 1, 1, 1, 1};
+                                              stride[WSD_MAX_NDIM + 1] = {1, 1, 1, 1, 1,
+                                                                          1, 1, 1, 1};
     Weightsd__V1__TensorInfo ti = tinfo(NULL, WSD_DTYPE_F32, 1, shape, stride, 0, 4);
 
     ASSERT_EQ(check(&ti, 4), WSD_EPROTO);
@@ -248,8 +247,8 @@ TEST(malformed_entries_rejected)
  * 64-byte storage of a sealed memfd, then acknowledges releases until the client hangs up.
  */
 typedef struct fake_daemon {
-    int listen_fd;                      /* bound and listening */
-    Weightsd__V1__TensorInfo *tensor;   /* the manifest's only tensor */
+    int listen_fd;                    /* bound and listening */
+    Weightsd__V1__TensorInfo *tensor; /* the manifest's only tensor */
 } fake_daemon_t;
 
 static void fake_send(int s, Weightsd__V1__Frame *f, const int *fds, size_t nfds)
@@ -277,8 +276,7 @@ static void *fake_daemon_run(void *arg)
     mfd = memfd_create("fake", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     ASSERT_GE(mfd, 0);
     ASSERT_EQ(ftruncate(mfd, 64), 0);
-    ASSERT_EQ(fcntl(mfd, F_ADD_SEALS, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE),
-              0);
+    ASSERT_EQ(fcntl(mfd, F_ADD_SEALS, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE), 0);
     st.nbytes = 64;
     st.key = wire_str("data/0");
     mf.n_storages = 1;
