@@ -172,9 +172,9 @@ broken:
     return r;
 }
 
-WSD_EXTERN const char *wsd_default_socket(int admin)
+/* wsd_default_socket() into \p path (PATH_MAX bytes): the environment's string, or \p path. */
+static const char *default_socket(int admin, char *path)
 {
-    static char path[PATH_MAX];
     const char *env = getenv(admin ? "WEIGHTSD_ADMIN_SOCKET" : "WEIGHTSD_SOCKET");
     const char *dir;
     const char *file = admin ? "admin.sock" : "weightsd.sock";
@@ -188,11 +188,18 @@ WSD_EXTERN const char *wsd_default_socket(int admin)
 
         if (!xdg || !*xdg)
             return NULL;
-        snprintf(path, sizeof(path), "%s/weightsd/%s", xdg, file);
+        snprintf(path, PATH_MAX, "%s/weightsd/%s", xdg, file);
         return path;
     }
-    snprintf(path, sizeof(path), "%s/%s", dir, file);
+    snprintf(path, PATH_MAX, "%s/%s", dir, file);
     return path;
+}
+
+WSD_EXTERN const char *wsd_default_socket(int admin)
+{
+    static char path[PATH_MAX];
+
+    return default_socket(admin, path);
 }
 
 WSD_EXTERN int wsd_connect(const char *path, wsd_client_t **ret_client)
@@ -201,14 +208,16 @@ WSD_EXTERN int wsd_connect(const char *path, wsd_client_t **ret_client)
     Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
     Weightsd__V1__Hello hello = WEIGHTSD__V1__HELLO__INIT;
     static char client_name[] = "libweightsd/0.1.0";
+    char default_path[PATH_MAX];
     wsd_client_t *c;
     wire_frame_t f;
     int r;
 
     if (!ret_client)
         return -EINVAL;
+    /* Not wsd_default_socket(): its static buffer would make concurrent connects race. */
     if (!path)
-        path = wsd_default_socket(0);
+        path = default_socket(0, default_path);
     if (!path)
         return -ENOENT;
     if (strlen(path) >= sizeof(sa.sun_path))
