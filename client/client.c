@@ -7,12 +7,15 @@
  *
  * Lifetimes: a wsd_client_t is reference counted; the caller's reference goes with wsd_close()
  * and each open model holds one more, so a model stays readable after its connection closed.
+ * The count is atomic, so models whose leases are gone may be freed on any thread (the
+ * contract is in weightsd.h); nothing else here locks.
  */
 #include "weightsd.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +26,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "client.h"
 #include "extent.h"
 #include "fdpass.h"
 #include "gpu.h"
@@ -37,7 +41,7 @@
 #define REQUIRED_SEALS (F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
 
 struct wsd_client {
-    unsigned refs;           /* caller's reference (until wsd_close) + one per open model */
+    atomic_uint refs;        /* caller's reference (until wsd_close) + one per open model */
     int fd;                  /* connected socket, -1 once closed */
     bool admin;              /* HELLO said this is the admin socket */
     wire_reader_t reader;    /* reassembles replies */
@@ -84,9 +88,34 @@ struct wsd_model {
     wsd__gpu_t *gpu;          /* the process's shared import (device >= 0), one reference */
 };
 
-static wsd_client_t *client_ref(wsd_client_t *c)
+/* TSan does not model atomic_thread_fence(); under it the acquire is an acquire load instead,
+ * which orders the same way here (every earlier decrement is in the release sequence it reads). */
+#if defined(__SANITIZE_THREAD__)
+#    define CLIENT_TSAN 1
+#elif defined(__has_feature)
+#    if __has_feature(thread_sanitizer)
+#        define CLIENT_TSAN 1
+#    endif
+#endif
+
+wsd_client_t *wsd__client_new(void)
 {
-    c->refs++;
+    wsd_client_t *c = calloc(1, sizeof(*c));
+
+    if (!c)
+        return NULL;
+    atomic_init(&c->refs, 1);
+    c->fd = -1;
+    c->timeout_ms = CLIENT_TIMEOUT_DEFAULT_MS;
+    wire_reader_init(&c->reader, WSD_REPLY_MAX);
+    return c;
+}
+
+wsd_client_t *wsd__client_ref(wsd_client_t *c)
+{
+    /* Relaxed: a new reference is made from one the caller holds, so c cannot go away under
+     * us and there is nothing to publish. */
+    atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
     return c;
 }
 
@@ -98,12 +127,27 @@ static void client_close_fd(wsd_client_t *c)
     wire_reader_done(&c->reader);
 }
 
-static void client_unref(wsd_client_t *c)
+void wsd__client_unref(wsd_client_t *c)
 {
-    if (!c || --c->refs > 0)
+    if (!c)
         return;
+    /* Release: whatever this thread did with c happens before the free, on whichever thread
+     * drops the last reference. */
+    if (atomic_fetch_sub_explicit(&c->refs, 1, memory_order_release) != 1)
+        return;
+    /* Acquire: the thread that frees sees every other thread's last use of c. */
+#ifdef CLIENT_TSAN
+    (void)atomic_load_explicit(&c->refs, memory_order_acquire);
+#else
+    atomic_thread_fence(memory_order_acquire);
+#endif
     client_close_fd(c);
     free(c);
+}
+
+unsigned wsd__client_refs(const wsd_client_t *c)
+{
+    return atomic_load_explicit(&c->refs, memory_order_relaxed);
 }
 
 static void set_error(wsd_client_t *c, const char *msg)
@@ -224,12 +268,9 @@ WSD_EXTERN int wsd_connect(const char *path, wsd_client_t **ret_client)
         return -ENAMETOOLONG;
     memcpy(sa.sun_path, path, strlen(path) + 1);
 
-    c = calloc(1, sizeof(*c));
+    c = wsd__client_new();
     if (!c)
         return -ENOMEM;
-    c->refs = 1;
-    c->timeout_ms = CLIENT_TIMEOUT_DEFAULT_MS;
-    wire_reader_init(&c->reader, WSD_REPLY_MAX);
     c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (c->fd < 0) {
         r = -errno;
@@ -263,7 +304,7 @@ WSD_EXTERN int wsd_connect(const char *path, wsd_client_t **ret_client)
     return 0;
 
 fail:
-    client_unref(c);
+    wsd__client_unref(c);
     return r;
 }
 
@@ -280,7 +321,7 @@ WSD_EXTERN void wsd_close(wsd_client_t *c)
     if (!c)
         return;
     client_close_fd(c);
-    client_unref(c);
+    wsd__client_unref(c);
 }
 
 WSD_EXTERN const char *wsd_last_error(const wsd_client_t *c)
@@ -492,7 +533,7 @@ WSD_EXTERN int wsd_open_with(wsd_client_t *c, const char *name, const wsd_open_o
         goto out;
     }
     m->lease = f.msg->open_reply->lease;
-    m->client = client_ref(c);
+    m->client = wsd__client_ref(c);
     m->name = strdup(name);
     m->map_size = mf->map_size;
     m->device = -1;
@@ -593,7 +634,7 @@ WSD_EXTERN void wsd_model_free(wsd_model_t *m)
     free(m->storages);
     free(m->index);
     free(m->name);
-    client_unref(m->client);
+    wsd__client_unref(m->client);
     free(m);
 }
 

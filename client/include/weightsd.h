@@ -11,7 +11,29 @@
  *    WSD_E* codes below (all <= -1000). wsd_strerror() names any of them.
  *  - ret_* out-parameters are written only on success.
  *  - Handles are opaque; *_free() accepts NULL.
- *  - Nothing here is thread-safe on one handle; distinct handles may be used from distinct threads.
+ *
+ * Threads. The library's only shared state is the process's table of GPU imports (locked) and
+ * wsd_default_socket()'s buffer; distinct clients, with their models, are independent. Within
+ * one client:
+ *  - A wsd_client_t is one blocking connection with no lock of its own. Its connection calls
+ *    must not overlap: wsd_open(), wsd_open_with(), wsd_admin_*(), wsd_set_timeout(),
+ *    wsd_last_error() and wsd_close() on it, and wsd_model_release() or wsd_model_free() of a
+ *    model opened through it that still holds its lease (both send the release on that
+ *    connection). So two threads may not have requests in flight on one client at once:
+ *    serialise them (one mutex per client, as the Python layer does) or use a client each.
+ *  - An open model is read-only: its accessors (every wsd_model_*() call but
+ *    wsd_model_release() and wsd_model_free(), and every wsd_tensor_*() call, DLPack export
+ *    included) may run on any number of threads at once, also while its client is busy on
+ *    another thread. wsd_model_release(m) and wsd_model_free(m) must not overlap any other
+ *    call on m. A DLManagedTensor's deleter may run on any thread.
+ *  - wsd_model_free() of a model that holds no lease any more (wsd_model_release() on it, or
+ *    wsd_close() on its client, has returned and is ordered before the free, as any handover
+ *    of a handle between threads is) touches the client only through its atomic reference
+ *    count. It may run on any thread, at the same time as connection calls on that client,
+ *    wsd_close() included, and as frees of the client's other models; whichever drops the
+ *    last reference frees the client.
+ *  - wsd_default_socket() returns a static buffer: one thread at a time. wsd_version(),
+ *    wsd_strerror() and the wsd_dtype_*() functions may be called from any thread.
  */
 #ifndef WEIGHTSD_H
 #define WEIGHTSD_H
