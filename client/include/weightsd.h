@@ -32,8 +32,9 @@
  *    count. It may run on any thread, at the same time as connection calls on that client,
  *    wsd_close() included, and as frees of the client's other models; whichever drops the
  *    last reference frees the client.
- *  - wsd_default_socket() returns a static buffer: one thread at a time. wsd_version(),
- *    wsd_strerror() and the wsd_dtype_*() functions may be called from any thread.
+ *  - wsd_default_socket() returns a static buffer: one thread at a time. wsd_version() and
+ *    the wsd_dtype_*() functions may be called from any thread; so may wsd_strerror(), as far
+ *    as the C library's strerror() may, which it calls for -errno values (glibc's may).
  */
 #ifndef WEIGHTSD_H
 #define WEIGHTSD_H
