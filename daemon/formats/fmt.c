@@ -154,15 +154,14 @@ int fmt_detect(const source_t *s, fmt_kind_t *ret_kind, fmt_err_t *err)
                         "'%s': unsupported archive format from the PyTorch 1.0 preview release; "
                         "re-save it with torch >= 1.6",
                         s->path);
-    if (head[0] == 0x80)
-        return fmt_fail(err, WSD_EBADCKPT, "E_LEGACY_TORCH",
-                        "'%s': legacy PyTorch format (pre-1.6 or _use_new_zipfile_serialization="
-                        "False); re-save with torch>=1.6 or convert to safetensors",
-                        s->path);
-    if (n >= 262 && memcmp(head + 257, "ustar", 5) == 0)
-        return fmt_fail(err, WSD_EBADCKPT, "E_LEGACY_TORCH",
-                        "'%s': tar container of PyTorch < 0.1.10; re-save with torch>=1.6",
-                        s->path);
+    /*
+     * Safetensors (FORMATS.md §1 rule 6) is tested before the legacy pickle's 0x80 (rule 4),
+     * not after: a header length whose low byte is 0x80 (128, 384, 640, ... bytes; about one
+     * safetensors file in 32, as writers pad headers to 8) starts the file with 0x80 too. The
+     * other way round cannot collide: a legacy stream's first eight bytes as a length are far
+     * above the 100 MB cap (protocol 2's magic reads as 0x469cfc6c0a8a0280), and byte 8 is
+     * never '{' there.
+     */
     for (int i = 7; i >= 0; i--)
         hlen = hlen << 8 | head[i];
     if (hlen >= 2 && hlen <= 100000000ull && hlen + 8 <= s->size) {
@@ -175,6 +174,15 @@ int fmt_detect(const source_t *s, fmt_kind_t *ret_kind, fmt_err_t *err)
             return 0;
         }
     }
+    if (head[0] == 0x80)
+        return fmt_fail(err, WSD_EBADCKPT, "E_LEGACY_TORCH",
+                        "'%s': legacy PyTorch format (pre-1.6 or _use_new_zipfile_serialization="
+                        "False); re-save with torch>=1.6 or convert to safetensors",
+                        s->path);
+    if (n >= 262 && memcmp(head + 257, "ustar", 5) == 0)
+        return fmt_fail(err, WSD_EBADCKPT, "E_LEGACY_TORCH",
+                        "'%s': tar container of PyTorch < 0.1.10; re-save with torch>=1.6",
+                        s->path);
     if (memcmp(head, "GGUF", 4) == 0)
         return fmt_fail(err, WSD_EBADCKPT, "E_UNKNOWN_FORMAT", "'%s' is a GGUF file, not supported",
                         s->path);

@@ -236,6 +236,26 @@ BAD_FILES = [
 ]
 
 
+@pytest.mark.parametrize("hlen", [128, 384, 640, 0x8080])
+def test_safetensors_header_length_low_byte_0x80(daemon, tmp_path, hlen):
+    """A header length ending in 0x80 starts the file with the legacy pickle's PROTO byte
+    (640 = 80 02 ..., protocol 2's very first bytes); it is still safetensors."""
+    tensors = [("w", "F32", [3], struct.pack("<3f", 1, 2, 3))]
+    if hlen > 128:
+        tensors.append(("b", "U8", [5], b"abcde"))
+    for k in range(hlen):
+        path = write_safetensors(tmp_path / f"h{hlen}.safetensors", tensors,
+                                 metadata={"pad": "x" * k})
+        if struct.unpack("<Q", path.read_bytes()[:8])[0] == hlen:
+            break
+    else:
+        pytest.fail(f"cannot build a {hlen}-byte header")
+    assert path.read_bytes()[0] == 0x80
+    daemon.preload("m", path)
+    assert daemon.ctl_json("info", "m")["format"] == "safetensors"
+    assert attach(daemon, "m")[-1]["checksum"] == storage_checksum(tensors)
+
+
 @pytest.mark.parametrize("name,data,rule", BAD_FILES, ids=[b[0] for b in BAD_FILES])
 def test_malformed_checkpoint_rejected_daemon_keeps_serving(daemon, tmp_path, name, data, rule):
     good = write_safetensors(tmp_path / "good.safetensors", sample_tensors())
