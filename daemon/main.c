@@ -455,6 +455,8 @@ int main(int argc, char **argv)
     r = uv_loop_close(&loop);
     if (r < 0)
         log_warning("loop closed with handles open: %s", uv_strerror(r));
+    /* Suppressed lines still counted are reported, not lost with the process. */
+    log_ratelimit_flush(/* all= */ true);
     log_info("stopped");
     return 0;
 }

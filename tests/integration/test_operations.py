@@ -1,0 +1,81 @@
+"""What an operator sees: the log stays readable under a flood of hostile peers (rate-limited
+lines plus one summary per site).
+"""
+import re
+import socket
+import struct
+import time
+
+from wsdtest import Daemon
+from rawproto import Conn
+
+BURST = 10  # LOG_RATELIMIT_BURST in daemon/log.h
+SUMMARY = re.compile(r"(\d+) similar messages? suppressed in the last \d+ s; the latest: (.*)")
+
+
+def wait_for(pred, timeout=5.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def site_lines(log, marker):
+    """(lines logged, lines suppressed) for the call site whose lines contain `marker`."""
+    logged = suppressed = 0
+    for line in log.splitlines():
+        m = SUMMARY.search(line)
+        if m and marker in m.group(2):
+            suppressed += int(m.group(1))
+        elif not m and marker in line:
+            logged += 1
+    return logged, suppressed
+
+
+def test_a_flood_of_hostile_peers_keeps_the_log_bounded(tmp_path):
+    # debug would log every line (and every connection): run as an operator would.
+    d = Daemon(tmp_path, extra_args=("--log-level", "info", "--max-connections", "1"))
+    try:
+        d.fd_count()  # the harness's readiness probes are gone
+        holder = Conn(d.sock)
+        holder.handshake()
+        # Each peer is over the connection limit (one site) and then sends a frame that is
+        # not a Frame (another site).
+        end, peers = time.time() + 1.5, 0
+        while time.time() < end:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(d.sock)
+            try:
+                s.sendall(struct.pack("<IHH", 6, 0, 0) + b"\xff" * 6)
+            except OSError:
+                pass  # closed at once: too many refused peers waiting already
+            s.close()
+            peers += 1
+
+        # Every line is either logged or counted in a summary, which comes once the window
+        # has passed even though the flood has stopped. (The counters move on for a moment,
+        # while the daemon works through the peers still queued.)
+        def accounted():
+            st = d.ctl_json("stats")
+            log = d.log()
+            return (st["protocol_violations"] > 10 * BURST and
+                    st["connections"]["rejected"] > 10 * BURST and
+                    sum(site_lines(log, "protocol violation")) == st["protocol_violations"] and
+                    sum(site_lines(log, "refusing connection")) == st["connections"]["rejected"])
+        assert wait_for(accounted, timeout=15), (peers, d.ctl_json("stats"), d.log()[-3000:])
+        log = d.log()
+        logged_v, suppressed_v = site_lines(log, "protocol violation")
+        logged_r, suppressed_r = site_lines(log, "refusing connection")
+        # One window for a 1.5 s flood (two if the daemon lagged behind it by seconds).
+        assert BURST <= logged_v <= 2 * BURST and BURST <= logged_r <= 2 * BURST, log
+        assert suppressed_v > 0 and suppressed_r > 0
+        assert len(log.splitlines()) < 80, log
+        # The daemon serves on, and its admin socket was never in the way.
+        holder.close()
+        c = Conn(d.sock)
+        c.handshake()
+        c.close()
+    finally:
+        assert d.stop() == 0, d.log()
