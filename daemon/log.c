@@ -36,6 +36,9 @@ int log_get_level(void)
 
 int log_level_from_name(const char *name)
 {
+    /* "err" is syslog's and systemd's spelling, "error" the one our lines print. */
+    if (strcmp(name, "err") == 0)
+        return LOG_LVL_ERR;
     for (int i = LOG_LVL_ERR; i <= LOG_LVL_DEBUG; i++)
         if (strcmp(name, level_names[i]) == 0)
             return i;

@@ -17,7 +17,8 @@ enum { LOG_LVL_ERR = 3, LOG_LVL_WARNING = 4, LOG_LVL_NOTICE = 5, LOG_LVL_INFO = 
 /* Messages above \p level are dropped. Default LOG_LVL_INFO. */
 void log_set_level(int level);
 int log_get_level(void);
-/* Parses "err", "warning", "notice", "info", "debug". \retval level or -EINVAL. */
+/* Parses "err" (or "error"), "warning", "notice", "info", "debug": the command line and the
+ * config file both use this. \retval level or -EINVAL. */
 int log_level_from_name(const char *name);
 
 void log_at(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

@@ -1,13 +1,14 @@
 """What an operator sees: the log stays readable under a flood of hostile peers (rate-limited
-lines plus one summary per site).
+lines plus one summary per site), and command-line settings survive a SIGHUP reload.
 """
 import re
+import signal
 import socket
 import struct
 import time
 
 from wsdtest import Daemon
-from rawproto import Conn
+from rawproto import WSD_ELIMIT, Conn, hello
 
 BURST = 10  # LOG_RATELIMIT_BURST in daemon/log.h
 SUMMARY = re.compile(r"(\d+) similar messages? suppressed in the last \d+ s; the latest: (.*)")
@@ -77,5 +78,44 @@ def test_a_flood_of_hostile_peers_keeps_the_log_bounded(tmp_path):
         c = Conn(d.sock)
         c.handshake()
         c.close()
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_reload_keeps_what_the_command_line_set(tmp_path):
+    conf = tmp_path / "weightsd.conf"
+    text = ("[daemon]\nlog-level = err\nmax-frame = 2048\nmax-connections = 100\n"
+            "memory-budget = 1G\n")
+    conf.write_text(text)
+    d = Daemon(tmp_path, extra_args=("--config", str(conf), "--log-level", "debug",
+                                     "--max-frame", "1024", "--max-connections", "2",
+                                     "--memory-budget", "64M"))
+    try:
+        d.fd_count()
+
+        def check_cli_values():
+            a = Conn(d.sock)
+            assert a.handshake()[4] == 1024  # the announced max-frame
+            b = Conn(d.sock)
+            b.handshake()
+            c = Conn(d.sock)
+            c.send(hello(3))
+            assert c.error()[1] == WSD_ELIMIT  # max-connections 2, not 100
+            for x in (a, b, c):
+                x.close()
+            assert d.ctl_json("stats")["memory_budget"] == 64 << 20
+            assert d.wait_fd_count(base) <= base
+
+        base = d.fd_count()
+        check_cli_values()
+        # The same settings again, and a socket path the command line also set.
+        conf.write_text(text + "socket = /nonexistent/other.sock\n")
+        d.proc.send_signal(signal.SIGHUP)
+        # A notice: it would not be logged at the file's log-level = err.
+        assert wait_for(lambda: "reloaded: serving" in d.log()), d.log()
+        check_cli_values()
+        after = d.log().split("reloaded: serving", 1)[1]
+        assert re.search(r"debug: connection \d+ on client socket", after), after
+        assert "socket changed" not in d.log()
     finally:
         assert d.stop() == 0, d.log()

@@ -1,8 +1,10 @@
 /*
  * test-log.c - the log rate limiter (log.h) on a clock the test moves: the burst, the count of
  * what was suppressed, the one summary line when the window has passed (from the next line or
- * from log_ratelimit_flush()), separate sites, and no limiting at debug level.
+ * from log_ratelimit_flush()), separate sites, and no limiting at debug level. Also the level
+ * names the command line and the config file share.
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -222,6 +224,18 @@ TEST(lines_below_the_level_are_not_counted)
     ASSERT_STR_CONTAINS(text, "<4>shown\n");
     ASSERT_EQ(count(text, "suppressed"), 0);
     free(text);
+}
+
+TEST(level_names)
+{
+    ASSERT_EQ(log_level_from_name("err"), LOG_LVL_ERR);
+    ASSERT_EQ(log_level_from_name("error"), LOG_LVL_ERR);
+    ASSERT_EQ(log_level_from_name("warning"), LOG_LVL_WARNING);
+    ASSERT_EQ(log_level_from_name("notice"), LOG_LVL_NOTICE);
+    ASSERT_EQ(log_level_from_name("info"), LOG_LVL_INFO);
+    ASSERT_EQ(log_level_from_name("debug"), LOG_LVL_DEBUG);
+    ASSERT_EQ(log_level_from_name("verbose"), -EINVAL);
+    ASSERT_EQ(log_level_from_name(""), -EINVAL);
 }
 
 int main(int argc, char **argv)

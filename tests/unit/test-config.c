@@ -1,0 +1,124 @@
+/*
+ * test-config.c - config.c on files written here: log-level takes the names the command line
+ * takes, and config_drop_given() unsets exactly what the command line gave, so a reload cannot
+ * override it.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+#include "test.h"
+
+static char reported[4096];
+
+static void report(void *data, const char *msg)
+{
+    size_t n = strlen(reported);
+
+    snprintf(reported + n, sizeof(reported) - n, "%s\n", msg);
+}
+
+/* Loads \p text as a config file; *ret is NULL when it has errors (in `reported`). */
+static int load(const char *text, config_t **ret)
+{
+    char path[] = "/tmp/wsd-test-config-XXXXXX";
+    int fd = mkstemp(path), r;
+    FILE *f;
+
+    ASSERT(fd >= 0);
+    f = fdopen(fd, "w");
+    ASSERT(f);
+    fputs(text, f);
+    ASSERT_EQ(fclose(f), 0);
+    reported[0] = '\0';
+    r = config_load(path, ret, report, NULL);
+    (void)unlink(path);
+    return r;
+}
+
+TEST(log_level_names_match_the_command_line)
+{
+    static const char *const names[] = {"err", "error", "warning", "notice", "info", "debug"};
+    char text[128];
+    config_t *c;
+
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        snprintf(text, sizeof(text), "[daemon]\nlog-level = %s\n", names[i]);
+        ASSERT_EQ(load(text, &c), 0);
+        ASSERT_EQ(c->log_level, log_level_from_name(names[i]));
+        config_free(c);
+    }
+    ASSERT_EQ(load("[daemon]\nlog-level = loud\n", &c), -EINVAL);
+    ASSERT_STR_CONTAINS(reported, "log-level: 'loud' is not err, warning, notice, info or debug");
+}
+
+static const char every_cli_key[] = "[daemon]\n"
+                                    "socket = /tmp/x/c.sock\n"
+                                    "admin-socket = /tmp/x/a.sock\n"
+                                    "log-level = err\n"
+                                    "max-connections = 10\n"
+                                    "max-leases = 11\n"
+                                    "max-connections-per-uid = 12\n"
+                                    "max-frame = 1024\n"
+                                    "max-fds = 0\n"
+                                    "max-output-queue = 1M\n"
+                                    "handshake-timeout = 400\n"
+                                    "idle-timeout = 0\n"
+                                    "memory-budget = 1G\n"
+                                    "allow-client-preload = yes\n";
+
+TEST(drop_given_unsets_each_command_line_setting)
+{
+    config_t *c;
+
+    ASSERT_EQ(load(every_cli_key, &c), 0);
+    config_drop_given(c, 0);
+    ASSERT_STR_EQ(c->socket_path, "/tmp/x/c.sock");
+    ASSERT_STR_EQ(c->admin_path, "/tmp/x/a.sock");
+    ASSERT_EQ(c->log_level, LOG_LVL_ERR);
+    ASSERT_EQ(c->max_connections, 10);
+    ASSERT_EQ(c->max_leases, 11);
+    ASSERT_EQ(c->max_conns_per_uid, 12);
+    ASSERT_EQ(c->max_frame, 1024);
+    ASSERT(c->max_fds_set);
+    ASSERT_UINT_EQ(c->max_outq, 1 << 20);
+    ASSERT_EQ(c->handshake_timeout_ms, 400);
+    ASSERT(c->idle_timeout_set);
+    ASSERT(c->budget_set);
+
+    /* One flag at a time touches only its own setting. */
+    config_drop_given(c, CONFIG_CLI_LOG_LEVEL);
+    ASSERT_EQ(c->log_level, -1);
+    ASSERT_EQ(c->max_connections, 10);
+    config_drop_given(c, CONFIG_CLI_MAX_FRAME);
+    ASSERT_EQ(c->max_frame, 0);
+    ASSERT_EQ(c->handshake_timeout_ms, 400);
+
+    config_drop_given(c, CONFIG_CLI_SOCKET | CONFIG_CLI_ADMIN_SOCKET | CONFIG_CLI_MAX_CONNECTIONS |
+                             CONFIG_CLI_MAX_LEASES | CONFIG_CLI_MAX_CONNS_PER_UID |
+                             CONFIG_CLI_MAX_FDS | CONFIG_CLI_MAX_OUTPUT_QUEUE |
+                             CONFIG_CLI_HANDSHAKE_TIMEOUT | CONFIG_CLI_IDLE_TIMEOUT |
+                             CONFIG_CLI_MEMORY_BUDGET);
+    ASSERT(c->socket_path == NULL);
+    ASSERT(c->admin_path == NULL);
+    ASSERT_EQ(c->max_connections, 0);
+    ASSERT_EQ(c->max_leases, 0);
+    ASSERT_EQ(c->max_conns_per_uid, 0);
+    ASSERT(!c->max_fds_set);
+    ASSERT_UINT_EQ(c->max_outq, 0);
+    ASSERT_EQ(c->handshake_timeout_ms, 0);
+    ASSERT(!c->idle_timeout_set);
+    ASSERT(!c->budget_set);
+    /* Keys without an option are the file's alone. */
+    ASSERT(c->client_preload);
+    config_free(c);
+}
+
+int main(int argc, char **argv)
+{
+    return test_main(argc, argv);
+}
