@@ -23,6 +23,7 @@
 #include "convert.h"
 #include "gpu.h"
 #include "log.h"
+#include "registry.h"
 #include "weightsd.h"
 #include "wsd_limits.h"
 
@@ -174,18 +175,22 @@ static bool parse_range(const char *v, unsigned min, unsigned max, unsigned *ret
     return true;
 }
 
-/* "K/M/G/T" suffixes in powers of 1024, or "0"/"none" for no budget. Percentages of RAM are
- * accepted by --memory-budget; here the file should say what it means on every host. */
+int config_parse_memory_budget(const char *s, uint64_t *ret)
+{
+    if (strcasecmp(s, "none") == 0 || strcmp(s, "0") == 0) {
+        *ret = 0;
+        return 0;
+    }
+    return registry_parse_size(s, ret);
+}
+
+/* max-output-queue: "K/M/G/T" suffixes in powers of 1024. */
 static bool parse_size(const char *v, uint64_t *ret)
 {
     char *end;
     unsigned long long n;
     unsigned shift = 0;
 
-    if (strcasecmp(v, "none") == 0) {
-        *ret = 0;
-        return true;
-    }
     errno = 0;
     n = strtoull(v, &end, 10);
     if (errno || end == v || v[0] == '-')
@@ -340,9 +345,9 @@ static void daemon_key(parse_state_t *ps, const char *name, const char *v)
         if (ok)
             set_string(ps, &c->client_preload_dirs, v);
     } else if (strcmp(name, "memory-budget") == 0) {
-        if (!parse_size(v, &c->memory_budget))
-            cfg_error(ps, ps->line, "memory-budget: wants bytes with an optional K, M, G or T "
-                                    "suffix, or 'none'; got '%s'", v);
+        if (config_parse_memory_budget(v, &c->memory_budget) < 0)
+            cfg_error(ps, ps->line, "memory-budget: wants %s, got '%s'",
+                      CONFIG_MEMORY_BUDGET_SYNTAX, v);
         else
             c->budget_set = true;
     } else

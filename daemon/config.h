@@ -77,6 +77,10 @@ enum {
     CONFIG_CLI_MEMORY_BUDGET     = 1 << 11,
 };
 
+/* What --memory-budget and memory-budget = accept, for both their error messages. */
+#define CONFIG_MEMORY_BUDGET_SYNTAX                                                                \
+    "bytes with an optional K, M, G or T suffix (powers of 1024), N% of RAM, or 'none'"
+
 /* Receives one complete "FILE:LINE: message" (no newline). */
 typedef void (*config_report_fn)(void *data, const char *msg);
 
@@ -90,6 +94,13 @@ void config_free(config_t *c);
 
 /* Marks the settings named by \p given (CONFIG_CLI_* flags) as not set in \p c. */
 void config_drop_given(config_t *c, unsigned given);
+
+/*
+ * Parses a memory budget, for the command line and the file alike: what registry_parse_size()
+ * takes (bytes with K/M/G/T, or "N%" of physical RAM, computed now), or "none" / "0" for no
+ * budget (*ret = 0). \retval 0 or -EINVAL (*ret untouched).
+ */
+int config_parse_memory_budget(const char *s, uint64_t *ret);
 
 /* The model named \p name, or NULL. */
 const cfg_model_t *config_find_model(const config_t *c, const char *name);

@@ -54,9 +54,10 @@ static const char usage_text[] =
     "                             and unread replies may not stall longer (default 5000)\n"
     "      --idle-timeout MS      close connections holding no lease and sending nothing for\n"
     "                             MS; 0 = never (default 0)\n"
-    "      --memory-budget SIZE   host-tier memory for models: bytes with K/M/G/T, or N% of\n"
-    "                             RAM; idle models are evicted (least recently used first)\n"
-    "                             to make room, else the preload is refused (default: none)\n"
+    "      --memory-budget SIZE   host-tier memory for models: bytes with K/M/G/T, N% of\n"
+    "                             RAM, or none; idle models are evicted (least recently used\n"
+    "                             first) to make room, else the preload is refused\n"
+    "                             (default: none)\n"
     "  -l, --log-level LEVEL      err, warning, notice, info (default) or debug\n"
     "  -h, --help                 show this help\n"
     "  -V, --version              show the version\n";
@@ -275,9 +276,9 @@ int main(int argc, char **argv)
             break;
         case 'B':
             given |= CONFIG_CLI_MEMORY_BUDGET;
-            if (registry_parse_size(optarg, &budget) < 0) {
-                fprintf(stderr, "weightsd: --memory-budget wants bytes (K/M/G/T suffixes) or a "
-                                "percentage of RAM, got '%s'\n", optarg);
+            if (config_parse_memory_budget(optarg, &budget) < 0) {
+                fprintf(stderr, "weightsd: --memory-budget wants %s, got '%s'\n",
+                        CONFIG_MEMORY_BUDGET_SYNTAX, optarg);
                 return 2;
             }
             break;

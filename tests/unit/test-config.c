@@ -1,7 +1,8 @@
 /*
- * test-config.c - config.c on files written here: log-level takes the names the command line
- * takes, and config_drop_given() unsets exactly what the command line gave, so a reload cannot
- * override it.
+ * test-config.c - config.c on files written here: memory-budget takes what --memory-budget
+ * takes (a percentage of RAM included) with the same error wording, log-level the names the
+ * command line takes, and config_drop_given() unsets exactly what the command line gave, so a
+ * reload cannot override it.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -38,6 +39,74 @@ static int load(const char *text, config_t **ret)
     r = config_load(path, ret, report, NULL);
     (void)unlink(path);
     return r;
+}
+
+static uint64_t ram_percent(unsigned pct)
+{
+    return (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE) / 100 * pct;
+}
+
+TEST(memory_budget_takes_a_percentage_of_ram)
+{
+    config_t *c;
+
+    ASSERT_EQ(load("[daemon]\nmemory-budget = 50%\n", &c), 0);
+    ASSERT(c->budget_set);
+    ASSERT_UINT_EQ(c->memory_budget, ram_percent(50));
+    ASSERT_GT(c->memory_budget, 0);
+    config_free(c);
+}
+
+TEST(memory_budget_sizes_and_none)
+{
+    static const struct {
+        const char *v;
+        uint64_t want;
+    } ok[] = {
+        {"none", 0}, {"0", 0}, {"4096", 4096}, {"64K", 64ull << 10}, {"2G", 2ull << 30},
+        {"3GiB", 3ull << 30}, {"1T", 1ull << 40},
+    };
+    char text[128];
+    config_t *c;
+
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+        snprintf(text, sizeof(text), "[daemon]\nmemory-budget = %s\n", ok[i].v);
+        ASSERT_EQ(load(text, &c), 0);
+        ASSERT(c->budget_set);
+        ASSERT_UINT_EQ(c->memory_budget, ok[i].want);
+        config_free(c);
+    }
+}
+
+TEST(memory_budget_errors_read_as_the_command_line_s)
+{
+    static const char *const bad[] = {"101%", "0%", "-1G", "10x", "5%%", "1Q", "G"};
+    char text[128], want[256];
+    config_t *c = NULL;
+
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        snprintf(text, sizeof(text), "[daemon]\nmemory-budget = %s\n", bad[i]);
+        ASSERT_EQ(load(text, &c), -EINVAL);
+        ASSERT(c == NULL);
+        /* The wording weightsd --memory-budget uses, after the file:line. */
+        snprintf(want, sizeof(want), ":2: memory-budget: wants %s, got '%s'\n",
+                 CONFIG_MEMORY_BUDGET_SYNTAX, bad[i]);
+        ASSERT_STR_CONTAINS(reported, want);
+    }
+}
+
+TEST(one_parser_for_both)
+{
+    uint64_t v = 7;
+
+    ASSERT_EQ(config_parse_memory_budget("25%", &v), 0);
+    ASSERT_UINT_EQ(v, ram_percent(25));
+    ASSERT_EQ(config_parse_memory_budget("none", &v), 0);
+    ASSERT_UINT_EQ(v, 0);
+    v = 7;
+    ASSERT_EQ(config_parse_memory_budget("200%", &v), -EINVAL);
+    ASSERT_EQ(config_parse_memory_budget("", &v), -EINVAL);
+    ASSERT_UINT_EQ(v, 7);
 }
 
 TEST(log_level_names_match_the_command_line)
