@@ -25,10 +25,12 @@ static const char usage_text[] =
     "Usage: weightsd [OPTIONS]\n"
     "\n"
     "Load model checkpoints once and share them with every worker on this host through\n"
-    "sealed shared memory. Runs in the foreground and logs to stderr; SIGTERM or SIGINT\n"
-    "stops it cleanly, SIGHUP reloads the config file. Under systemd it speaks the notify\n"
-    "protocol (Type=notify, WatchdogSec=) and takes its sockets from socket units named\n"
-    "'client' and 'admin' (FileDescriptorName=).\n"
+    "sealed shared memory. Runs in the foreground and logs to stderr. SIGTERM or SIGINT\n"
+    "stops it cleanly: connections close at once, preloads already running are finished,\n"
+    "then it exits 0. A second SIGTERM or SIGINT while it stops exits at once, abandoning\n"
+    "those preloads (the daemon then dies by that signal). SIGHUP reloads the config file.\n"
+    "Under systemd it speaks the notify protocol (Type=notify, WatchdogSec=) and takes its\n"
+    "sockets from socket units named 'client' and 'admin' (FileDescriptorName=).\n"
     "\n"
     "Options:\n"
     "  -c, --config FILE          read settings, access policy and models to preload from\n"
@@ -65,12 +67,38 @@ static const char usage_text[] =
 /* Large (one slot per stored fd), so not on main()'s stack. */
 static fdstore_t fdstore;
 
+static const char *signal_name(int signum)
+{
+    return signum == SIGTERM ? "SIGTERM" : signum == SIGINT ? "SIGINT" : strsignal(signum);
+}
+
+/*
+ * The first SIGTERM/SIGINT stops the daemon cleanly: connections close at once, and the loop
+ * then runs until the preloads on the thread pool have finished, which for a large checkpoint
+ * can take minutes. A second one means the operator will not wait (Ctrl-C twice, or kill after
+ * systemctl stop): exit now. Nothing is left to clean up by then, since the first one unlinked
+ * the sockets and sent STOPPING=1; the abandoned copies are memfds that die with the process,
+ * and models already in systemd's fd store stay there, as after a crash. Dying by the signal
+ * itself tells the service manager and the shell what happened, and systemd counts a SIGTERM
+ * death as a clean stop.
+ */
 static void on_signal(uv_signal_t *h, int signum)
 {
     service_t *svc = h->data;
+    unsigned loading = 0;
 
-    log_info("received %s, stopping", strsignal(signum));
-    service_stop(svc);
+    if (!svc->stopping) {
+        log_info("received %s, stopping", signal_name(signum));
+        service_stop(svc);
+        return;
+    }
+    for (const model_t *m = svc->reg->models; m; m = m->next)
+        loading += m->loading != NULL;
+    log_warning("received %s again while stopping: exiting now, abandoning %u running preload%s",
+                signal_name(signum), loading, loading == 1 ? "" : "s");
+    (void)signal(signum, SIG_DFL);
+    (void)raise(signum);
+    _exit(128 + signum);
 }
 
 static void report_stderr(void *data, const char *msg)
@@ -429,8 +457,9 @@ int main(int argc, char **argv)
     uv_signal_init(&loop, &sigterm);
     uv_signal_init(&loop, &sigint);
     sigterm.data = sigint.data = &svc;
-    uv_signal_start_oneshot(&sigterm, on_signal, SIGTERM);
-    uv_signal_start_oneshot(&sigint, on_signal, SIGINT);
+    /* Not one-shot: a second signal while stopping is handled too (on_signal). */
+    uv_signal_start(&sigterm, on_signal, SIGTERM);
+    uv_signal_start(&sigint, on_signal, SIGINT);
     /* Signal handles alone must not keep the loop running once the server has stopped. */
     uv_unref((uv_handle_t *)&sigterm);
     uv_unref((uv_handle_t *)&sigint);

@@ -1,12 +1,17 @@
 """What an operator sees: the log stays readable under a flood of hostile peers (rate-limited
-lines plus one summary per site), and command-line settings survive a SIGHUP reload.
+lines plus one summary per site), command-line settings survive a SIGHUP reload, and a second
+SIGTERM/SIGINT while the daemon stops exits at once.
 """
+import json
+import os
 import re
 import signal
 import socket
 import struct
+import subprocess
 import time
 
+import wsdtest
 from wsdtest import Daemon
 from rawproto import WSD_ELIMIT, Conn, hello
 
@@ -119,3 +124,66 @@ def test_reload_keeps_what_the_command_line_set(tmp_path):
         assert "socket changed" not in d.log()
     finally:
         assert d.stop() == 0, d.log()
+
+
+def sparse_model(path, nbytes):
+    """A safetensors file of `nbytes` zero bytes, sparse on disk: cheap to write, slow enough
+    to preload that the daemon is still copying it when it is told to stop."""
+    h = json.dumps({"w": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}},
+                   separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        f.truncate(8 + len(h) + nbytes)
+    return path
+
+
+def start_preload(d, tmp_path):
+    big = sparse_model(tmp_path / "big.safetensors", 1 << 30)
+    ctl = subprocess.Popen([os.path.join(wsdtest.BIN, "weightsctl"), "--admin-socket", d.admin,
+                            "preload", "big", str(big)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    assert wait_for(lambda: any(m["name"] == "big" for m in d.ctl_json("list")))
+    return ctl
+
+
+def test_one_sigterm_waits_for_the_running_preload(tmp_path):
+    d = Daemon(tmp_path)
+    ctl = start_preload(d, tmp_path)
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=120) == 0, d.log()
+    ctl.wait(timeout=30)
+    d.stop()
+    log = d.log()
+    assert "received SIGTERM, stopping" in log
+    assert "preloaded 'big'" in log and "again while stopping" not in log, log
+
+
+def test_second_stop_signal_exits_at_once(tmp_path):
+    d = Daemon(tmp_path)
+    ctl = start_preload(d, tmp_path)
+    # Two stop signals, taken in one go: the first starts the clean stop, which then waits for
+    # the preload; the second must not. Held while stopped so both are pending together (two
+    # of the same signal would merge into one).
+    d.proc.send_signal(signal.SIGSTOP)
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signal.SIGINT)
+    t0 = time.time()
+    d.proc.send_signal(signal.SIGCONT)
+    rc = d.proc.wait(timeout=30)
+    took = time.time() - t0
+    ctl.wait(timeout=30)
+    d.stop()
+    log = d.log()
+    # It dies by the second signal, as a shell and systemd expect of "exit now".
+    assert rc in (-signal.SIGTERM, -signal.SIGINT), (rc, log)
+    assert re.search(r"received SIG(TERM|INT), stopping", log), log
+    m = re.search(r"received SIG(TERM|INT) again while stopping: exiting now, abandoning (\d+) "
+                  r"running preloads?", log)
+    assert m, log
+    if m.group(2) == "1":
+        assert "preloaded 'big'" not in log
+        assert took < 5, took
+    assert not re.search(r"info: stopped$", log, re.M), log
+    # Nothing left behind that the next start would trip over.
+    assert not os.path.exists(d.sock) and not os.path.exists(d.admin)
