@@ -351,7 +351,7 @@ static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRe
     ctx->cancel_on_disconnect = req->cancel_on_disconnect;
     r = registry_preload(c->srv->reg, &a, preload_done_cb, ctx, msg, sizeof(msg));
     if (r < 0) {
-        log_warning("preload '%s' refused: %s", a.name ? a.name : "", msg);
+        log_ratelimit_warning("preload '%s' refused: %s", a.name ? a.name : "", msg);
         conn_unref(c);
         free(ctx);
         conn_send_error(c, id, r, "%s", msg);

@@ -23,6 +23,7 @@
 #include "convert.h"
 #include "gpu.h"
 #include "log.h"
+#include "registry.h"
 #include "weightsd.h"
 #include "wsd_limits.h"
 
@@ -174,34 +175,22 @@ static bool parse_range(const char *v, unsigned min, unsigned max, unsigned *ret
     return true;
 }
 
-static int level_from_name(const char *v)
+int config_parse_memory_budget(const char *s, uint64_t *ret)
 {
-    static const struct {
-        const char *name;
-        int level;
-    } levels[] = {
-        {"err", LOG_LVL_ERR},   {"error", LOG_LVL_ERR}, {"warning", LOG_LVL_WARNING},
-        {"notice", LOG_LVL_NOTICE}, {"info", LOG_LVL_INFO}, {"debug", LOG_LVL_DEBUG},
-    };
-
-    for (size_t i = 0; i < sizeof(levels) / sizeof(levels[0]); i++)
-        if (strcmp(v, levels[i].name) == 0)
-            return levels[i].level;
-    return -1;
+    if (strcasecmp(s, "none") == 0 || strcmp(s, "0") == 0) {
+        *ret = 0;
+        return 0;
+    }
+    return registry_parse_size(s, ret);
 }
 
-/* "K/M/G/T" suffixes in powers of 1024, or "0"/"none" for no budget. Percentages of RAM are
- * accepted by --memory-budget; here the file should say what it means on every host. */
+/* max-output-queue: "K/M/G/T" suffixes in powers of 1024. */
 static bool parse_size(const char *v, uint64_t *ret)
 {
     char *end;
     unsigned long long n;
     unsigned shift = 0;
 
-    if (strcasecmp(v, "none") == 0) {
-        *ret = 0;
-        return true;
-    }
     errno = 0;
     n = strtoull(v, &end, 10);
     if (errno || end == v || v[0] == '-')
@@ -305,10 +294,12 @@ static void daemon_key(parse_state_t *ps, const char *name, const char *v)
         if (name[0] == 'a')
             ps->admin_line = ps->line;
     } else if (strcmp(name, "log-level") == 0) {
-        c->log_level = level_from_name(v);
-        if (c->log_level < 0)
+        c->log_level = log_level_from_name(v);
+        if (c->log_level < 0) {
+            c->log_level = -1;
             cfg_error(ps, ps->line, "log-level: '%s' is not err, warning, notice, info or debug",
                       v);
+        }
     } else if (strcmp(name, "max-connections") == 0) {
         if (!parse_count(v, 1u << 20, &c->max_connections))
             cfg_error(ps, ps->line, "max-connections: wants 1..1048576, got '%s'", v);
@@ -354,9 +345,9 @@ static void daemon_key(parse_state_t *ps, const char *name, const char *v)
         if (ok)
             set_string(ps, &c->client_preload_dirs, v);
     } else if (strcmp(name, "memory-budget") == 0) {
-        if (!parse_size(v, &c->memory_budget))
-            cfg_error(ps, ps->line, "memory-budget: wants bytes with an optional K, M, G or T "
-                                    "suffix, or 'none'; got '%s'", v);
+        if (config_parse_memory_budget(v, &c->memory_budget) < 0)
+            cfg_error(ps, ps->line, "memory-budget: wants %s, got '%s'",
+                      CONFIG_MEMORY_BUDGET_SYNTAX, v);
         else
             c->budget_set = true;
     } else
@@ -594,6 +585,38 @@ void config_free(config_t *c)
     free(c->admin_path);
     free(c->file);
     free(c);
+}
+
+void config_drop_given(config_t *c, unsigned given)
+{
+    if (given & CONFIG_CLI_SOCKET) {
+        free(c->socket_path);
+        c->socket_path = NULL;
+    }
+    if (given & CONFIG_CLI_ADMIN_SOCKET) {
+        free(c->admin_path);
+        c->admin_path = NULL;
+    }
+    if (given & CONFIG_CLI_LOG_LEVEL)
+        c->log_level = -1;
+    if (given & CONFIG_CLI_MAX_CONNECTIONS)
+        c->max_connections = 0;
+    if (given & CONFIG_CLI_MAX_LEASES)
+        c->max_leases = 0;
+    if (given & CONFIG_CLI_MAX_CONNS_PER_UID)
+        c->max_conns_per_uid = 0;
+    if (given & CONFIG_CLI_MAX_FRAME)
+        c->max_frame = 0;
+    if (given & CONFIG_CLI_MAX_FDS)
+        c->max_fds_set = false;
+    if (given & CONFIG_CLI_MAX_OUTPUT_QUEUE)
+        c->max_outq = 0;
+    if (given & CONFIG_CLI_HANDSHAKE_TIMEOUT)
+        c->handshake_timeout_ms = 0;
+    if (given & CONFIG_CLI_IDLE_TIMEOUT)
+        c->idle_timeout_set = false;
+    if (given & CONFIG_CLI_MEMORY_BUDGET)
+        c->budget_set = false;
 }
 
 const cfg_model_t *config_find_model(const config_t *c, const char *name)

@@ -57,6 +57,30 @@ typedef struct config {
     unsigned nerrors;
 } config_t;
 
+/*
+ * Settings the command line gave (CONFIG_CLI_*). They win over the file's, at start and at every
+ * reload alike: config_drop_given() forgets the file's values for them before it is applied.
+ * These are all the [daemon] keys that have an option of the same name.
+ */
+enum {
+    CONFIG_CLI_SOCKET            = 1 << 0,
+    CONFIG_CLI_ADMIN_SOCKET      = 1 << 1,
+    CONFIG_CLI_LOG_LEVEL         = 1 << 2,
+    CONFIG_CLI_MAX_CONNECTIONS   = 1 << 3,
+    CONFIG_CLI_MAX_LEASES        = 1 << 4,
+    CONFIG_CLI_MAX_CONNS_PER_UID = 1 << 5,
+    CONFIG_CLI_MAX_FRAME         = 1 << 6,
+    CONFIG_CLI_MAX_FDS           = 1 << 7,
+    CONFIG_CLI_MAX_OUTPUT_QUEUE  = 1 << 8,
+    CONFIG_CLI_HANDSHAKE_TIMEOUT = 1 << 9,
+    CONFIG_CLI_IDLE_TIMEOUT      = 1 << 10,
+    CONFIG_CLI_MEMORY_BUDGET     = 1 << 11,
+};
+
+/* What --memory-budget and memory-budget = accept, for both their error messages. */
+#define CONFIG_MEMORY_BUDGET_SYNTAX                                                                \
+    "bytes with an optional K, M, G or T suffix (powers of 1024), N% of RAM, or 'none'"
+
 /* Receives one complete "FILE:LINE: message" (no newline). */
 typedef void (*config_report_fn)(void *data, const char *msg);
 
@@ -67,6 +91,16 @@ typedef void (*config_report_fn)(void *data, const char *msg);
  */
 int config_load(const char *path, config_t **ret, config_report_fn report, void *data);
 void config_free(config_t *c);
+
+/* Marks the settings named by \p given (CONFIG_CLI_* flags) as not set in \p c. */
+void config_drop_given(config_t *c, unsigned given);
+
+/*
+ * Parses a memory budget, for the command line and the file alike: what registry_parse_size()
+ * takes (bytes with K/M/G/T, or "N%" of physical RAM, computed now), or "none" / "0" for no
+ * budget (*ret = 0). \retval 0 or -EINVAL (*ret untouched).
+ */
+int config_parse_memory_budget(const char *s, uint64_t *ret);
 
 /* The model named \p name, or NULL. */
 const cfg_model_t *config_find_model(const config_t *c, const char *name);

@@ -25,15 +25,17 @@ static const char usage_text[] =
     "Usage: weightsd [OPTIONS]\n"
     "\n"
     "Load model checkpoints once and share them with every worker on this host through\n"
-    "sealed shared memory. Runs in the foreground and logs to stderr; SIGTERM or SIGINT\n"
-    "stops it cleanly, SIGHUP reloads the config file. Under systemd it speaks the notify\n"
-    "protocol (Type=notify, WatchdogSec=) and takes its sockets from socket units named\n"
-    "'client' and 'admin' (FileDescriptorName=).\n"
+    "sealed shared memory. Runs in the foreground and logs to stderr. SIGTERM or SIGINT\n"
+    "stops it cleanly: connections close at once, preloads already running are finished,\n"
+    "then it exits 0. A second SIGTERM or SIGINT while it stops exits at once, abandoning\n"
+    "those preloads (the daemon then dies by that signal). SIGHUP reloads the config file.\n"
+    "Under systemd it speaks the notify protocol (Type=notify, WatchdogSec=) and takes its\n"
+    "sockets from socket units named 'client' and 'admin' (FileDescriptorName=).\n"
     "\n"
     "Options:\n"
     "  -c, --config FILE          read settings, access policy and models to preload from\n"
     "                             FILE (see /etc/weightsd/weightsd.conf); options given on\n"
-    "                             the command line win over the file\n"
+    "                             the command line win over the file, also at reload\n"
     "      --check-config FILE    report every error in FILE (file:line) and exit: 0 when\n"
     "                             it is valid, 1 when not\n"
     "  -s, --socket PATH          client (worker) socket\n"
@@ -54,9 +56,10 @@ static const char usage_text[] =
     "                             and unread replies may not stall longer (default 5000)\n"
     "      --idle-timeout MS      close connections holding no lease and sending nothing for\n"
     "                             MS; 0 = never (default 0)\n"
-    "      --memory-budget SIZE   host-tier memory for models: bytes with K/M/G/T, or N% of\n"
-    "                             RAM; idle models are evicted (least recently used first)\n"
-    "                             to make room, else the preload is refused (default: none)\n"
+    "      --memory-budget SIZE   host-tier memory for models: bytes with K/M/G/T, N% of\n"
+    "                             RAM, or none; idle models are evicted (least recently used\n"
+    "                             first) to make room, else the preload is refused\n"
+    "                             (default: none)\n"
     "  -l, --log-level LEVEL      err, warning, notice, info (default) or debug\n"
     "  -h, --help                 show this help\n"
     "  -V, --version              show the version\n";
@@ -64,12 +67,38 @@ static const char usage_text[] =
 /* Large (one slot per stored fd), so not on main()'s stack. */
 static fdstore_t fdstore;
 
+static const char *signal_name(int signum)
+{
+    return signum == SIGTERM ? "SIGTERM" : signum == SIGINT ? "SIGINT" : strsignal(signum);
+}
+
+/*
+ * The first SIGTERM/SIGINT stops the daemon cleanly: connections close at once, and the loop
+ * then runs until the preloads on the thread pool have finished, which for a large checkpoint
+ * can take minutes. A second one means the operator will not wait (Ctrl-C twice, or kill after
+ * systemctl stop): exit now. Nothing is left to clean up by then, since the first one unlinked
+ * the sockets and sent STOPPING=1; the abandoned copies are memfds that die with the process,
+ * and models already in systemd's fd store stay there, as after a crash. Dying by the signal
+ * itself tells the service manager and the shell what happened, and systemd counts a SIGTERM
+ * death as a clean stop.
+ */
 static void on_signal(uv_signal_t *h, int signum)
 {
     service_t *svc = h->data;
+    unsigned loading = 0;
 
-    log_info("received %s, stopping", strsignal(signum));
-    service_stop(svc);
+    if (!svc->stopping) {
+        log_info("received %s, stopping", signal_name(signum));
+        service_stop(svc);
+        return;
+    }
+    for (const model_t *m = svc->reg->models; m; m = m->next)
+        loading += m->loading != NULL;
+    log_warning("received %s again while stopping: exiting now, abandoning %u running preload%s",
+                signal_name(signum), loading, loading == 1 ? "" : "s");
+    (void)signal(signum, SIG_DFL);
+    (void)raise(signum);
+    _exit(128 + signum);
 }
 
 static void report_stderr(void *data, const char *msg)
@@ -176,9 +205,9 @@ int main(int argc, char **argv)
         .handshake_timeout_ms = WSD_HANDSHAKE_TIMEOUT_MS,
         .idle_timeout_ms = WSD_IDLE_TIMEOUT_MS_DEFAULT,
     };
-    /* Limits given on the command line, which win over the config file's. */
-    bool uid_given = false, frame_given = false, fds_given = false, outq_given = false,
-         hs_given = false, idle_given = false;
+    /* CONFIG_CLI_* for what the command line set: it wins over the config file, at start and
+     * at every reload. */
+    unsigned given = 0;
     uint64_t outq;
     unsigned frame;
     char sock_default[PATH_MAX], admin_default[PATH_MAX];
@@ -189,7 +218,6 @@ int main(int argc, char **argv)
     service_t svc;
     config_t *cfg = NULL;
     const char *config_path = NULL;
-    bool budget_given = false, conns_given = false, leases_given = false, level_given = false;
     char err[256];
     uint64_t budget = 0;
     int opt, r;
@@ -202,13 +230,15 @@ int main(int argc, char **argv)
         case 'K':
             return check_config(optarg);
         case 's':
+            given |= CONFIG_CLI_SOCKET;
             opts.socket_path = optarg;
             break;
         case 'a':
+            given |= CONFIG_CLI_ADMIN_SOCKET;
             opts.admin_path = optarg;
             break;
         case 'C':
-            conns_given = true;
+            given |= CONFIG_CLI_MAX_CONNECTIONS;
             if (parse_uint(optarg, 1u << 20, &opts.max_connections) < 0) {
                 fprintf(stderr, "weightsd: --max-connections wants 1..1048576, got '%s'\n",
                         optarg);
@@ -216,14 +246,14 @@ int main(int argc, char **argv)
             }
             break;
         case 'L':
-            leases_given = true;
+            given |= CONFIG_CLI_MAX_LEASES;
             if (parse_uint(optarg, 1u << 20, &opts.max_leases_per_conn) < 0) {
                 fprintf(stderr, "weightsd: --max-leases wants 1..1048576, got '%s'\n", optarg);
                 return 2;
             }
             break;
         case 'U':
-            uid_given = true;
+            given |= CONFIG_CLI_MAX_CONNS_PER_UID;
             if (parse_uint(optarg, 1u << 20, &opts.max_conns_per_uid) < 0) {
                 fprintf(stderr, "weightsd: --max-connections-per-uid wants 1..1048576, got "
                                 "'%s'\n", optarg);
@@ -231,7 +261,7 @@ int main(int argc, char **argv)
             }
             break;
         case 'F':
-            frame_given = true;
+            given |= CONFIG_CLI_MAX_FRAME;
             if (parse_range(optarg, WSD_REQUEST_MIN, WSD_REQUEST_MAX, &frame) < 0) {
                 fprintf(stderr, "weightsd: --max-frame wants %u..%u, got '%s'\n",
                         WSD_REQUEST_MIN, WSD_REQUEST_MAX, optarg);
@@ -240,7 +270,7 @@ int main(int argc, char **argv)
             opts.max_frame = frame;
             break;
         case 'D':
-            fds_given = true;
+            given |= CONFIG_CLI_MAX_FDS;
             if (parse_range(optarg, 0, WSD_FDS_PER_FRAME_MAX, &opts.max_fds_per_msg) < 0) {
                 fprintf(stderr, "weightsd: --max-fds wants 0..%u, got '%s'\n",
                         WSD_FDS_PER_FRAME_MAX, optarg);
@@ -248,7 +278,7 @@ int main(int argc, char **argv)
             }
             break;
         case 'Q':
-            outq_given = true;
+            given |= CONFIG_CLI_MAX_OUTPUT_QUEUE;
             if (registry_parse_size(optarg, &outq) < 0 || outq < 4096 || outq > SIZE_MAX / 2) {
                 fprintf(stderr, "weightsd: --max-output-queue wants 4K or more (K/M/G "
                                 "suffixes), got '%s'\n", optarg);
@@ -257,7 +287,7 @@ int main(int argc, char **argv)
             opts.max_outq_bytes = (size_t)outq;
             break;
         case 'H':
-            hs_given = true;
+            given |= CONFIG_CLI_HANDSHAKE_TIMEOUT;
             if (parse_range(optarg, 1, 3600000, &opts.handshake_timeout_ms) < 0) {
                 fprintf(stderr, "weightsd: --handshake-timeout wants 1..3600000 ms, got '%s'\n",
                         optarg);
@@ -265,7 +295,7 @@ int main(int argc, char **argv)
             }
             break;
         case 'I':
-            idle_given = true;
+            given |= CONFIG_CLI_IDLE_TIMEOUT;
             if (parse_range(optarg, 0, 86400000, &opts.idle_timeout_ms) < 0) {
                 fprintf(stderr, "weightsd: --idle-timeout wants 0..86400000 ms, got '%s'\n",
                         optarg);
@@ -273,10 +303,10 @@ int main(int argc, char **argv)
             }
             break;
         case 'B':
-            budget_given = true;
-            if (registry_parse_size(optarg, &budget) < 0) {
-                fprintf(stderr, "weightsd: --memory-budget wants bytes (K/M/G/T suffixes) or a "
-                                "percentage of RAM, got '%s'\n", optarg);
+            given |= CONFIG_CLI_MEMORY_BUDGET;
+            if (config_parse_memory_budget(optarg, &budget) < 0) {
+                fprintf(stderr, "weightsd: --memory-budget wants %s, got '%s'\n",
+                        CONFIG_MEMORY_BUDGET_SYNTAX, optarg);
                 return 2;
             }
             break;
@@ -287,7 +317,7 @@ int main(int argc, char **argv)
                 return 2;
             }
             log_set_level(r);
-            level_given = true;
+            given |= CONFIG_CLI_LOG_LEVEL;
             break;
         case 'h':
             fputs(usage_text, stdout);
@@ -313,24 +343,18 @@ int main(int argc, char **argv)
                       r == -EINVAL ? "every error is listed above" : strerror(-r));
             return 1;
         }
+        /* The command line wins: drop what it set from the file's values (service.c does the
+         * same at each reload). */
+        config_drop_given(cfg, given);
         /* Copied: a reload frees the config these strings live in. */
-        if (!opts.socket_path && cfg->socket_path) {
+        if (cfg->socket_path) {
             snprintf(sock_default, sizeof(sock_default), "%s", cfg->socket_path);
             opts.socket_path = sock_default;
         }
-        if (!opts.admin_path && cfg->admin_path) {
+        if (cfg->admin_path) {
             snprintf(admin_default, sizeof(admin_default), "%s", cfg->admin_path);
             opts.admin_path = admin_default;
         }
-        /* The command line wins: drop what it set from the file's values. */
-        if (level_given)
-            cfg->log_level = -1;
-        if (conns_given)
-            cfg->max_connections = 0;
-        if (leases_given)
-            cfg->max_leases = 0;
-        if (budget_given)
-            cfg->budget_set = false;
         service_apply_limits(cfg, NULL, NULL);
         if (cfg->max_connections)
             opts.max_connections = cfg->max_connections;
@@ -338,17 +362,17 @@ int main(int argc, char **argv)
             opts.max_leases_per_conn = cfg->max_leases;
         if (cfg->budget_set)
             budget = cfg->memory_budget;
-        if (!uid_given && cfg->max_conns_per_uid)
+        if (cfg->max_conns_per_uid)
             opts.max_conns_per_uid = cfg->max_conns_per_uid;
-        if (!frame_given && cfg->max_frame)
+        if (cfg->max_frame)
             opts.max_frame = cfg->max_frame;
-        if (!fds_given && cfg->max_fds_set)
+        if (cfg->max_fds_set)
             opts.max_fds_per_msg = cfg->max_fds;
-        if (!outq_given && cfg->max_outq)
+        if (cfg->max_outq)
             opts.max_outq_bytes = (size_t)cfg->max_outq;
-        if (!hs_given && cfg->handshake_timeout_ms)
+        if (cfg->handshake_timeout_ms)
             opts.handshake_timeout_ms = cfg->handshake_timeout_ms;
-        if (!idle_given && cfg->idle_timeout_set)
+        if (cfg->idle_timeout_set)
             opts.idle_timeout_ms = cfg->idle_timeout_ms;
     }
     /* Stored model fds are kept aside until the registry exists to re-adopt them. */
@@ -417,7 +441,7 @@ int main(int argc, char **argv)
         log_info("fd store: %u model(s) re-adopted without reading any checkpoint",
                  fdstore_adopt_all(&fdstore, reg));
     /* Service first: the watchdog runs from the start, and the policy exists before any peer. */
-    (void)service_init(&svc, &loop, reg, config_path, cfg);
+    (void)service_init(&svc, &loop, reg, config_path, cfg, given);
     opts.policy = &svc.policy;
     fdstore.notify = &svc.notify;
     fdstore_purge(&fdstore, reg);
@@ -433,8 +457,9 @@ int main(int argc, char **argv)
     uv_signal_init(&loop, &sigterm);
     uv_signal_init(&loop, &sigint);
     sigterm.data = sigint.data = &svc;
-    uv_signal_start_oneshot(&sigterm, on_signal, SIGTERM);
-    uv_signal_start_oneshot(&sigint, on_signal, SIGINT);
+    /* Not one-shot: a second signal while stopping is handled too (on_signal). */
+    uv_signal_start(&sigterm, on_signal, SIGTERM);
+    uv_signal_start(&sigint, on_signal, SIGINT);
     /* Signal handles alone must not keep the loop running once the server has stopped. */
     uv_unref((uv_handle_t *)&sigterm);
     uv_unref((uv_handle_t *)&sigint);
@@ -455,6 +480,8 @@ int main(int argc, char **argv)
     r = uv_loop_close(&loop);
     if (r < 0)
         log_warning("loop closed with handles open: %s", uv_strerror(r));
+    /* Suppressed lines still counted are reported, not lost with the process. */
+    log_ratelimit_flush(/* all= */ true);
     log_info("stopped");
     return 0;
 }

@@ -119,8 +119,8 @@ int policy_check(const policy_t *p, int fd, const struct ucred *cred, bool admin
              groups_match(&p->client_groups, p->client_default_group, fd, cred);
     if (ok)
         return 0;
-    log_warning("access denied on the %s socket: pid %d uid %u gid %u is not in the %s policy",
-                admin ? "admin" : "client", (int)cred->pid, (unsigned)cred->uid,
-                (unsigned)cred->gid, admin ? "admin" : "client");
+    log_ratelimit_warning("access denied on the %s socket: pid %d uid %u gid %u is not in the %s "
+                          "policy", admin ? "admin" : "client", (int)cred->pid,
+                          (unsigned)cred->uid, (unsigned)cred->gid, admin ? "admin" : "client");
     return WSD_EDENIED;
 }

@@ -226,10 +226,10 @@ void conn_send(conn_t *c, uint8_t *buf, size_t len, const int *fds, size_t nfds)
             (void)close(fds[i]);
         free(buf);
         if (!c->closing) {
-            log_warning("connection %llu (pid %d): output queue over %zu bytes or %u fds, "
-                        "dropping it (the peer does not read its replies)",
-                        (unsigned long long)c->id, (int)c->cred.pid, c->srv->opts.max_outq_bytes,
-                        WSD_OUTQ_FDS_MAX);
+            log_ratelimit_warning("connection %llu (pid %d): output queue over %zu bytes or %u "
+                                  "fds, dropping it (the peer does not read its replies)",
+                                  (unsigned long long)c->id, (int)c->cred.pid,
+                                  c->srv->opts.max_outq_bytes, WSD_OUTQ_FDS_MAX);
             c->srv->stats.connections_outq_dropped++;
             conn_close(c, "output queue full");
         }
@@ -297,12 +297,14 @@ static void conn_fatal(conn_t *c, int code, const char *what)
     conn_close(c, what);
 }
 
-/* A violation: counted, logged once, and the peer dropped after a best-effort Error. */
+/* A violation: counted, logged once (rate-limited: a peer can provoke these at will), and the
+ * peer dropped after a best-effort Error. */
 static void conn_violation(conn_t *c, int code, const char *what)
 {
     c->srv->stats.protocol_violations++;
-    log_warning("connection %llu (pid %d uid %u): protocol violation: %s; disconnecting",
-                (unsigned long long)c->id, (int)c->cred.pid, (unsigned)c->cred.uid, what);
+    log_ratelimit_warning("connection %llu (pid %d uid %u): protocol violation: %s; "
+                          "disconnecting", (unsigned long long)c->id, (int)c->cred.pid,
+                          (unsigned)c->cred.uid, what);
     conn_fatal(c, code, what);
 }
 
@@ -513,12 +515,12 @@ int server_adopt_conn(server_t *s, int fd, bool admin)
             s->stats.connections_rejected_uid++;
         else
             s->stats.connections_rejected++;
-        log_warning("refusing connection from pid %d uid %u: %s connection limit (%u open, "
-                    "%u for this uid; limits %u and %u)", (int)c->cred.pid,
-                    (unsigned)c->cred.uid, over, s->nconns - s->nrefusing,
-                    uid_conns(s, c->cred.uid), s->opts.max_connections,
-                    s->opts.max_conns_per_uid ? s->opts.max_conns_per_uid
-                                              : s->opts.max_connections);
+        log_ratelimit_warning("refusing connection from pid %d uid %u: %s connection limit (%u "
+                              "open, %u for this uid; limits %u and %u)", (int)c->cred.pid,
+                              (unsigned)c->cred.uid, over, s->nconns - s->nrefusing,
+                              uid_conns(s, c->cred.uid), s->opts.max_connections,
+                              s->opts.max_conns_per_uid ? s->opts.max_conns_per_uid
+                                                        : s->opts.max_connections);
         /* Kept only to tell the peer why (a typed Error in reply to its HELLO), and only a
          * bounded number at once. */
         if (s->nrefusing >= WSD_REFUSING_CONNS_MAX) {
@@ -590,8 +592,8 @@ static void accept_emfile(server_t *s, int which, int err)
         spare_open(s);
     }
     s->stats.connections_emfile += dropped;
-    log_warning("accept: %s: closed %u pending connection%s%s", strerror(err), dropped,
-                dropped == 1 ? "" : "s", s->spare_fd < 0 ? "; pausing accept" : "");
+    log_ratelimit_warning("accept: %s: closed %u pending connection%s%s", strerror(err), dropped,
+                          dropped == 1 ? "" : "s", s->spare_fd < 0 ? "; pausing accept" : "");
     if (s->spare_fd < 0 || dropped == 0) {
         s->accept_paused = true;
         for (int i = 0; i < 2; i++)
@@ -620,7 +622,8 @@ static void listen_poll_cb(uv_poll_t *h, int status, int events)
                 return;
             }
             s->stats.connections_rejected++;
-            log_warning("accept: %s", strerror(errno));
+            /* The socket stays readable, so this can repeat on every loop iteration. */
+            log_ratelimit_warning("accept: %s", strerror(errno));
             return;
         }
         (void)server_adopt_conn(s, fd, which == 1);
@@ -643,8 +646,9 @@ static bool older(uint64_t now, uint64_t since, unsigned ms)
 static void conn_timeout(conn_t *c, const char *what)
 {
     c->srv->stats.connections_timed_out++;
-    log_warning("connection %llu (pid %d uid %u): %s; disconnecting", (unsigned long long)c->id,
-                (int)c->cred.pid, (unsigned)c->cred.uid, what);
+    log_ratelimit_warning("connection %llu (pid %d uid %u): %s; disconnecting",
+                          (unsigned long long)c->id, (int)c->cred.pid, (unsigned)c->cred.uid,
+                          what);
     conn_fatal(c, WSD_ELIMIT, what);
 }
 
@@ -656,6 +660,8 @@ static void sweep_cb(uv_timer_t *t)
     unsigned hs = s->opts.handshake_timeout_ms, idle = s->opts.idle_timeout_ms;
     conn_t *next;
 
+    /* The rate-limited log lines of a flood that has stopped get their summary here. */
+    log_ratelimit_flush(/* all= */ false);
     if (s->accept_paused && !s->stopping) {
         spare_open(s);
         if (s->spare_fd >= 0)

@@ -241,6 +241,8 @@ static void reload(service_t *svc)
         notify_ready(&svc->notify, status);
         return;
     }
+    /* As at start, what the command line set stays as it set it. */
+    config_drop_given(cfg, svc->cli_given);
     str_changed("socket", old ? old->socket_path : NULL, cfg->socket_path);
     str_changed("admin-socket", old ? old->admin_path : NULL, cfg->admin_path);
     service_apply_limits(cfg, svc->srv, svc->reg);
@@ -260,12 +262,13 @@ static void sighup_cb(uv_signal_t *h, int signum)
 }
 
 int service_init(service_t *svc, uv_loop_t *loop, registry_t *reg, const char *config_path,
-                 config_t *cfg)
+                 config_t *cfg, unsigned cli_given)
 {
     memset(svc, 0, sizeof(*svc));
     svc->loop = loop;
     svc->reg = reg;
     svc->config_path = config_path;
+    svc->cli_given = cli_given;
     svc->cfg = cfg;
     if (cfg)
         svc->policy = cfg->policy;

@@ -27,6 +27,7 @@ typedef struct service {
     registry_t *reg;
     notify_t notify;
     const char *config_path;  /* NULL: no config file */
+    unsigned cli_given;       /* CONFIG_CLI_* set on the command line: reloads leave them be */
     config_t *cfg;            /* the applied config, or NULL */
     policy_t policy;          /* the server checks this one; a reload rewrites it in place */
     uint64_t generation;      /* bumped per start/reload: stale preload callbacks are ignored */
@@ -38,9 +39,10 @@ typedef struct service {
     uv_signal_t sighup;
 } service_t;
 
-/* Before server_start: reads the notify environment and sets the default policy. */
+/* Before server_start: reads the notify environment and sets the default policy. \p cfg is
+ * the loaded config with \p cli_given (CONFIG_CLI_*) already dropped from it. */
 int service_init(service_t *svc, uv_loop_t *loop, registry_t *reg, const char *config_path,
-                 config_t *cfg);
+                 config_t *cfg, unsigned cli_given);
 /* After server_start: preloads the configured models; READY=1 once they all have finished. */
 void service_start(service_t *svc, server_t *srv);
 /* SIGTERM/SIGINT: STOPPING=1, then the server stops. */

@@ -174,8 +174,9 @@ static model_t *client_preload(conn_t *c, uint64_t id, const Weightsd__V1__OpenR
     }
     if (r < 0) {
         c->srv->stats.open_errors++;
-        log_warning("pid %d uid %u: client preload of '%s' refused: %s", (int)c->cred.pid,
-                    (unsigned)c->cred.uid, req->model ? req->model : "", msg);
+        log_ratelimit_warning("pid %d uid %u: client preload of '%s' refused: %s",
+                              (int)c->cred.pid, (unsigned)c->cred.uid,
+                              req->model ? req->model : "", msg);
         conn_send_error(c, id, r, "%s", msg);
         return NULL;
     }
@@ -213,8 +214,8 @@ static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest 
     if (m->acl && !policy_allows(&m->acl_users, &m->acl_groups, c->fd, &c->cred)) {
         c->srv->stats.open_errors++;
         c->srv->stats.connections_denied++;
-        log_warning("pid %d uid %u may not open model '%s' (its allow-users/allow-groups)",
-                    (int)c->cred.pid, (unsigned)c->cred.uid, m->name);
+        log_ratelimit_warning("pid %d uid %u may not open model '%s' (its allow-users/"
+                              "allow-groups)", (int)c->cred.pid, (unsigned)c->cred.uid, m->name);
         conn_send_error(c, id, WSD_EDENIED, "model '%s' is not open to uid %u", m->name,
                         (unsigned)c->cred.uid);
         return;
@@ -308,8 +309,8 @@ int session_dispatch(conn_t *c, wire_frame_t *f)
     case WEIGHTSD__V1__FRAME__BODY_STATS:
     case WEIGHTSD__V1__FRAME__BODY_CANCEL:
         /* Whatever the file modes say, operators' verbs need the admin socket. */
-        log_warning("pid %d uid %u sent an admin request on the client socket, refused",
-                    (int)c->cred.pid, (unsigned)c->cred.uid);
+        log_ratelimit_warning("pid %d uid %u sent an admin request on the client socket, refused",
+                              (int)c->cred.pid, (unsigned)c->cred.uid);
         conn_send_error(c, m->id, WSD_EDENIED, "admin requests are served on the admin socket only");
         return 0;
     default:
