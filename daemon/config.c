@@ -184,43 +184,6 @@ int config_parse_memory_budget(const char *s, uint64_t *ret)
     return registry_parse_size(s, ret);
 }
 
-/* max-output-queue: "K/M/G/T" suffixes in powers of 1024. */
-static bool parse_size(const char *v, uint64_t *ret)
-{
-    char *end;
-    unsigned long long n;
-    unsigned shift = 0;
-
-    errno = 0;
-    n = strtoull(v, &end, 10);
-    if (errno || end == v || v[0] == '-')
-        return false;
-    switch (toupper((unsigned char)*end)) {
-    case '\0':
-        break;
-    case 'K':
-        shift = 10;
-        break;
-    case 'M':
-        shift = 20;
-        break;
-    case 'G':
-        shift = 30;
-        break;
-    case 'T':
-        shift = 40;
-        break;
-    default:
-        return false;
-    }
-    if (*end && end[1] && !(toupper((unsigned char)end[1]) == 'B' && !end[2]))
-        return false;
-    if (shift && n > (UINT64_MAX >> shift))
-        return false;
-    *ret = (uint64_t)n << shift;
-    return true;
-}
-
 /* Space- or comma-separated names or numbers, resolved through the user or group database. */
 static void parse_ids(parse_state_t *ps, const char *key, const char *v, bool groups,
                       policy_ids_t *ids)
@@ -318,7 +281,8 @@ static void daemon_key(parse_state_t *ps, const char *name, const char *v)
         if (!c->max_fds_set)
             cfg_error(ps, ps->line, "max-fds: wants 0..%u, got '%s'", WSD_FDS_PER_FRAME_MAX, v);
     } else if (strcmp(name, "max-output-queue") == 0) {
-        if (!parse_size(v, &c->max_outq) || c->max_outq < 4096 || c->max_outq > SIZE_MAX / 2)
+        if (registry_parse_bytes(v, &c->max_outq) < 0 || c->max_outq < 4096 ||
+            c->max_outq > SIZE_MAX / 2)
             cfg_error(ps, ps->line, "max-output-queue: wants 4K or more (K, M or G suffix), "
                                     "got '%s'", v);
     } else if (strcmp(name, "handshake-timeout") == 0) {

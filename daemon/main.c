@@ -279,7 +279,7 @@ int main(int argc, char **argv)
             break;
         case 'Q':
             given |= CONFIG_CLI_MAX_OUTPUT_QUEUE;
-            if (registry_parse_size(optarg, &outq) < 0 || outq < 4096 || outq > SIZE_MAX / 2) {
+            if (registry_parse_bytes(optarg, &outq) < 0 || outq < 4096 || outq > SIZE_MAX / 2) {
                 fprintf(stderr, "weightsd: --max-output-queue wants 4K or more (K/M/G "
                                 "suffixes), got '%s'\n", optarg);
                 return 2;

@@ -168,7 +168,6 @@ int registry_parse_size(const char *s, uint64_t *ret)
 {
     char *end;
     unsigned long long v;
-    uint64_t mult = 1;
 
     if (!s || !*s || *s == '-')
         return -EINVAL;
@@ -184,6 +183,21 @@ int registry_parse_size(const char *s, uint64_t *ret)
         *ret = (uint64_t)pages * (uint64_t)psize / 100 * v;
         return 0;
     }
+    return registry_parse_bytes(s, ret);
+}
+
+int registry_parse_bytes(const char *s, uint64_t *ret)
+{
+    char *end;
+    unsigned long long v;
+    uint64_t mult = 1;
+
+    if (!s || !*s || *s == '-')
+        return -EINVAL;
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno || end == s)
+        return -EINVAL;
     switch (*end) {
     case '\0':
         break;

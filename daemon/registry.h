@@ -101,9 +101,13 @@ registry_t *registry_free(registry_t *r);
 model_t *registry_find(registry_t *r, const char *name);
 
 /*
- * Parses a budget: bytes with an optional K, M, G or T suffix (powers of 1024), or a percentage
- * of physical RAM ("50%"). \retval 0 or -EINVAL.
+ * Parses a byte count: digits with an optional K, M, G or T suffix (powers of 1024; "KiB" and
+ * "KB" read the same). Zero and overflow are refused. \retval 0 or -EINVAL.
  */
+int registry_parse_bytes(const char *s, uint64_t *ret);
+
+/* A budget: a byte count as registry_parse_bytes(), or a percentage of physical RAM ("50%").
+ * \retval 0 or -EINVAL. */
 int registry_parse_size(const char *s, uint64_t *ret);
 
 /* A preload request as the admin socket passes it on. Strings are copied. */

@@ -109,6 +109,32 @@ TEST(one_parser_for_both)
     ASSERT_UINT_EQ(v, 7);
 }
 
+/* max-output-queue is a byte count (as --max-output-queue): suffixes yes, a share of RAM no. */
+TEST(max_output_queue_is_bytes)
+{
+    static const struct {
+        const char *v;
+        uint64_t want;
+    } ok[] = {{"4096", 4096}, {"64K", 64 << 10}, {"1MiB", 1 << 20}, {"2MB", 2 << 20}};
+    static const char *bad[] = {"50%", "1K", "0", "-4K", "4X", "4Kb"};
+    char text[128];
+    config_t *c;
+
+    for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+        snprintf(text, sizeof(text), "[daemon]\nmax-output-queue = %s\n", ok[i].v);
+        ASSERT_EQ(load(text, &c), 0);
+        ASSERT_UINT_EQ(c->max_outq, ok[i].want);
+        config_free(c);
+    }
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        snprintf(text, sizeof(text), "[daemon]\nmax-output-queue = %s\n", bad[i]);
+        c = NULL;
+        if (load(text, &c) == 0 || c)
+            TEST_FAIL("max-output-queue = '%s' accepted", bad[i]);
+        ASSERT(strstr(reported, "max-output-queue: wants 4K or more"));
+    }
+}
+
 TEST(log_level_names_match_the_command_line)
 {
     static const char *const names[] = {"err", "error", "warning", "notice", "info", "debug"};
