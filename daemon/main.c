@@ -26,9 +26,9 @@ static const char usage_text[] =
     "\n"
     "Load model checkpoints once and share them with every worker on this host through\n"
     "sealed shared memory. Runs in the foreground and logs to stderr. SIGTERM or SIGINT\n"
-    "stops it cleanly: connections close at once, preloads already running are finished,\n"
-    "then it exits 0. A second SIGTERM or SIGINT while it stops exits at once, abandoning\n"
-    "those preloads (the daemon then dies by that signal). SIGHUP reloads the config file.\n"
+    "stops it cleanly: connections close and running preloads are cancelled at once (each\n"
+    "stops within one copy chunk), then it exits 0. A second SIGTERM or SIGINT while it\n"
+    "stops exits at once (the daemon then dies by that signal). SIGHUP reloads the config.\n"
     "Under systemd it speaks the notify protocol (Type=notify, WatchdogSec=) and takes its\n"
     "sockets from socket units named 'client' and 'admin' (FileDescriptorName=).\n"
     "\n"
@@ -73,10 +73,10 @@ static const char *signal_name(int signum)
 }
 
 /*
- * The first SIGTERM/SIGINT stops the daemon cleanly: connections close at once, and the loop
- * then runs until the preloads on the thread pool have finished, which for a large checkpoint
- * can take minutes. A second one means the operator will not wait (Ctrl-C twice, or kill after
- * systemctl stop): exit now. Nothing is left to clean up by then, since the first one unlinked
+ * The first SIGTERM/SIGINT stops the daemon cleanly: connections close and running preloads
+ * are cancelled at once, and the loop then runs until their pool work has returned (one copy
+ * chunk; longer only for a parse or a read stuck in the kernel). A second one means the
+ * operator will not wait (Ctrl-C twice, or kill after systemctl stop): exit now. Nothing is left to clean up by then, since the first one unlinked
  * the sockets and sent STOPPING=1; the abandoned copies are memfds that die with the process,
  * and models already in systemd's fd store stay there, as after a crash. Dying by the signal
  * itself tells the service manager and the shell what happened, and systemd counts a SIGTERM

@@ -832,6 +832,18 @@ int registry_cancel(registry_t *r, const char *name, char *msg, size_t msglen)
     return 0;
 }
 
+unsigned registry_cancel_all(registry_t *r)
+{
+    unsigned n = 0;
+
+    for (model_t *m = r->models; m; m = m->next)
+        if (m->state == MODEL_LOADING && m->loading) {
+            atomic_store(&m->loading->progress.cancel, true);
+            n++;
+        }
+    return n;
+}
+
 bool model_progress(const model_t *m, const char **ret_phase, uint64_t *ret_done,
                     uint64_t *ret_total)
 {

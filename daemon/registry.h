@@ -189,6 +189,10 @@ int registry_client_path(const registry_t *r, const char *path, char *resolved, 
 /* Asks a loading model's preload to stop; it then fails with WSD_ECANCELED. */
 int registry_cancel(registry_t *r, const char *name, char *msg, size_t msglen);
 
+/* Asks every running preload to stop (as registry_cancel() each, quietly): they end with
+ * WSD_ECANCELED at their next check, within one copy chunk. \retval how many were asked. */
+unsigned registry_cancel_all(registry_t *r);
+
 /* While \p m loads: its phase ("parse", "copy") and bytes done of total. \retval false once
  * the preload has ended. */
 bool model_progress(const model_t *m, const char **ret_phase, uint64_t *ret_done,

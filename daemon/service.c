@@ -297,6 +297,14 @@ void service_stop(service_t *svc)
         return;
     svc->stopping = true;
     notify_stopping(&svc->notify, "stopping: closing connections");
+    /* A preload would hold the stop for as long as its copy takes (minutes for a large
+     * checkpoint, past systemd's TimeoutStopSec): stop it instead; it can be run again. */
+    if (svc->reg) {
+        unsigned n = registry_cancel_all(svc->reg);
+
+        if (n)
+            log_info("stopping: cancelling %u running preload%s", n, n == 1 ? "" : "s");
+    }
     (void)uv_timer_stop(&svc->extend);
     (void)uv_signal_stop(&svc->sighup);
     if (svc->srv)
