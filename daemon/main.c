@@ -220,6 +220,8 @@ int main(int argc, char **argv)
     const char *config_path = NULL;
     char err[256];
     uint64_t budget = 0;
+    service_base_t base;
+    int level;
     int opt, r;
 
     while ((opt = getopt_long(argc, argv, "c:s:a:l:hV", longopts, NULL)) != -1) {
@@ -336,6 +338,10 @@ int main(int argc, char **argv)
         return 2;
     }
 
+    /* What a reload starts from: the command line over the defaults (service_base_t). */
+    base.opts = opts;
+    base.budget = budget;
+    base.log_level = level = log_get_level();
     if (config_path) {
         r = config_load(config_path, &cfg, report_log, NULL);
         if (r < 0) {
@@ -355,25 +361,8 @@ int main(int argc, char **argv)
             snprintf(admin_default, sizeof(admin_default), "%s", cfg->admin_path);
             opts.admin_path = admin_default;
         }
-        service_apply_limits(cfg, NULL, NULL);
-        if (cfg->max_connections)
-            opts.max_connections = cfg->max_connections;
-        if (cfg->max_leases)
-            opts.max_leases_per_conn = cfg->max_leases;
-        if (cfg->budget_set)
-            budget = cfg->memory_budget;
-        if (cfg->max_conns_per_uid)
-            opts.max_conns_per_uid = cfg->max_conns_per_uid;
-        if (cfg->max_frame)
-            opts.max_frame = cfg->max_frame;
-        if (cfg->max_fds_set)
-            opts.max_fds_per_msg = cfg->max_fds;
-        if (cfg->max_outq)
-            opts.max_outq_bytes = (size_t)cfg->max_outq;
-        if (cfg->handshake_timeout_ms)
-            opts.handshake_timeout_ms = cfg->handshake_timeout_ms;
-        if (cfg->idle_timeout_set)
-            opts.idle_timeout_ms = cfg->idle_timeout_ms;
+        service_overlay_config(cfg, &opts, &budget, &level);
+        log_set_level(level);
     }
     /* Stored model fds are kept aside until the registry exists to re-adopt them. */
     fdstore_init(&fdstore, NULL);
@@ -441,7 +430,7 @@ int main(int argc, char **argv)
         log_info("fd store: %u model(s) re-adopted without reading any checkpoint",
                  fdstore_adopt_all(&fdstore, reg));
     /* Service first: the watchdog runs from the start, and the policy exists before any peer. */
-    (void)service_init(&svc, &loop, reg, config_path, cfg, given);
+    (void)service_init(&svc, &loop, reg, config_path, cfg, given, &base);
     opts.policy = &svc.policy;
     fdstore.notify = &svc.notify;
     fdstore_purge(&fdstore, reg);

@@ -176,32 +176,56 @@ static void evict_dropped(service_t *svc, const config_t *old, const config_t *c
     }
 }
 
-void service_apply_limits(const config_t *cfg, server_t *s, registry_t *reg)
+void service_overlay_config(const config_t *cfg, server_opts_t *opts, uint64_t *budget,
+                            int *log_level)
 {
     if (cfg->log_level >= 0)
-        log_set_level(cfg->log_level);
-    if (s && cfg->max_connections)
-        s->opts.max_connections = cfg->max_connections;
-    if (s && cfg->max_leases)
-        s->opts.max_leases_per_conn = cfg->max_leases;
-    /* The rest apply to connections accepted from now on (frame size, fds) or at the next
-     * sweep (timeouts, at most one sweep period late). */
-    if (s && cfg->max_conns_per_uid)
-        s->opts.max_conns_per_uid = cfg->max_conns_per_uid;
-    if (s && cfg->max_frame)
-        s->opts.max_frame = cfg->max_frame;
-    if (s && cfg->max_fds_set)
-        s->opts.max_fds_per_msg = cfg->max_fds;
-    if (s && cfg->max_outq)
-        s->opts.max_outq_bytes = (size_t)cfg->max_outq;
-    if (s && cfg->handshake_timeout_ms)
-        s->opts.handshake_timeout_ms = cfg->handshake_timeout_ms;
-    if (s && cfg->idle_timeout_set)
-        s->opts.idle_timeout_ms = cfg->idle_timeout_ms;
-    if (reg && cfg->budget_set)
-        reg->budget_bytes = cfg->memory_budget;
-    if (reg)
-        registry_set_client_preload(reg, cfg->client_preload, cfg->client_preload_dirs);
+        *log_level = cfg->log_level;
+    if (cfg->max_connections)
+        opts->max_connections = cfg->max_connections;
+    if (cfg->max_leases)
+        opts->max_leases_per_conn = cfg->max_leases;
+    if (cfg->max_conns_per_uid)
+        opts->max_conns_per_uid = cfg->max_conns_per_uid;
+    if (cfg->max_frame)
+        opts->max_frame = cfg->max_frame;
+    if (cfg->max_fds_set)
+        opts->max_fds_per_msg = cfg->max_fds;
+    if (cfg->max_outq)
+        opts->max_outq_bytes = (size_t)cfg->max_outq;
+    if (cfg->handshake_timeout_ms)
+        opts->handshake_timeout_ms = cfg->handshake_timeout_ms;
+    if (cfg->idle_timeout_set)
+        opts->idle_timeout_ms = cfg->idle_timeout_ms;
+    if (cfg->budget_set)
+        *budget = cfg->memory_budget;
+}
+
+/* A reload's run-time settings: the base, then the new file over it. Connection totals and
+ * lease limits count from now on; frame size and fds apply to connections accepted from now
+ * on; timeouts at the next sweep (at most one sweep period late). */
+static void apply_reload(service_t *svc, const config_t *cfg)
+{
+    server_opts_t o = svc->base.opts;
+    uint64_t budget = svc->base.budget;
+    int level = svc->base.log_level;
+
+    service_overlay_config(cfg, &o, &budget, &level);
+    log_set_level(level);
+    if (svc->srv) {
+        server_opts_t *s = &svc->srv->opts;
+
+        s->max_connections = o.max_connections;
+        s->max_leases_per_conn = o.max_leases_per_conn;
+        s->max_conns_per_uid = o.max_conns_per_uid;
+        s->max_frame = o.max_frame;
+        s->max_fds_per_msg = o.max_fds_per_msg;
+        s->max_outq_bytes = o.max_outq_bytes;
+        s->handshake_timeout_ms = o.handshake_timeout_ms;
+        s->idle_timeout_ms = o.idle_timeout_ms;
+    }
+    svc->reg->budget_bytes = budget;
+    registry_set_client_preload(svc->reg, cfg->client_preload, cfg->client_preload_dirs);
 }
 
 static void report_to_log(void *data, const char *msg)
@@ -245,7 +269,7 @@ static void reload(service_t *svc)
     config_drop_given(cfg, svc->cli_given);
     str_changed("socket", old ? old->socket_path : NULL, cfg->socket_path);
     str_changed("admin-socket", old ? old->admin_path : NULL, cfg->admin_path);
-    service_apply_limits(cfg, svc->srv, svc->reg);
+    apply_reload(svc, cfg);
     svc->policy = cfg->policy;
     evict_dropped(svc, old, cfg);
     svc->cfg = cfg;
@@ -262,9 +286,10 @@ static void sighup_cb(uv_signal_t *h, int signum)
 }
 
 int service_init(service_t *svc, uv_loop_t *loop, registry_t *reg, const char *config_path,
-                 config_t *cfg, unsigned cli_given)
+                 config_t *cfg, unsigned cli_given, const service_base_t *base)
 {
     memset(svc, 0, sizeof(*svc));
+    svc->base = *base;
     svc->loop = loop;
     svc->reg = reg;
     svc->config_path = config_path;

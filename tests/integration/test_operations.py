@@ -13,7 +13,7 @@ import time
 
 import wsdtest
 from wsdtest import Daemon
-from rawproto import WSD_ELIMIT, Conn, hello
+from rawproto import ERROR, WSD_ELIMIT, Conn, hello, zigzag
 
 BURST = 10  # LOG_RATELIMIT_BURST in daemon/log.h
 SUMMARY = re.compile(r"(\d+) similar messages? suppressed in the last \d+ s; the latest: (.*)")
@@ -122,6 +122,38 @@ def test_reload_keeps_what_the_command_line_set(tmp_path):
         after = d.log().split("reloaded: serving", 1)[1]
         assert re.search(r"debug: connection \d+ on client socket", after), after
         assert "socket changed" not in d.log()
+    finally:
+        assert d.stop() == 0, d.log()
+
+
+def test_reload_of_a_removed_key_goes_back_to_the_default(tmp_path):
+    """A key taken out of the file reverts at the next reload (to the command line's value, or
+    the built-in default) instead of the last file's value staying in force."""
+    conf = tmp_path / "weightsd.conf"
+    conf.write_text("[daemon]\nmax-connections = 2\nmemory-budget = 64M\n")
+    d = Daemon(tmp_path, extra_args=("--config", str(conf)))
+    try:
+        d.fd_count()
+
+        def third_connection_refused():
+            a, b, c = Conn(d.sock), Conn(d.sock), Conn(d.sock)
+            try:
+                a.handshake()
+                b.handshake()
+                c.send(hello(3))
+                mid, body, fields, fds = c.recv_frame()
+                return body == ERROR and zigzag(fields.get(1, 0)) == WSD_ELIMIT
+            finally:
+                for x in (a, b, c):
+                    x.close()
+
+        assert third_connection_refused()
+        assert d.ctl_json("stats")["memory_budget"] == 64 << 20
+        conf.write_text("[daemon]\n")
+        d.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: "reloaded: serving" in d.log()), d.log()
+        assert wait_for(lambda: not third_connection_refused())
+        assert d.ctl_json("stats")["memory_budget"] != 64 << 20
     finally:
         assert d.stop() == 0, d.log()
 
