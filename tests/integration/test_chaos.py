@@ -126,7 +126,10 @@ import rawproto
 
 def attach():
     # What libweightsd does (and the library itself cannot be loaded into an uninstrumented
-    # python3 when it is built with ASan): HELLO, OPEN, map the sealed memfd MAP_PRIVATE.
+    # python3 when it is built with ASan): HELLO, OPEN, map the sealed memfd MAP_PRIVATE with
+    # MAP_NORESERVE (Linux 0x4000; Python 3.11 has no name for it). Without it a hugetlb arena
+    # (--hugepages auto, whenever the host has a pool) reserves a private copy from the pool
+    # and fails with ENOMEM once the pool is short.
     try:
         c = rawproto.Conn(sys.argv[1])
         c.handshake()
@@ -138,7 +141,8 @@ def attach():
         c.close()
         return None
     size = rawproto.decode(fields[2])[4]
-    mem = mmap.mmap(fds[0], size, mmap.MAP_PRIVATE, mmap.PROT_READ)
+    mem = mmap.mmap(fds[0], size, mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0x4000),
+                    mmap.PROT_READ)
     os.close(fds[0])
     return c, mem
 
