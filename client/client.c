@@ -145,6 +145,11 @@ void wsd__client_unref(wsd_client_t *c)
     free(c);
 }
 
+void wsd__client_adopt_fd(wsd_client_t *c, int fd)
+{
+    c->fd = fd;
+}
+
 unsigned wsd__client_refs(const wsd_client_t *c)
 {
     return atomic_load_explicit(&c->refs, memory_order_relaxed);

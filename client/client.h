@@ -24,6 +24,13 @@ wsd_client_t *wsd__client_ref(wsd_client_t *c);
 /* Drops one reference; the last one closes the socket and frees \p c. NULL is fine. */
 void wsd__client_unref(wsd_client_t *c);
 
+/*
+ * Makes \p fd (a connected stream socket, owned from now on) the client's connection without
+ * a HELLO exchange, as if wsd_connect() had done one: for tests/fuzz/fuzz-open.c, which plays
+ * the daemon on the other end. \p c must be fresh from wsd__client_new() (no connection yet).
+ */
+void wsd__client_adopt_fd(wsd_client_t *c, int fd);
+
 /* \retval the current reference count, for tests (stale as soon as another thread moves it). */
 unsigned wsd__client_refs(const wsd_client_t *c);
 
