@@ -365,7 +365,9 @@ static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf, const u
                      (unsigned long long)m->map_size);
             return WSD_EPROTO;
         }
-        m->storages[i].data = (char *)m->base + off;
+        /* An empty model has no mapping: its storages are all empty, at NULL (no arithmetic
+         * on a null pointer, which C leaves undefined even for + 0). */
+        m->storages[i].data = m->base ? (char *)m->base + off : NULL;
         m->storages[i].nbytes = s->nbytes;
     }
     for (size_t i = 0; i < mf->n_tensors; i++) {
@@ -399,8 +401,10 @@ static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf, const u
         t->storage = ti->storage;
         t->storage_offset = ti->storage_offset;
         t->nbytes = ti->nbytes;
-        t->data = (char *)m->storages[ti->storage].data +
-                  (bits % 8 ? 0 : ti->storage_offset * (bits / 8));
+        t->data = !m->storages[ti->storage].data
+                      ? NULL
+                      : (char *)m->storages[ti->storage].data +
+                            (bits % 8 ? 0 : ti->storage_offset * (bits / 8));
 
         for (const char *p = t->name; *p; p++)
             h = (h ^ (uint8_t)*p) * 1099511628211ull;
