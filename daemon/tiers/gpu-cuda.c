@@ -25,7 +25,8 @@
 
 /* Streams (one filling thread each) and their staging buffers: two pinned buffers per stream,
  * so one is being read into while the other is in flight. */
-#define UPLOAD_STREAMS 4u
+#define UPLOAD_STREAMS_MIN 2u
+#define UPLOAD_STREAMS_MAX 8u
 #define STAGE_BYTES    (8u << 20)
 
 /* The ABI of the driver entry points we ask for: every call used here exists, unchanged, in
@@ -333,6 +334,7 @@ typedef struct up_job {
     atomic_size_t next;      /* next chunk to take */
     atomic_bool failed;      /* stop taking chunks */
     host_progress_t *progress; /* may be NULL */
+    unsigned nstreams;       /* filler threads, each with a stream and two staging buffers */
     pthread_mutex_t lock;    /* guards err */
     fmt_err_t *err;
 } up_job_t;
@@ -408,7 +410,7 @@ static void *up_thread(void *arg)
                            "cuda:%d: cannot pin a %u MiB staging buffer: %s (%s); the upload "
                            "needs %u MiB of pinned host memory",
                            job->dev, STAGE_BYTES >> 20, cudaGetErrorString(ce),
-                           cudaGetErrorName(ce), (UPLOAD_STREAMS * 2 * STAGE_BYTES) >> 20);
+                           cudaGetErrorName(ce), (job->nstreams * 2 * STAGE_BYTES) >> 20);
             job_fail(job, &e);
             goto out;
         }
@@ -485,13 +487,28 @@ out:
     return NULL;
 }
 
+/*
+ * Filler threads for one upload. Each thread's pread() into pinned memory is a CPU copy of
+ * roughly 10 GB/s, while one PCIe 5 x16 link takes about 55 GB/s host to device, so the link
+ * wants several readers: one per online CPU, between 2 and 8 (a preload's host copy is over by
+ * the time the upload starts, so they do not compete with it).
+ */
+static unsigned upload_streams(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+    if (n < (long)UPLOAD_STREAMS_MIN)
+        return UPLOAD_STREAMS_MIN;
+    return n > (long)UPLOAD_STREAMS_MAX ? UPLOAD_STREAMS_MAX : (unsigned)n;
+}
+
 /* Fills [dbase, dbase + layout) from the host arena. */
 static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint64_t host_size,
                 int dev, char *dbase, host_progress_t *progress, fmt_err_t *err)
 {
     up_job_t job = {.m = m, .offsets = offsets, .host_fd = host_fd, .host_size = host_size,
                     .dev = dev, .dbase = dbase, .progress = progress, .err = err};
-    pthread_t th[UPLOAD_STREAMS];
+    pthread_t th[UPLOAD_STREAMS_MAX];
     unsigned nth = 0, want;
     size_t n = 0;
     int r = 0;
@@ -500,6 +517,7 @@ static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint6
         n += (size_t)((m->storages[i].nbytes + STAGE_BYTES - 1) / STAGE_BYTES);
     if (n == 0)
         return 0;
+    job.nstreams = upload_streams();
     job.chunks = calloc(n, sizeof(*job.chunks));
     if (!job.chunks)
         return fmt_fail(err, -ENOMEM, NULL, "out of memory for the upload plan");
@@ -513,7 +531,7 @@ static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint6
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, false);
     pthread_mutex_init(&job.lock, NULL);
-    want = n < UPLOAD_STREAMS ? (unsigned)n : UPLOAD_STREAMS;
+    want = n < job.nstreams ? (unsigned)n : job.nstreams;
     for (; nth < want; nth++)
         if (pthread_create(&th[nth], NULL, up_thread, &job) != 0)
             break;
