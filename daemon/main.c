@@ -325,7 +325,7 @@ int main(int argc, char **argv)
             fputs(usage_text, stdout);
             return 0;
         case 'V':
-            printf("weightsd %u.%u.%u (protocol %u)\n", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
+            printf("weightsd %d.%d.%d (protocol %d)\n", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
                    WSD_VERSION_PATCH, WSD_PROTOCOL_VERSION);
             return 0;
         default:
@@ -452,7 +452,7 @@ int main(int argc, char **argv)
     /* Signal handles alone must not keep the loop running once the server has stopped. */
     uv_unref((uv_handle_t *)&sigterm);
     uv_unref((uv_handle_t *)&sigint);
-    log_info("weightsd %u.%u.%u serving (pid %d)", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
+    log_info("weightsd %d.%d.%d serving (pid %d)", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
              WSD_VERSION_PATCH, (int)getpid());
     service_start(&svc, &srv);
 

@@ -600,7 +600,7 @@ int main(int argc, char **argv)
             fputs(usage_text, stdout);
             return 0;
         case 'V':
-            printf("weightsctl %u.%u.%u\n", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
+            printf("weightsctl %d.%d.%d\n", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
                    WSD_VERSION_PATCH);
             return 0;
         case OPT_DTYPE:
