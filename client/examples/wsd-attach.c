@@ -196,7 +196,9 @@ int main(int argc, char **argv)
             wsd_model_free(m);
         }
         if (r < 0 || !samples) {
-            fprintf(stderr, "wsd-attach: open: %s\n", wsd_last_error(c));
+            fprintf(stderr, "wsd-attach: open: %s\n", samples ? wsd_last_error(c) : "out of memory");
+            free(samples);
+            wsd_close(c);
             return 1;
         }
         qsort(samples, (size_t)repeat, sizeof(double), cmp_double);
