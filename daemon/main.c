@@ -15,6 +15,7 @@
 #include <uv.h>
 
 #include "config.h"
+#include "fault.h"
 #include "fdstore.h"
 #include "log.h"
 #include "notify.h"
@@ -454,6 +455,8 @@ int main(int argc, char **argv)
     uv_unref((uv_handle_t *)&sigint);
     log_info("weightsd %d.%d.%d serving (pid %d)", WSD_VERSION_MAJOR, WSD_VERSION_MINOR,
              WSD_VERSION_PATCH, (int)getpid());
+    if (fault_armed())
+        log_warning("fault injection armed: WEIGHTSD_FAULT=%s (a test build)", fault_armed());
     service_start(&svc, &srv);
 
     (void)uv_run(&loop, UV_RUN_DEFAULT);

@@ -11,6 +11,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "fault.h"
 #include "wsd_limits.h"
 
 /* Room for the most descriptors one recvmsg() may legally carry, plus slack so that a peer that
@@ -51,7 +52,7 @@ ssize_t fdpass_send(int sock, const void *buf, size_t len, const int *fds, size_
         memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * nfds);
     }
     do
-        n = sendmsg(sock, &msg, MSG_NOSIGNAL);
+        n = FAULT("fdpass.sendmsg") ? (errno = ETOOMANYREFS, -1) : sendmsg(sock, &msg, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
     if (n < 0)
         return errno == EWOULDBLOCK ? -EAGAIN : -errno;

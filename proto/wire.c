@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fault.h"
 #include "fdpass.h"
 
 static void put_le32(uint8_t *p, uint32_t v)
@@ -202,7 +203,7 @@ static void *count_alloc_cb(void *data, size_t size)
     count_alloc_t *ca = data;
     block_head_t *h;
 
-    if (size > ca->cap || ca->used > ca->cap - size)
+    if (size > ca->cap || ca->used > ca->cap - size || FAULT("wire.alloc"))
         return NULL;
     h = malloc(sizeof(*h) + size);
     if (!h)

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fault.h"
 #include "index.h"
 
 int fmt_fail(fmt_err_t *err, int code, const char *rule, const char *fmt, ...)
@@ -56,7 +57,11 @@ int source_open(const char *path, source_t *ret, fmt_err_t *err)
 
     /* O_NONBLOCK: opening a FIFO must not hang a pool thread; it is refused below as not a
      * regular file, and for regular files the flag changes nothing. */
-    s.fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (FAULT("source.open")) {
+        errno = EMFILE;
+        s.fd = -1;
+    } else
+        s.fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (s.fd < 0) {
         int e = errno;
 
@@ -102,7 +107,9 @@ int source_pread(const source_t *s, void *buf, size_t len, uint64_t off, fmt_err
                         "'%s': %zu bytes at offset %llu lie past the end of the file (%llu bytes)",
                         s->path, len, (unsigned long long)off, (unsigned long long)s->size);
     while (done < len) {
-        ssize_t n = pread(s->fd, (char *)buf + done, len - done, (off_t)(off + done));
+        ssize_t n = FAULT("source.pread") ? (errno = EIO, -1)
+                                          : pread(s->fd, (char *)buf + done, len - done,
+                                                  (off_t)(off + done));
 
         if (n < 0 && errno == EINTR)
             continue;

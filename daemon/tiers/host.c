@@ -22,6 +22,7 @@
 
 #include "checked.h"
 #include "convert.h"
+#include "fault.h"
 
 #ifndef MFD_HUGE_2MB
 #    define MFD_HUGE_2MB (21U << 26) /* log2(2 MiB) << MFD_HUGE_SHIFT, as <linux/memfd.h> */
@@ -59,6 +60,8 @@ static int memfd_new(const char *label, unsigned extra)
 
     /* The name shows in /proc/PID/fd and maps; it is informational only. */
     snprintf(name, sizeof(name), "weightsd:%s", label);
+    if (FAULT("host.memfd"))
+        return -ENOMEM;
     fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL | extra);
     if (fd < 0 && errno == EINVAL) /* kernels before 6.3 do not know MFD_NOEXEC_SEAL */
         fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | extra);
@@ -69,6 +72,8 @@ static int memfd_new(const char *label, unsigned extra)
  * cgroup, an empty hugetlb pool) into a clean error here rather than SIGBUS mid-copy. */
 static int memfd_fill(int fd, uint64_t size)
 {
+    if (FAULT("host.ftruncate"))
+        return -ENOSPC;
     if (ftruncate(fd, (off_t)size) < 0)
         return -errno;
     if (size > 0 && fallocate(fd, 0, 0, (off_t)size) < 0)
@@ -369,7 +374,11 @@ int host_build(const char *label, manifest_t *m, const source_t *sources, size_t
     if (r < 0)
         return r;
     if (size > 0) {
-        map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (FAULT("host.mmap")) {
+            errno = ENOMEM;
+            map = MAP_FAILED;
+        } else
+            map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (map == MAP_FAILED) {
             map = NULL;
             r = fmt_fail(err, WSD_ENOMEM, "E_MEMFD", "cannot map arena of %llu bytes: %s",

@@ -1,0 +1,111 @@
+/*
+ * fault.c - the injection points of fault.h and WEIGHTSD_FAULT parsing. Compiled only with
+ * -DWSD_FAULT_INJECTION=ON. An unknown point name in WEIGHTSD_FAULT is refused loudly on
+ * stderr (and arms nothing) rather than silently testing nothing.
+ */
+#include "fault.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Every point a call site may name; FAULT() with another name is a bug (it never fires). */
+static const char *const points[] = {
+    "host.memfd",     /* memfd_create of a model arena: ENOMEM */
+    "host.ftruncate", /* sizing the arena: ENOSPC */
+    "host.mmap",      /* mapping the arena for the copy: ENOMEM */
+    "source.open",    /* opening a checkpoint file: EMFILE */
+    "source.pread",   /* reading a checkpoint: EIO */
+    "fdpass.sendmsg", /* sending a frame (with its fds): ETOOMANYREFS */
+    "wire.alloc",     /* the decoder's counting allocator: NULL */
+};
+#define NPOINTS (sizeof(points) / sizeof(points[0]))
+
+static struct {
+    unsigned long nth[NPOINTS]; /* first failing call; 0 = not armed */
+    unsigned long last[NPOINTS]; /* last failing call; ULONG_MAX = every one from nth on */
+    atomic_ulong calls[NPOINTS];
+    char spec[256];
+    bool armed;
+} st;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+static int point_index(const char *name, size_t len)
+{
+    for (size_t i = 0; i < NPOINTS; i++)
+        if (strlen(points[i]) == len && memcmp(points[i], name, len) == 0)
+            return (int)i;
+    return -1;
+}
+
+static void parse(void)
+{
+    const char *env = getenv("WEIGHTSD_FAULT");
+    unsigned long nth[NPOINTS] = {0}, last[NPOINTS] = {0};
+    const char *p = env;
+
+    if (!env || !*env)
+        return;
+    while (*p) {
+        size_t len = strcspn(p, ":,");
+        int i = point_index(p, len);
+        unsigned long n = 1, m = 1;
+
+        if (i < 0) {
+            fprintf(stderr, "WEIGHTSD_FAULT: unknown point '%.*s'; nothing armed\n", (int)len, p);
+            return;
+        }
+        p += len;
+        if (*p == ':') {
+            char *end;
+
+            if (p[1] == '*') {
+                n = 1;
+                m = (unsigned long)-1;
+                end = (char *)(uintptr_t)(p + 2);
+            } else {
+                n = m = strtoul(p + 1, &end, 10);
+                if (*end == '-')
+                    m = strtoul(end + 1, &end, 10);
+            }
+            if (n == 0 || m < n || (*end && *end != ',')) {
+                fprintf(stderr, "WEIGHTSD_FAULT: bad count after '%s'; nothing armed\n",
+                        points[i]);
+                return;
+            }
+            p = end;
+        }
+        nth[i] = n;
+        last[i] = m;
+        if (*p == ',')
+            p++;
+    }
+    memcpy(st.nth, nth, sizeof(nth));
+    memcpy(st.last, last, sizeof(last));
+    snprintf(st.spec, sizeof(st.spec), "%s", env);
+    st.armed = true;
+}
+
+bool fault_hit(const char *point)
+{
+    int i;
+    unsigned long c;
+
+    (void)pthread_once(&once, parse);
+    if (!st.armed)
+        return false;
+    i = point_index(point, strlen(point));
+    if (i < 0 || st.nth[i] == 0)
+        return false;
+    c = atomic_fetch_add(&st.calls[i], 1) + 1;
+    return c >= st.nth[i] && c <= st.last[i];
+}
+
+const char *fault_armed(void)
+{
+    (void)pthread_once(&once, parse);
+    return st.armed ? st.spec : NULL;
+}
