@@ -20,6 +20,9 @@ static const char *const points[] = {
     "source.open",    /* opening a checkpoint file: EMFILE */
     "source.pread",   /* reading a checkpoint: EIO */
     "fdpass.sendmsg", /* sending a frame (with its fds): ETOOMANYREFS */
+    "fdpass.send.short",  /* a send takes one byte only (the rest must be queued) */
+    "fdpass.recv.short",  /* a receive returns one byte only (frames come in pieces) */
+    "fdpass.recv.eagain", /* a receive finds nothing after poll said readable */
     "wire.alloc",     /* the decoder's counting allocator: NULL */
 };
 #define NPOINTS (sizeof(points) / sizeof(points[0]))

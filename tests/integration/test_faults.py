@@ -72,6 +72,32 @@ def test_injected_failure_is_clean(tmp_path, model, point):
     assert rc == 0, d.log()[-3000:]
 
 
+# Points that do not fail anything but make the kernel's stream semantics bite: one-byte sends
+# and receives on every call, and spurious EAGAINs after the poll said readable.
+DEGRADED = ["fdpass.send.short:*", "fdpass.recv.short:*", "fdpass.recv.eagain:1-500",
+            "fdpass.send.short:*,fdpass.recv.short:*"]
+
+
+@pytest.mark.parametrize("spec", DEGRADED)
+def test_stream_pieces_are_reassembled(tmp_path, model, spec):
+    """Every frame crosses the socket a byte at a time (or after spurious wakeups): the daemon
+    must reassemble requests, resume partial replies with their fds, and never call that a
+    protocol violation."""
+    path, checksum = model
+    d = armed_daemon(tmp_path, spec)
+    try:
+        d.preload("m", path)
+        for _ in range(3):
+            assert attach(d, "m", "--tensors")[-1]["checksum"] == checksum
+        assert d.ctl_json("info", "m")["ntensors"] == 2
+        st = d.ctl_json("stats")
+        assert st["protocol_violations"] == 0 and st["opens_total"] == 3, st
+        assert st["connections"]["outq_dropped"] == 0, st
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.log()[-3000:]
+
+
 def test_unknown_point_arms_nothing(tmp_path, model):
     path, _ = model
     d = Daemon(tmp_path, env={"WEIGHTSD_FAULT": "host.nosuchpoint"})
