@@ -98,6 +98,23 @@ def test_stream_pieces_are_reassembled(tmp_path, model, spec):
     assert rc == 0, d.log()[-3000:]
 
 
+def test_client_reassembles_pieces_too(tmp_path, model, monkeypatch):
+    """libweightsd's own reader and writer under the same one-byte stream (the daemon is
+    armed with nothing that fires, only to learn that this build has the hooks)."""
+    path, checksum = model
+    d = armed_daemon(tmp_path, "wire.alloc:1000000000")
+    try:
+        d.preload("m", path)
+        monkeypatch.setenv("WEIGHTSD_FAULT", "fdpass.send.short:*,fdpass.recv.short:*")
+        for _ in range(2):
+            assert attach(d, "m", "--tensors")[-1]["checksum"] == checksum
+        monkeypatch.delenv("WEIGHTSD_FAULT")
+        assert d.ctl_json("stats")["protocol_violations"] == 0
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.log()[-3000:]
+
+
 def test_unknown_point_arms_nothing(tmp_path, model):
     path, _ = model
     d = Daemon(tmp_path, env={"WEIGHTSD_FAULT": "host.nosuchpoint"})
