@@ -24,6 +24,8 @@ static const char *const points[] = {
     "fdpass.recv.short",  /* a receive returns one byte only (frames come in pieces) */
     "fdpass.recv.eagain", /* a receive finds nothing after poll said readable */
     "wire.alloc",     /* the decoder's counting allocator: NULL */
+    "gpu.hostalloc",  /* pinning a staging buffer: cudaErrorMemoryAllocation (E_PIN_FAILED) */
+    "gpu.sticky",     /* a host-to-device copy: cudaErrorIllegalAddress (device degraded) */
 };
 #define NPOINTS (sizeof(points) / sizeof(points[0]))
 

@@ -21,6 +21,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fault.h"
 #include "log.h"
 
 /* Streams (one filling thread each) and their staging buffers: two pinned buffers per stream,
@@ -400,7 +401,8 @@ static void *up_thread(void *arg)
         goto out;
     }
     for (unsigned i = 0; i < 2; i++) {
-        ce = cudaHostAlloc(&buf[i], STAGE_BYTES, cudaHostAllocDefault);
+        ce = FAULT("gpu.hostalloc") ? cudaErrorMemoryAllocation
+                                    : cudaHostAlloc(&buf[i], STAGE_BYTES, cudaHostAllocDefault);
         if (ce != cudaSuccess) {
             buf[i] = NULL;
             note_error(job->dev, "cudaHostAlloc", (int)ce, cudaGetErrorName(ce),
@@ -452,8 +454,11 @@ static void *up_thread(void *arg)
             job_fail(job, &e);
             break;
         }
-        ce = cudaMemcpyAsync(job->dbase + job->offsets[c->storage] + c->off, buf[k],
-                             (size_t)c->len, cudaMemcpyHostToDevice, st);
+        /* gpu.sticky: as if the copy had hit a sticky error (G6's daemon side, on hardware). */
+        ce = FAULT("gpu.sticky")
+                 ? cudaErrorIllegalAddress
+                 : cudaMemcpyAsync(job->dbase + job->offsets[c->storage] + c->off, buf[k],
+                                   (size_t)c->len, cudaMemcpyHostToDevice, st);
         if (ce == cudaSuccess)
             ce = cudaEventRecord(ev[k], st);
         if (ce != cudaSuccess) {

@@ -5,7 +5,9 @@ check is independent and records its own failure, so one broken check does not h
 Worker processes are real processes (this file re-run with --worker), talking to the real daemon.
 
 Covers issue 6 item 6 / RELIABILITY G1, G2, G6 (worker half): import + read-only map +
-comparison against the file; a worker's sticky fault leaves the daemon's device healthy; lifetime (importer killed, evict --force with importers, daemon SIGKILL with importers);
+comparison against the file; a worker's sticky fault leaves the daemon's device healthy, and an
+injected sticky error in the daemon's own upload marks the device degraded; G8's pin-failure
+rollback (both through WEIGHTSD_FAULT, so the carried build has -DWSD_FAULT_INJECTION=ON); lifetime (importer killed, evict --force with importers, daemon SIGKILL with importers);
 4 workers -> one copy (nvidia-smi / cudaMemGetInfo); H2D upload rate against a plain pinned
 copy of the same bytes in the same run; attach time per worker; load_into(SomeModule) on cuda:0
 against torch.load(...).to("cuda"); the legacy IPC fallback (WEIGHTSD_GPU_LEGACY=1).
@@ -371,6 +373,58 @@ def check_load_into(res, d, tmp):
     res["ok"] = res["on_cuda"] and torch.equal(y, yr)
 
 
+def fault_daemon(Daemon, tmp, name, spec):
+    """A daemon with WEIGHTSD_FAULT armed; the carried build must have the hooks
+    (-DWSD_FAULT_INJECTION=ON, run.sh's recipe)."""
+    d = Daemon(os.path.join(tmp, name), env={"WEIGHTSD_FAULT": spec})
+    if "fault injection armed" not in d.log():
+        d.stop()
+        raise RuntimeError("the build has no fault hooks: rebuild with -DWSD_FAULT_INJECTION=ON")
+    return d
+
+
+def check_g8_pin_failure(res, Daemon, tmp, path, nbytes):
+    """G8's error path: a staging buffer that cannot be pinned fails the upload with
+    E_PIN_FAILED and frees what the upload took (the device allocation included); the next
+    upload on the same daemon works."""
+    before = smi_used_mib()
+    d = fault_daemon(Daemon, tmp, "g8", "gpu.hostalloc:1")
+    try:
+        r = d.ctl("preload", "big", path, "--device", "cuda:0", check=False)
+        res["first_rc"], res["first_error"] = r.returncode, r.stderr.strip()[-400:]
+        time.sleep(0.5)
+        res["used_mib_before_daemon"], res["used_mib_after_failure"] = before, smi_used_mib()
+        r2 = d.ctl("preload", "big", path, "--device", "cuda:0", check=False)
+        res["retry_rc"], res["retry_error"] = r2.returncode, r2.stderr.strip()[-400:]
+        # After the failure the daemon holds its CUDA context, not a copy of the model.
+        res["ok"] = (r.returncode != 0 and "E_PIN_FAILED" in r.stderr and r2.returncode == 0
+                     and res["used_mib_after_failure"] - before < (nbytes >> 20) // 2)
+    finally:
+        d.stop()
+
+
+def check_g6_daemon_degraded(res, Daemon, tmp, path):
+    """G6's daemon side: a sticky error in the daemon's own upload (injected: the copy reports
+    cudaErrorIllegalAddress) marks cuda:0 degraded; later GPU preloads are refused with
+    E_DEVICE_DEGRADED, stats says so, and the host tier keeps serving."""
+    from wsdtest import attach
+    d = fault_daemon(Daemon, tmp, "g6d", "gpu.sticky:1")
+    try:
+        d.preload("host", path)
+        r = d.ctl("preload", "big", path, "--device", "cuda:0", check=False)
+        res["first_rc"], res["first_error"] = r.returncode, r.stderr.strip()[-400:]
+        dev = [x for x in d.ctl_json("stats")["gpu"].get("devices", []) if x["device"] == "cuda:0"]
+        res["stats_device"] = dev[0] if dev else None
+        r2 = d.ctl("preload", "big2", path, "--device", "cuda:0", check=False)
+        res["second_rc"], res["second_error"] = r2.returncode, r2.stderr.strip()[-400:]
+        res["host_attach"] = attach(d, "host")[-1]
+        res["ok"] = (r.returncode != 0 and bool(dev) and dev[0]["state"] == "degraded"
+                     and r2.returncode != 0 and "E_DEVICE_DEGRADED" in r2.stderr
+                     and res["host_attach"].get("tensors") == NT and d.alive())
+    finally:
+        d.stop()
+
+
 def check_legacy(res, Daemon, tmp, path):
     d = Daemon(os.path.join(tmp, "legacy"), env={"WEIGHTSD_GPU_LEGACY": "1"})
     try:
@@ -413,6 +467,8 @@ def main():
         os.makedirs(os.path.join(tmp, "d1"))
         os.makedirs(os.path.join(tmp, "d2"))
         os.makedirs(os.path.join(tmp, "legacy"))
+        os.makedirs(os.path.join(tmp, "g8"))
+        os.makedirs(os.path.join(tmp, "g6d"))
         d = Daemon(os.path.join(tmp, "d1"))
         try:
             run("h2d_upload_rate", check_upload, d, path, nbytes)
@@ -424,6 +480,8 @@ def main():
         finally:
             d.kill()
         run("legacy_ipc_fallback", check_legacy, Daemon, tmp, path)
+        run("g8_pin_failure_rolls_back", check_g8_pin_failure, Daemon, tmp, path, nbytes)
+        run("g6_daemon_degraded", check_g6_daemon_degraded, Daemon, tmp, path)
     out["attach_ms_per_worker"] = out["checks"]["four_workers_one_copy"].get("attach_open_ms")
     out["seconds"] = round(time.time() - t_start, 1)
     out["ok"] = all(c["ok"] for c in out["checks"].values())

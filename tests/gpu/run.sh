@@ -3,9 +3,11 @@
 # summary on stdout. Builds nothing: BUILD_DIR (default $WSD_BUILD_DIR, else ./build) must hold
 # bin/weightsd, bin/weightsctl, lib/libweightsd.so and tests/test-gpu from a CUDA build. To carry
 # one to a machine without the Debian packages, build it where they are:
-#   cmake -S . -B build-carry -DWSD_STATIC_DEPS=ON -DWSD_WITH_CUDA=ON -DCMAKE_BUILD_TYPE=Release
+#   cmake -S . -B build-carry -DWSD_STATIC_DEPS=ON -DWSD_WITH_CUDA=ON -DCMAKE_BUILD_TYPE=Release \
+#         -DWSD_FAULT_INJECTION=ON
 #   cmake --build build-carry -j
-# (every library but libc and the host's CUDA driver is linked in; the tree is relocatable), carry
+# (every library but libc and the host's CUDA driver is linked in; the tree is relocatable; the
+# fault hooks stay inert unless a check sets WEIGHTSD_FAULT), carry
 # build-carry, and run `tests/gpu/run.sh build-carry` there. Needs python3 with torch 2.x (CUDA)
 # and safetensors. Exits 77 (skip) without a GPU, 0 when every check passed, 1 otherwise, 2 when
 # the build cannot run here. Bounded to 8 minutes in total.
