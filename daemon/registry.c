@@ -164,16 +164,22 @@ registry_t *registry_free(registry_t *r)
     return NULL;
 }
 
+/* The leading decimal count of a size (no minus sign). \retval 0 or -EINVAL. */
+static int parse_count(const char *s, unsigned long long *ret_v, char **ret_end)
+{
+    if (!s || !*s || *s == '-')
+        return -EINVAL;
+    errno = 0;
+    *ret_v = strtoull(s, ret_end, 10);
+    return errno || *ret_end == s ? -EINVAL : 0;
+}
+
 int registry_parse_size(const char *s, uint64_t *ret)
 {
     char *end;
     unsigned long long v;
 
-    if (!s || !*s || *s == '-')
-        return -EINVAL;
-    errno = 0;
-    v = strtoull(s, &end, 10);
-    if (errno || end == s)
+    if (parse_count(s, &v, &end) < 0)
         return -EINVAL;
     if (*end == '%' && end[1] == '\0') {
         long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGESIZE);
@@ -192,11 +198,7 @@ int registry_parse_bytes(const char *s, uint64_t *ret)
     unsigned long long v;
     uint64_t mult = 1;
 
-    if (!s || !*s || *s == '-')
-        return -EINVAL;
-    errno = 0;
-    v = strtoull(s, &end, 10);
-    if (errno || end == s)
+    if (parse_count(s, &v, &end) < 0)
         return -EINVAL;
     switch (*end) {
     case '\0':
