@@ -2,7 +2,6 @@
 lines plus one summary per site), command-line settings survive a SIGHUP reload, and a second
 SIGTERM/SIGINT while the daemon stops exits at once.
 """
-import json
 import os
 import re
 import signal
@@ -158,20 +157,9 @@ def test_reload_of_a_removed_key_goes_back_to_the_default(tmp_path):
         assert d.stop() == 0, d.log()
 
 
-def sparse_model(path, nbytes):
-    """A safetensors file of `nbytes` zero bytes, sparse on disk: cheap to write, slow enough
-    to preload that the daemon is still copying it when it is told to stop."""
-    h = json.dumps({"w": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}},
-                   separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        f.truncate(8 + len(h) + nbytes)
-    return path
-
-
 def start_preload(d, tmp_path):
-    big = sparse_model(tmp_path / "big.safetensors", 1 << 30)
+    # Sparse on disk, slow enough to preload that the daemon is still copying when told to stop.
+    big = wsdtest.write_sparse_safetensors(tmp_path / "big.safetensors", 1 << 30)
     ctl = subprocess.Popen([os.path.join(wsdtest.BIN, "weightsctl"), "--admin-socket", d.admin,
                             "preload", "big", str(big)], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)

@@ -288,20 +288,8 @@ def test_share_file_mode(daemon, tmp_path):
                                           [("w", "U8", [2], b"ok")]), "--share", "file")
 
 
-def sparse_safetensors(path, nbytes):
-    """A safetensors file of `nbytes` zero bytes, sparse on disk (cheap to write)."""
-    import json
-    h = json.dumps({"w": {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}},
-                   separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        f.truncate(8 + len(h) + nbytes)
-    return path
-
-
 def test_progress_cancel_and_cancel_on_exit(daemon, tmp_path):
-    big = sparse_safetensors(tmp_path / "big.safetensors", 1 << 30)
+    big = wsdtest.write_sparse_safetensors(tmp_path / "big.safetensors", 1 << 30)
     ctl = [os.path.join(wsdtest.BIN, "weightsctl"), "--admin-socket", daemon.admin]
 
     # Progress goes to stderr as plain lines when stderr is not a terminal.
