@@ -820,6 +820,8 @@ WSD_EXTERN int wsd_admin_preload(wsd_client_t *c, const char *name, const char *
             p.cancel_on_disconnect = opts->cancel_on_disconnect != 0;
         if (HAS(hugepages) && opts->hugepages)
             p.hugepages = wire_str(opts->hugepages);
+        if (HAS(page_cache) && opts->page_cache)
+            p.page_cache = wire_str(opts->page_cache);
         if (HAS(dtype) && opts->dtype)
             p.dtype = wire_str(opts->dtype);
         if (HAS(share) && opts->share)

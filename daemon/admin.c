@@ -210,6 +210,9 @@ static json_t *info_json(const server_t *s, const model_t *m)
     json_object_set_new(doc, "hash", json_string(m->hash));
     json_object_set_new(doc, "share", json_string(m->share_file ? "file" : "memfd"));
     json_object_set_new(doc, "pages", json_string(m->arena.pages));
+    json_object_set_new(doc, "page_cache", json_string(source_cache_name(m->page_cache)));
+    json_object_set_new(doc, "page_cache_released",
+                        json_integer((json_int_t)m->arena.cache_released));
     json_object_set_new(doc, "restricted", json_boolean(m->acl));
     json_object_set_new(doc, "devices", devices_json(m));
     if (m->share_file)
@@ -307,6 +310,7 @@ static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRe
         .dtype = -1,
         .no_verify = req->no_verify,
         .hugepages = HOST_HUGEPAGES_AUTO,
+        .page_cache = SOURCE_CACHE_AUTO,
     };
     preload_ctx_t *ctx;
     char msg[512];
@@ -329,6 +333,12 @@ static void handle_preload(conn_t *c, uint64_t id, const Weightsd__V1__PreloadRe
                             req->hugepages);
             return;
         }
+    }
+    if (req->page_cache && *req->page_cache &&
+        source_cache_parse(req->page_cache, &a.page_cache) < 0) {
+        conn_send_error(c, id, WSD_EINVAL, "--page-cache %s: expected auto, keep or drop",
+                        req->page_cache);
+        return;
     }
     if (parse_devices(c, id, req, &a) < 0)
         return;
@@ -429,7 +439,7 @@ static void handle_stats(conn_t *c, uint64_t id)
     }
     doc = json_pack("{s:I, s:I, s:I, s:{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I}, "
                         "s:I, s:I, s:I, s:I, s:I, "
-                        "s:I, s:I, s:I, s:I, s:I, s:I}",
+                        "s:I, s:I, s:I, s:I, s:I, s:I, s:I}",
                         "uptime_s", (json_int_t)((uv_now(s->loop) - s->started_ms) / 1000),
                         "models", (json_int_t)r->nmodels, "resident_bytes",
                         (json_int_t)r->resident_bytes, "connections", "current",
@@ -451,7 +461,8 @@ static void handle_stats(conn_t *c, uint64_t id)
                         (json_int_t)s->stats.protocol_violations, "memory_budget",
                         (json_int_t)registry_effective_budget(r), "reserved_bytes",
                         (json_int_t)r->reserved_bytes, "budget_evictions",
-                        (json_int_t)r->budget_evictions);
+                        (json_int_t)r->budget_evictions, "page_cache_released_bytes",
+                        (json_int_t)r->cache_released);
     if (doc)
         json_object_set_new(doc, "gpu", gpu_json());
     send_json(c, id, doc);

@@ -384,6 +384,13 @@ static void model_key(parse_state_t *ps, const char *name, const char *v)
     } else if (strcmp(name, "allow-gpu-write") == 0) {
         if (!parse_bool(v, &m->allow_gpu_write))
             cfg_error(ps, ps->line, "allow-gpu-write: wants yes or no, got '%s'", v);
+    } else if (strcmp(name, "page-cache") == 0) {
+        source_cache_t pc;
+
+        if (source_cache_parse(v, &pc) < 0)
+            cfg_error(ps, ps->line, "page-cache: wants auto, keep or drop, got '%s'", v);
+        else
+            m->page_cache = (int)pc;
     } else
         cfg_error(ps, ps->line, "unknown key '%s' in [model %s]", name, m->name);
 }
@@ -441,6 +448,7 @@ static void begin_section(parse_state_t *ps, const char *section)
         memset(ps->model, 0, sizeof(*ps->model));
         ps->model->name = strdup(name);
         ps->model->dtype = -1;
+        ps->model->page_cache = SOURCE_CACHE_AUTO;
         ps->model->line = ps->line;
         ps->section_bad = false;
     } else if (strcmp(section, "daemon") == 0 || strcmp(section, "access") == 0)
@@ -596,6 +604,7 @@ static bool str_eq(const char *a, const char *b)
     return (!a && !b) || (a && b && strcmp(a, b) == 0);
 }
 
+/* What is served, not how it is read: page-cache alone changing reloads nothing. */
 bool cfg_model_same(const cfg_model_t *a, const cfg_model_t *b)
 {
     return str_eq(a->path, b->path) && str_eq(a->key, b->key) && a->dtype == b->dtype &&

@@ -27,6 +27,7 @@ typedef struct cfg_model {
     int devices[16];          /* CUDA ordinals from devices = (host/cpu entries add none) */
     size_t ndevices;
     bool allow_gpu_write;     /* allow-gpu-write = yes */
+    int page_cache;           /* page-cache = auto|keep|drop (SOURCE_CACHE_*; default auto) */
     bool acl;                 /* allow-users/allow-groups given: only they may open it */
     policy_ids_t acl_users, acl_groups;
     unsigned line;            /* the [model NAME] header, for messages */

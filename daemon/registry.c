@@ -265,6 +265,7 @@ typedef struct preload_work {
     bool no_verify;
     bool share_file;         /* serve the file itself */
     int hugepages;           /* HOST_HUGEPAGES_* */
+    source_cache_t page_cache; /* policy for the sources (KEEP in file mode) */
     registry_preload_cb cb;
     void *data;
     uint64_t t0;             /* uv_hrtime() at queueing */
@@ -300,7 +301,7 @@ static void close_sources(preload_work_t *w)
 static void preload_parse_cb(uv_work_t *req)
 {
     preload_work_t *w = req->data;
-    fmt_opts_t opts = {.key = w->key, .no_verify = w->no_verify};
+    fmt_opts_t opts = {.key = w->key, .no_verify = w->no_verify, .page_cache = w->page_cache};
     uint64_t size = 0;
     int r;
 
@@ -437,6 +438,7 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
         snprintf(m->hash, sizeof(m->hash), "%s", w->arena.hash);
         m->state = MODEL_READY;
         r->resident_bytes += model_resident(m);
+        r->cache_released += w->arena.cache_released;
         r->preloads_ok++;
         log_info("preloaded '%s' from '%s': %zu tensors, %llu bytes, %s%s%s, %llu ms, hash %s",
                  m->name, m->source, m->mf->ntensors, (unsigned long long)m->bytes,
@@ -658,6 +660,9 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
     w->no_verify = a->no_verify;
     w->share_file = a->share_file;
     w->hugepages = a->hugepages;
+    /* In file mode the page cache is what workers map: never drop it. */
+    w->page_cache = a->share_file ? SOURCE_CACHE_KEEP : a->page_cache;
+    m->page_cache = w->page_cache;
     m->share_file = a->share_file;
     if (a->acl_users || a->acl_groups) {
         m->acl = true;

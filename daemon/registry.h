@@ -69,6 +69,7 @@ struct model {
                                  never while a lease exists (legacy IPC memory dies with it) */
     size_t ngpu;
     bool allow_gpu_write;     /* opens may map the device copies writable */
+    source_cache_t page_cache; /* --page-cache asked for at preload */
 };
 
 struct registry {
@@ -92,6 +93,7 @@ struct registry {
     size_t n_client_preload_dirs;
     uint64_t preloads_ok;
     uint64_t preloads_failed;
+    uint64_t cache_released;  /* checkpoint bytes preloads dropped from the page cache */
 };
 
 registry_t *registry_new(uv_loop_t *loop);
@@ -119,6 +121,8 @@ typedef struct preload_args {
     bool no_verify;
     bool share_file;   /* serve the checkpoint file itself instead of a sealed copy */
     int hugepages;     /* HOST_HUGEPAGES_* (0 = never; the admin and config default is auto) */
+    source_cache_t page_cache; /* SOURCE_CACHE_* (0 = keep; the admin and config default is
+                                  auto); file mode always keeps */
     const int *devices; /* CUDA ordinals to upload to after the host arena (copied), or NULL */
     size_t ndevices;
     bool allow_gpu_write; /* let opens map the device copies writable */

@@ -76,6 +76,7 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
         .no_verify = cm->no_verify,
         .share_file = cm->share_file,
         .hugepages = HOST_HUGEPAGES_AUTO,
+        .page_cache = (source_cache_t)cm->page_cache,
         .devices = cm->devices,
         .ndevices = cm->ndevices,
         .allow_gpu_write = cm->allow_gpu_write,

@@ -164,7 +164,8 @@ static void client_preload_done_cb(void *data, model_t *m, int status, const cha
 /* allow-client-preload: an open naming a file loads it as the model on first use. */
 static model_t *client_preload(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest *req)
 {
-    preload_args_t a = {.name = req->model, .dtype = -1, .hugepages = HOST_HUGEPAGES_AUTO};
+    preload_args_t a = {.name = req->model, .dtype = -1, .hugepages = HOST_HUGEPAGES_AUTO,
+                        .page_cache = SOURCE_CACHE_AUTO};
     char real[PATH_MAX], msg[512];
     int r = registry_client_path(c->srv->reg, req->path, real, msg, sizeof(msg));
 

@@ -286,6 +286,9 @@ typedef struct wsd_preload_opts {
     const char *const *devices; /* ndevices of "cpu" / "cuda:N": also upload to these GPUs */
     size_t ndevices;
     int allow_gpu_write; /* let workers map the GPU copies writable (WSD_OPEN_GPU_WRITE) */
+    /* "auto" (default): drop the checkpoint pages this preload brought into the page cache
+     * once they are copied; "drop": all of them; "keep": none. File mode always keeps. */
+    const char *page_cache;
 } wsd_preload_opts_t;
 
 /** Preloads \p path as \p name. \retval 0, WSD_EEXIST, WSD_EBADCKPT, WSD_EIO, ... */

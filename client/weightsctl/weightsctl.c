@@ -33,6 +33,9 @@ static const char usage_text[] =
     "      --no-verify            skip CRC-32 checks of zip records\n"
     "      --hugepages auto|never|always  back the copy with 2 MiB pages (hugetlb pool, or\n"
     "                             shmem transparent huge pages); auto falls back to 4 KiB\n"
+    "      --page-cache auto|keep|drop  the file's page-cache pages once copied: auto (the\n"
+    "                             default) drops those this preload brought in, drop all,\n"
+    "                             keep none (file mode always keeps)\n"
     "      --device cpu|cuda:N    also upload one copy to GPU N for every worker\n"
     "                             (repeatable; the host copy is always kept)\n"
     "      --allow-gpu-write      let workers map GPU copies writable\n"
@@ -75,6 +78,7 @@ enum {
     OPT_ALLOW_GPU_WRITE,
     OPT_METRICS_FILE,
     OPT_INTERVAL,
+    OPT_PAGE_CACHE,
 };
 
 /* --device may be given once per GPU (and for cpu); more than this is surely a mistake. */
@@ -309,6 +313,7 @@ static int is_counter(const char *flat)
         "connections_total", "connections_rejected", "connections_denied", "opens_total",
         "open_errors", "releases_total", "leases_released_on_close", "preloads_ok",
         "preloads_failed", "protocol_violations", "budget_evictions",
+        "page_cache_released_bytes",
     };
 
     for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
@@ -560,6 +565,7 @@ int main(int argc, char **argv)
         {"force", no_argument, NULL, OPT_FORCE},
         {"cancel-on-exit", no_argument, NULL, OPT_CANCEL_ON_EXIT},
         {"hugepages", required_argument, NULL, OPT_HUGEPAGES},
+        {"page-cache", required_argument, NULL, OPT_PAGE_CACHE},
         {"metrics-file", required_argument, NULL, OPT_METRICS_FILE},
         {"interval", required_argument, NULL, OPT_INTERVAL},
         {"device", required_argument, NULL, OPT_DEVICE},
@@ -626,6 +632,9 @@ int main(int argc, char **argv)
             break;
         case OPT_HUGEPAGES:
             popts.hugepages = optarg;
+            break;
+        case OPT_PAGE_CACHE:
+            popts.page_cache = optarg;
             break;
         case OPT_METRICS_FILE:
             metrics_file = optarg;

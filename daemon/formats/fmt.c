@@ -145,6 +145,7 @@ int fmt_load(const char *path, const fmt_opts_t *opts, manifest_t **ret_m, sourc
     r = source_open(path, src, err);
     if (r < 0)
         goto fail;
+    (void)source_cache_policy(src, opts ? opts->page_cache : SOURCE_CACHE_KEEP);
     r = fmt_detect(src, &kind, err);
     if (r < 0)
         goto fail;

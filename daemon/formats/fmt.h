@@ -35,12 +35,28 @@ int fmt_fail(fmt_err_t *err, int code, const char *rule, const char *fmt, ...)
 void fmt_warn(manifest_t *m, const char *rule, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
+/*
+ * What a preload leaves of a checkpoint in the page cache once its bytes are copied into the
+ * arena (preload --page-cache). The copy makes the cached pages a second copy of the model.
+ */
+typedef enum source_cache {
+    SOURCE_CACHE_KEEP,  /* leave the page cache as the reads leave it */
+    SOURCE_CACHE_AUTO,  /* drop what this preload brought in: the parts of the file that had
+                         * no page cached when it was opened (needs cachestat(), Linux 6.5;
+                         * without it AUTO keeps) */
+    SOURCE_CACHE_DROP,  /* drop every page read, whoever else was using it */
+} source_cache_t;
+
+#define SOURCE_GRANULE (2u << 20) /* AUTO remembers coldness per 2 MiB of file */
+
 /* An open checkpoint file. */
 typedef struct source {
     int fd;          /* O_RDONLY|O_CLOEXEC, owned */
     uint64_t size;   /* st_size at open */
     struct stat st;  /* fstat at open, to detect changes after the copy */
     char *path;      /* as given, owned */
+    source_cache_t cache; /* what source_release() does; KEEP unless source_cache_policy() */
+    uint64_t *cold;  /* AUTO: one bit per SOURCE_GRANULE that had no page cached at open */
 } source_t;
 
 /* Opens a regular file for reading. Errors name the path: missing, directory, permission. */
@@ -50,6 +66,22 @@ void source_close(source_t *s);
 int source_pread(const source_t *s, void *buf, size_t len, uint64_t off, fmt_err_t *err);
 /* Fails with WSD_ESTALE if size, mtime or inode changed since source_open(). */
 int source_check_unchanged(const source_t *s, fmt_err_t *err);
+/*
+ * Sets what source_release() will do. For SOURCE_CACHE_AUTO this looks at the page cache now,
+ * so call it before the file is read. Best effort: where the kernel cannot tell (no cachestat)
+ * or memory is short, the policy falls back to KEEP. \retval the policy in force.
+ */
+source_cache_t source_cache_policy(source_t *s, source_cache_t want);
+/*
+ * Drops the page-cache pages of [off, off + len) as the policy says, whole pages rounded
+ * outwards (a neighbour that still needs a boundary page reads it again). Pages that processes
+ * map, and dirty pages, stay: the kernel keeps them. \retval how many of the range's bytes
+ * were dropped (0 under KEEP).
+ */
+uint64_t source_release(const source_t *s, uint64_t off, uint64_t len);
+/* Parses "auto", "keep" or "drop". \retval 0 or -EINVAL. */
+int source_cache_parse(const char *s, source_cache_t *ret);
+const char *source_cache_name(source_cache_t c);
 
 /* File kinds by content sniffing (FORMATS.md §1). */
 typedef enum fmt_kind {
@@ -76,6 +108,7 @@ int torch_read(const source_t *s, uint32_t source_index, const char *key, manife
 typedef struct fmt_opts {
     const char *key;  /* subtree of a nested torch checkpoint, or NULL */
     bool no_verify;   /* skip CRC-32 of zip records */
+    source_cache_t page_cache; /* set on every source opened (KEEP when zeroed) */
 } fmt_opts_t;
 
 /*

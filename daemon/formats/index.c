@@ -566,6 +566,7 @@ int index_load(const char *path, const fmt_opts_t *opts, manifest_t **ret_m, sou
         if (r < 0)
             goto out;
         nopen++;
+        (void)source_cache_policy(&src[i], opts ? opts->page_cache : SOURCE_CACHE_KEEP);
         part = manifest_new();
         if (!part) {
             r = fmt_fail(err, -ENOMEM, NULL, "out of memory");

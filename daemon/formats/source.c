@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "fault.h"
@@ -59,6 +60,9 @@ void source_close(source_t *s)
     s->fd = -1;
     free(s->path);
     s->path = NULL;
+    free(s->cold);
+    s->cold = NULL;
+    s->cache = SOURCE_CACHE_KEEP;
 }
 
 int source_pread(const source_t *s, void *buf, size_t len, uint64_t off, fmt_err_t *err)
@@ -99,4 +103,143 @@ int source_check_unchanged(const source_t *s, fmt_err_t *err)
         return fmt_fail(err, WSD_ESTALE, "E_CHANGED", "'%s' changed while it was being loaded",
                         s->path);
     return 0;
+}
+
+/*
+ * The page cache. cachestat(2) (Linux 6.5) counts the cached pages of a file range for anyone
+ * holding a readable fd; mincore(2) would need a mapping and, for files the caller may not
+ * write, reports only the pages it maps itself, so it cannot tell here.
+ */
+#ifndef __NR_cachestat
+#    if defined(__x86_64__) || defined(__aarch64__) || defined(__riscv) || defined(__i386__)
+#        define __NR_cachestat 451
+#    endif
+#endif
+
+struct wsd_cachestat_range {
+    uint64_t off;
+    uint64_t len;
+};
+
+struct wsd_cachestat {
+    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+/* Cached pages of [off, off + len). \retval 0, or -1 with errno (ENOSYS: no cachestat). */
+static int cached_pages(int fd, uint64_t off, uint64_t len, uint64_t *ret)
+{
+#ifdef __NR_cachestat
+    struct wsd_cachestat_range range = {.off = off, .len = len};
+    struct wsd_cachestat cs;
+
+    if (syscall(__NR_cachestat, fd, &range, &cs, 0) < 0)
+        return -1;
+    *ret = cs.nr_cache;
+    return 0;
+#else
+    (void)fd, (void)off, (void)len, (void)ret;
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+/*
+ * A policy that drops pages turns readahead off for the file: a reader's async readahead can
+ * land after the pages it fetched again were dropped, leaving them cached for good. The copy
+ * reads 8 MiB at a time with several threads, which needs no readahead to keep the disk busy.
+ */
+static source_cache_t set_policy(source_t *s, source_cache_t c)
+{
+    s->cache = c;
+    (void)posix_fadvise(s->fd, 0, 0, c == SOURCE_CACHE_KEEP ? POSIX_FADV_NORMAL
+                                                            : POSIX_FADV_RANDOM);
+    return c;
+}
+
+source_cache_t source_cache_policy(source_t *s, source_cache_t want)
+{
+    uint64_t ngran = (s->size + SOURCE_GRANULE - 1) / SOURCE_GRANULE, cached;
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    size_t nwords = (size_t)((ngran + 63) / 64);
+
+    free(s->cold);
+    s->cold = NULL;
+    if (want != SOURCE_CACHE_AUTO || ngran == 0)
+        return set_policy(s, want == SOURCE_CACHE_AUTO ? SOURCE_CACHE_KEEP : want);
+    /* One call answers the usual cases, a file wholly cold or wholly warm (nothing is ours to
+     * drop); only a file that is partly cached is looked at granule by granule. */
+    if (cached_pages(s->fd, 0, s->size, &cached) < 0 || cached >= (s->size + page - 1) / page)
+        return set_policy(s, SOURCE_CACHE_KEEP);
+    s->cold = calloc(nwords, sizeof(*s->cold));
+    if (!s->cold)
+        return set_policy(s, SOURCE_CACHE_KEEP);
+    for (uint64_t g = 0; g < ngran; g++) {
+        uint64_t n = 0;
+
+        if (cached != 0 && cached_pages(s->fd, g * SOURCE_GRANULE, SOURCE_GRANULE, &n) < 0)
+            n = 1; /* cannot tell: keep it */
+        if (n == 0)
+            s->cold[g / 64] |= UINT64_C(1) << (g % 64);
+    }
+    return set_policy(s, SOURCE_CACHE_AUTO);
+}
+
+static bool granule_cold(const source_t *s, uint64_t g)
+{
+    return (s->cold[g / 64] >> (g % 64)) & 1;
+}
+
+uint64_t source_release(const source_t *s, uint64_t off, uint64_t len)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), end, start, stop, dropped = 0;
+
+    if (s->cache == SOURCE_CACHE_KEEP || len == 0 || off >= s->size)
+        return 0;
+    end = len > s->size - off ? s->size : off + len;
+    start = off / page * page;
+    stop = (end + page - 1) / page * page;
+    if (s->cache == SOURCE_CACHE_DROP)
+        return posix_fadvise(s->fd, (off_t)start, (off_t)(stop - start), POSIX_FADV_DONTNEED) == 0
+                   ? end - off
+                   : 0;
+    /* AUTO: runs of cold granules, each advised once. */
+    for (uint64_t g = start / SOURCE_GRANULE; g * SOURCE_GRANULE < stop;) {
+        uint64_t a, b;
+
+        if (!granule_cold(s, g)) {
+            g++;
+            continue;
+        }
+        a = g * SOURCE_GRANULE;
+        while ((g + 1) * SOURCE_GRANULE < stop && granule_cold(s, g + 1))
+            g++;
+        b = ++g * SOURCE_GRANULE;
+        a = a > start ? a : start;
+        b = b < stop ? b : stop;
+        if (posix_fadvise(s->fd, (off_t)a, (off_t)(b - a), POSIX_FADV_DONTNEED) == 0) {
+            /* Count the requested bytes the run covers, not its page rounding. */
+            uint64_t lo = a > off ? a : off, hi = b < end ? b : end;
+
+            dropped += hi > lo ? hi - lo : 0;
+        }
+    }
+    return dropped;
+}
+
+int source_cache_parse(const char *s, source_cache_t *ret)
+{
+    if (strcmp(s, "auto") == 0)
+        *ret = SOURCE_CACHE_AUTO;
+    else if (strcmp(s, "keep") == 0)
+        *ret = SOURCE_CACHE_KEEP;
+    else if (strcmp(s, "drop") == 0)
+        *ret = SOURCE_CACHE_DROP;
+    else
+        return -EINVAL;
+    return 0;
+}
+
+const char *source_cache_name(source_cache_t c)
+{
+    return c == SOURCE_CACHE_AUTO ? "auto" : c == SOURCE_CACHE_DROP ? "drop" : "keep";
 }

@@ -166,6 +166,7 @@ typedef struct copy_job {
     size_t nchunks;
     atomic_size_t next;     /* next chunk to take */
     atomic_bool failed;     /* stop taking chunks */
+    _Atomic uint64_t released; /* source bytes dropped from the page cache after their copy */
     pthread_mutex_t lock;   /* guards err */
     fmt_err_t *err;
     host_progress_t *progress; /* may be NULL */
@@ -192,6 +193,8 @@ static int copy_chunk(copy_job_t *job, chunk_t *c, uint8_t *bounce)
         pthread_mutex_unlock(&job->lock);
         return r;
     }
+    /* The bytes are ours now; the file's cached pages would be a second copy of them. */
+    atomic_fetch_add(&job->released, source_release(src, s->src_offset + c->off, c->len));
     if (job->verify_crc && s->has_crc)
         c->crc = (uint32_t)crc32(0L, raw, (uInt)c->len);
     if (convert)
@@ -335,7 +338,8 @@ static int copy_all(copy_job_t *job, char *ret_hash, size_t hashlen)
 
 /* Copies (or with \p map NULL, only reads and checks) every storage, filling \p hash. */
 static int run_copy(manifest_t *m, const source_t *sources, uint8_t *map, bool verify_crc,
-                    host_progress_t *progress, char *hash, size_t hashlen, fmt_err_t *err)
+                    host_progress_t *progress, char *hash, size_t hashlen, uint64_t *released,
+                    fmt_err_t *err)
 {
     copy_job_t job = {.m = m, .sources = sources, .map = map, .verify_crc = verify_crc,
                       .err = err, .progress = progress};
@@ -343,6 +347,7 @@ static int run_copy(manifest_t *m, const source_t *sources, uint8_t *map, bool v
 
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, false);
+    atomic_init(&job.released, 0);
     pthread_mutex_init(&job.lock, NULL);
     r = make_chunks(m, &job.chunks, &job.nchunks, err);
     if (r == 0 && progress) {
@@ -354,6 +359,7 @@ static int run_copy(manifest_t *m, const source_t *sources, uint8_t *map, bool v
     }
     if (r == 0)
         r = copy_all(&job, hash, hashlen);
+    *released = atomic_load(&job.released);
     free(job.chunks);
     pthread_mutex_destroy(&job.lock);
     return r;
@@ -392,7 +398,12 @@ int host_build(const char *label, manifest_t *m, const source_t *sources, size_t
                          m->storages[i].key, m->storages[i].source, nsources);
             goto fail;
         }
-    r = run_copy(m, sources, map, verify_crc, progress, ret->hash, sizeof(ret->hash), err);
+    r = run_copy(m, sources, map, verify_crc, progress, ret->hash, sizeof(ret->hash),
+                 &ret->cache_released, err);
+    /* Whatever else the parse and the copy read (headers, a zip's directory, readahead past
+     * a chunk) goes too, by the same policy, whether or not the copy succeeded. */
+    for (size_t i = 0; i < nsources; i++)
+        (void)source_release(&sources[i], 0, sources[i].size);
     if (r < 0)
         goto fail;
     for (size_t i = 0; i < nsources; i++) {
@@ -432,7 +443,9 @@ int host_share_file(manifest_t *m, const source_t *src, bool verify_crc,
                                                       "model");
         m->storages[i].arena_offset = m->storages[i].src_offset;
     }
-    r = run_copy(m, src, NULL, verify_crc, progress, ret->hash, sizeof(ret->hash), err);
+    /* The page cache is this mode's tier: src's policy is KEEP (the registry sees to it). */
+    r = run_copy(m, src, NULL, verify_crc, progress, ret->hash, sizeof(ret->hash),
+                 &ret->cache_released, err);
     if (r == 0)
         r = source_check_unchanged(src, err);
     if (r < 0)

@@ -33,6 +33,7 @@ typedef struct host_arena {
     uint64_t size; /* bytes in the arena */
     char hash[33]; /* content identity: XXH3-128 of geometry and served bytes, hex */
     char pages[16]; /* what backs it: "hugetlb-2M", "thp", "4k" or "page cache" (file mode) */
+    uint64_t cache_released; /* source bytes dropped from the page cache after the copy */
 } host_arena_t;
 
 /* Sets every storage's arena_offset and gives the arena size; allocates nothing. */
@@ -43,8 +44,10 @@ int host_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err);
  * storage from its source with pread() (verifying zip CRC-32s when \p verify_crc, converting
  * where a storage's dtype differs from its src_dtype), hashes what it wrote, checks that no
  * source changed meanwhile, and seals. \p hugepages (HOST_HUGEPAGES_*) picks the page size; the
- * arena may then be larger than the layout (whole 2 MiB pages). On failure nothing is left
- * behind.
+ * arena may then be larger than the layout (whole 2 MiB pages). Each source's page-cache pages
+ * are released as its source_cache_policy() says, chunk by chunk as they are copied, so a
+ * preload never holds the model twice (ret->cache_released counts them). On failure nothing is
+ * left behind.
  * \retval 0 or a WSD_E* code with \p err filled.
  */
 int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,

@@ -4,6 +4,8 @@ Starts the real daemon on private sockets in a temporary directory, runs the rea
 and writes safetensors files byte by byte (no safetensors package needed). Nothing here is a
 stand-in for the daemon: every test talks to the built binaries in $WSD_BUILD_DIR.
 """
+import ctypes
+import errno
 import json
 import os
 import signal
@@ -175,3 +177,47 @@ def raw_connect(path):
     s.connect(path)
     s.settimeout(5)
     return s
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PAGE = os.sysconf("SC_PAGESIZE")
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted",
+                                               "recently_evicted")]
+
+
+def page_cache_bytes(path, off=0, length=0):
+    """Bytes of [off, off + length) of `path` in the page cache (length 0: to the end), by
+    cachestat(2), as the daemon asks. OSError(ENOSYS) on kernels before 6.5."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = _Cachestat()
+        if _libc.syscall(451, fd, ctypes.byref(_CachestatRange(off, length)), ctypes.byref(st),
+                         0) < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), path)
+        return st.cache * PAGE
+    finally:
+        os.close(fd)
+
+
+def drop_page_cache(path):
+    """Writes `path` back and drops its pages from the page cache: the next read is cold.
+    Returns what is still cached (0 unless the filesystem keeps pages, as tmpfs does)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return page_cache_bytes(path)
+
+
+def no_cachestat(e):
+    return isinstance(e, OSError) and e.errno == errno.ENOSYS

@@ -1,6 +1,7 @@
 /*
  * test-host.c - the host tier (daemon/tiers/host.c): layout, copy, CRC verification, change
- * detection, and that the fd it hands out cannot be modified by anyone (RELIABILITY I3).
+ * detection, that the fd it hands out cannot be modified by anyone (RELIABILITY I3), and what
+ * the copy leaves of the checkpoint in the page cache (--page-cache).
  */
 #include "test.h"
 
@@ -8,6 +9,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -220,6 +222,128 @@ TEST(empty_model)
     ASSERT(fcntl(a.fd, F_GET_SEALS) & F_SEAL_WRITE);
     host_arena_close(&a);
     manifest_free(m);
+}
+
+/* Page-cache bytes of [off, off + len) of \p path, by cachestat(2) as the daemon asks. */
+static uint64_t cached_bytes(const char *path, uint64_t off, uint64_t len)
+{
+    struct {
+        uint64_t off, len;
+    } range = {off, len};
+    uint64_t cs[5] = {0};
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    long r;
+
+    ASSERT(fd >= 0);
+    r = syscall(451 /* cachestat */, fd, &range, cs, 0);
+    close(fd);
+    if (r < 0 && errno == ENOSYS)
+        SKIP("kernel has no cachestat() (Linux 6.5); --page-cache auto keeps there");
+    ASSERT_EQ(r, 0);
+    return cs[0] * (uint64_t)sysconf(_SC_PAGESIZE);
+}
+
+/* Writes the model's file and pushes it out of the page cache, or skips where it cannot. */
+static manifest_t *cold_model(const char *path, source_t *src, size_t n)
+{
+    manifest_t *m = make_model(path, src, n);
+
+    ASSERT_EQ(fsync(src->fd), 0);
+    ASSERT_EQ(posix_fadvise(src->fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+    if (cached_bytes(path, 0, n) != 0)
+        SKIP("this filesystem keeps file pages (tmpfs?): nothing to drop");
+    return m;
+}
+
+/* Another reader caches exactly [off, off + len): no readahead past it, which would make
+ * the neighbouring pages that reader's too. */
+static void warm(const source_t *src, uint64_t off, size_t len)
+{
+    uint8_t *buf = malloc(len);
+    int fd = open(src->path, O_RDONLY | O_CLOEXEC);
+
+    ASSERT(buf && fd >= 0);
+    ASSERT_EQ(posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM), 0);
+    ASSERT_EQ(pread(fd, buf, len, (off_t)off), (ssize_t)len);
+    close(fd);
+    free(buf);
+}
+
+TEST(page_cache_auto_drops_only_what_the_copy_brought_in)
+{
+    const size_t n = (24u << 20) + 4096 * 3 + 5, g = SOURCE_GRANULE;
+    char *path = tmpfile_path();
+    fmt_err_t err = {0};
+    source_t src;
+    manifest_t *m = cold_model(path, &src, n);
+    host_arena_t a;
+
+    /* Someone else reads the sixth 2 MiB of the file: it is theirs and must stay cached. */
+    warm(&src, 5 * g, g);
+    ASSERT_UINT_EQ(cached_bytes(path, 5 * g, g), g);
+    ASSERT_EQ(source_cache_policy(&src, SOURCE_CACHE_AUTO), SOURCE_CACHE_AUTO);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), 0);
+    ASSERT_UINT_EQ(a.cache_released, n - g);
+    ASSERT_UINT_EQ(cached_bytes(path, 5 * g, g), g);
+    ASSERT_UINT_EQ(cached_bytes(path, 0, 5 * g), 0);
+    ASSERT_UINT_EQ(cached_bytes(path, 6 * g, 0), 0);
+    host_arena_close(&a);
+    source_close(&src);
+    manifest_free(m);
+    unlink(path);
+}
+
+TEST(page_cache_keep_and_drop)
+{
+    const size_t n = (8u << 20) + 123;
+    char *path = tmpfile_path();
+    fmt_err_t err = {0};
+    source_t src;
+    manifest_t *m = cold_model(path, &src, n);
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    host_arena_t a;
+
+    /* keep: what the copy read stays, as before --page-cache existed. */
+    ASSERT_EQ(source_cache_policy(&src, SOURCE_CACHE_KEEP), SOURCE_CACHE_KEEP);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), 0);
+    ASSERT_UINT_EQ(a.cache_released, 0);
+    ASSERT_UINT_EQ(cached_bytes(path, 0, 0), (n + page - 1) / page * page);
+    host_arena_close(&a);
+
+    /* drop: everything goes, though the file was all cached (by the copy above). */
+    ASSERT_EQ(source_cache_policy(&src, SOURCE_CACHE_DROP), SOURCE_CACHE_DROP);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), 0);
+    ASSERT_UINT_EQ(a.cache_released, n);
+    ASSERT_UINT_EQ(cached_bytes(path, 0, 0), 0);
+    host_arena_close(&a);
+
+    /* auto on a file someone has wholly cached: nothing is ours to drop. */
+    warm(&src, 0, n);
+    ASSERT_EQ(source_cache_policy(&src, SOURCE_CACHE_AUTO), SOURCE_CACHE_KEEP);
+    ASSERT_EQ(host_build("t", m, &src, 1, true, HOST_HUGEPAGES_NEVER, NULL, &a, &err), 0);
+    ASSERT_UINT_EQ(a.cache_released, 0);
+    ASSERT_UINT_EQ(cached_bytes(path, 0, 0), (n + page - 1) / page * page);
+    host_arena_close(&a);
+    source_close(&src);
+    manifest_free(m);
+    unlink(path);
+}
+
+TEST(page_cache_policy_names)
+{
+    source_cache_t c;
+
+    ASSERT_EQ(source_cache_parse("auto", &c), 0);
+    ASSERT_EQ(c, SOURCE_CACHE_AUTO);
+    ASSERT_EQ(source_cache_parse("keep", &c), 0);
+    ASSERT_EQ(c, SOURCE_CACHE_KEEP);
+    ASSERT_EQ(source_cache_parse("drop", &c), 0);
+    ASSERT_EQ(c, SOURCE_CACHE_DROP);
+    ASSERT_EQ(source_cache_parse("Drop", &c), -EINVAL);
+    ASSERT_EQ(source_cache_parse("", &c), -EINVAL);
+    ASSERT_STR_EQ(source_cache_name(SOURCE_CACHE_AUTO), "auto");
+    ASSERT_STR_EQ(source_cache_name(SOURCE_CACHE_DROP), "drop");
+    ASSERT_STR_EQ(source_cache_name(SOURCE_CACHE_KEEP), "keep");
 }
 
 int main(int argc, char **argv)
