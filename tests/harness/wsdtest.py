@@ -221,3 +221,75 @@ def drop_page_cache(path):
 
 def no_cachestat(e):
     return isinstance(e, OSError) and e.errno == errno.ENOSYS
+
+
+class FdStore:
+    """The service manager's side of systemd's fd store, as documented: a datagram socket
+    ($NOTIFY_SOCKET) collecting FDSTORE=1/FDNAME= fds by name (FDSTOREREMOVE=1 drops one),
+    and start(), which passes them to a new weightsd from fd 3 on with LISTEN_FDS,
+    LISTEN_FDNAMES and LISTEN_PID set to its own pid."""
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.setblocking(False)
+        self.fds = {}        # FDNAME -> list of fds
+        self.messages = []
+
+    def pump(self, timeout=0.5):
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                msg, fds, _, _ = socket.recv_fds(self.sock, 4096, 8)
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            fields = dict(l.split("=", 1) for l in msg.decode().split("\n") if "=" in l)
+            self.messages.append(fields)
+            if fields.get("FDSTORE") == "1":
+                self.fds.setdefault(fields["FDNAME"], []).extend(fds)
+            elif fields.get("FDSTOREREMOVE") == "1":
+                for fd in self.fds.pop(fields["FDNAME"], []):
+                    os.close(fd)
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def start(self, tmp, extra=()):
+        """Starts weightsd with the stored fds as systemd would pass them."""
+        names, fds = [], []
+        for name, lst in sorted(self.fds.items()):
+            for fd in lst:
+                names.append(name)
+                fds.append(fd)
+        high = [os.dup2(fd, 200 + i) for i, fd in enumerate(fds)]
+
+        # subprocess closes fds after preexec_fn runs, so it must not close any (close_fds
+        # False) and place() leaves the child exactly fds 0-2 and 3.. as systemd would.
+        def place():
+            for i, h in enumerate(high):
+                os.dup2(h, 3 + i)
+            os.closerange(3 + len(high), 4096)
+
+        log = open(os.path.join(tmp, "weightsd.log"), "ab")
+        env = {**os.environ, "NOTIFY_SOCKET": self.path, "LISTEN_FDS": str(len(fds)),
+               "LISTEN_FDNAMES": ":".join(names)}
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"', os.path.join(BIN, "weightsd"),
+             "--socket", os.path.join(tmp, "c.sock"), "--admin-socket",
+             os.path.join(tmp, "a.sock"), "--log-level", "debug", *extra],
+            env=env, stdout=log, stderr=subprocess.STDOUT, close_fds=False, preexec_fn=place)
+        for h in high:
+            os.close(h)
+        return proc
+
+
+def wait_ready(store, proc, timeout=10):
+    end = time.time() + timeout
+    while time.time() < end:
+        store.pump(0.05)
+        if any(m.get("READY") == "1" for m in store.messages):
+            return
+        assert proc.poll() is None, "weightsd died"
+    raise AssertionError("no READY=1")
