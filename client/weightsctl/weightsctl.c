@@ -139,7 +139,13 @@ static void show_progress(void *data, const char *phase, uint64_t done, uint64_t
         if (t - ps->last < 1.0)
             return;
         ps->last = t;
-        fprintf(stderr, "%s: %s of %s (%d%%), %s/s\n", phase, d, tot, pct, rt);
+        /* A phase's first frame has no rate yet, and parsing counts no bytes. */
+        if (total == 0)
+            fprintf(stderr, "%s: %.1f s\n", phase, el);
+        else if (el < 0.1)
+            fprintf(stderr, "%s: %s of %s (%d%%)\n", phase, d, tot, pct);
+        else
+            fprintf(stderr, "%s: %s of %s (%d%%), %s/s\n", phase, d, tot, pct, rt);
     }
     ps->shown = 1;
 }
