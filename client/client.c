@@ -194,6 +194,16 @@ static int rpc(wsd_client_t *c, wire_msg_t *req, wire_frame_t *ret)
                         f.msg->progress->done, f.msg->progress->total);
         wire_frame_done(&f);
     }
+    if (f.msg->id == 0 && f.msg->body_case == WEIGHTSD__V1__FRAME__BODY_ERROR) {
+        /* The daemon's last word on this connection (a limit, a violation, no memory), sent
+         * with id 0 before it disconnects: say what it said. */
+        r = f.msg->error->code < 0 ? f.msg->error->code : WSD_EPROTO;
+        snprintf(c->last_error, sizeof(c->last_error), "daemon: %s",
+                 f.msg->error->message && *f.msg->error->message ? f.msg->error->message
+                                                                 : wsd_strerror(r));
+        wire_frame_done(&f);
+        goto broken;
+    }
     if (f.msg->id != req->id) {
         wire_frame_done(&f);
         set_error(c, "reply does not match the request");

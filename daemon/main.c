@@ -416,11 +416,16 @@ int main(int argc, char **argv)
     r = uv_loop_init(&loop);
     if (r < 0) {
         log_error("uv_loop_init: %s", uv_strerror(r));
+        fdstore_done(&fdstore);
+        config_free(cfg);
         return 1;
     }
     reg = registry_new(&loop);
     if (!reg) {
         log_error("out of memory");
+        (void)uv_loop_close(&loop);
+        fdstore_done(&fdstore);
+        config_free(cfg); /* service_init() has not taken it yet */
         return 1;
     }
     reg->budget_bytes = budget;
@@ -444,12 +449,34 @@ int main(int argc, char **argv)
         (void)uv_loop_close(&loop);
         return 1;
     }
-    uv_signal_init(&loop, &sigterm);
-    uv_signal_init(&loop, &sigint);
-    sigterm.data = sigint.data = &svc;
-    /* Not one-shot: a second signal while stopping is handled too (on_signal). */
-    uv_signal_start(&sigterm, on_signal, SIGTERM);
-    uv_signal_start(&sigint, on_signal, SIGINT);
+    /* Without these handlers SIGTERM would kill us mid-flight instead of stopping cleanly,
+     * so failing to install them (EMFILE for libuv's signal pipe) fails the start. */
+    r = uv_signal_init(&loop, &sigterm);
+    if (r == 0) {
+        r = uv_signal_init(&loop, &sigint);
+        if (r < 0)
+            uv_close((uv_handle_t *)&sigterm, NULL);
+    }
+    if (r == 0) {
+        sigterm.data = sigint.data = &svc;
+        /* Not one-shot: a second signal while stopping is handled too (on_signal). */
+        r = uv_signal_start(&sigterm, on_signal, SIGTERM);
+        if (r == 0)
+            r = uv_signal_start(&sigint, on_signal, SIGINT);
+        if (r < 0) {
+            uv_close((uv_handle_t *)&sigterm, NULL);
+            uv_close((uv_handle_t *)&sigint, NULL);
+        }
+    }
+    if (r < 0) {
+        log_error("cannot handle SIGTERM/SIGINT: %s", uv_strerror(r));
+        server_stop(&srv);
+        service_close(&svc);
+        (void)uv_run(&loop, UV_RUN_DEFAULT);
+        registry_free(reg);
+        (void)uv_loop_close(&loop);
+        return 1;
+    }
     /* Signal handles alone must not keep the loop running once the server has stopped. */
     uv_unref((uv_handle_t *)&sigterm);
     uv_unref((uv_handle_t *)&sigint);

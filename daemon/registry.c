@@ -382,7 +382,10 @@ static void preload_copy_cb(uv_work_t *req)
         w->model->file_st = w->sources[0].st; /* the model is not visible to the loop yet */
     if (r == 0) {
         r = manifest_pb_encode(w->mf, w->arena.size, w->arena.hash, &w->pb, &w->pb_len);
-        if (r < 0)
+        if (r == -ENOMEM)
+            r = fmt_fail(&w->err, WSD_ENOMEM, NULL, "out of memory encoding the manifest of %zu "
+                         "tensors", w->mf->ntensors);
+        else if (r < 0)
             r = fmt_fail(&w->err, r, "E_LIMIT", "manifest of %zu tensors too large to send",
                          w->mf->ntensors);
     }

@@ -414,6 +414,14 @@ static void conn_on_readable(conn_t *c)
                 conn_oversized(c);
                 return;
             }
+            if (k == -ENOMEM) {
+                /* Not the peer's fault, so no violation; but the frame is lost either way. */
+                log_ratelimit_error("connection %llu (pid %d): out of memory decoding a request; "
+                                    "disconnecting", (unsigned long long)c->id,
+                                    (int)c->cred.pid);
+                conn_fatal(c, WSD_ENOMEM, "out of memory decoding the request");
+                return;
+            }
             if (k < 0) {
                 conn_violation(c, WSD_EPROTO, "malformed frame");
                 return;

@@ -191,6 +191,7 @@ int wire_encode(const wire_msg_t *msg, size_t nfds, uint8_t **ret_buf, size_t *r
 typedef struct count_alloc {
     size_t used;
     size_t cap;
+    bool oom;    /* malloc failed: the frame may be fine, the host is out of memory */
 } count_alloc_t;
 
 typedef union block_head {
@@ -206,8 +207,10 @@ static void *count_alloc_cb(void *data, size_t size)
     if (size > ca->cap || ca->used > ca->cap - size || FAULT("wire.alloc"))
         return NULL;
     h = malloc(sizeof(*h) + size);
-    if (!h)
+    if (!h) {
+        ca->oom = true;
         return NULL;
+    }
     h->size = size;
     ca->used += size;
     return h + 1;
@@ -255,7 +258,7 @@ int wire_decode(const uint8_t *payload, size_t len, size_t mem_cap, wire_msg_t *
 
     msg = weightsd__v1__frame__unpack(&alloc, len, payload);
     if (!msg)
-        return -EBADMSG;
+        return ca.oom ? -ENOMEM : -EBADMSG;
     *ret = msg;
     return 0;
 }

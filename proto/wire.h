@@ -55,7 +55,8 @@ int wire_reader_fill(wire_reader_t *r, int sock);
 /*
  * Extracts the next complete frame.
  * \retval 1 and *ret filled, 0 when more bytes are needed, or < 0 when the peer broke the
- *         protocol (-EMSGSIZE oversized, -EBADMSG bad header/fd count/undecodable payload).
+ *         protocol (-EMSGSIZE oversized, -EBADMSG bad header/fd count/undecodable payload),
+ *         or -ENOMEM when decoding ran out of memory (no fault of the peer's).
  *         After an error the reader is unusable; drop the peer.
  */
 int wire_reader_next(wire_reader_t *r, wire_frame_t *ret);
@@ -74,7 +75,7 @@ int wire_encode(const wire_msg_t *msg, size_t nfds, uint8_t **ret_buf, size_t *r
 
 /*
  * Decodes a payload with a counting allocator capped at \p mem_cap bytes (STYLE M6).
- * \retval 0 and *ret, or -EBADMSG.
+ * \retval 0 and *ret, -EBADMSG (malformed, or over the cap), or -ENOMEM (malloc failed).
  */
 int wire_decode(const uint8_t *payload, size_t len, size_t mem_cap, wire_msg_t **ret);
 void wire_msg_free(wire_msg_t *msg);

@@ -25,6 +25,9 @@
 #include "checked.h"
 #include "fmt.h"
 
+_Static_assert(MANIFEST_TENSORS_MAX == 1u << 20 && MANIFEST_STORAGES_MAX == 1u << 20,
+               "the E_LIMIT messages below say 2^20");
+
 #define INDEX_FILE_MAX   (64u << 20) /* bytes of index JSON; real ones are well under 1 MiB */
 #define INDEX_SHARDS_MAX 4096u       /* distinct shard files; real models use a few hundred */
 
@@ -345,8 +348,10 @@ static int merge_shard(manifest_t *m, const manifest_t *part, const bool *keep, 
 
             r = manifest_add_storage(m, s->key, s->source, s->src_offset, s->nbytes, s->dtype, &ix);
             if (r < 0) {
-                r = fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM, NULL,
-                             "cannot record storages of shard '%s'", SHOWN(shard));
+                r = fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
+                             r == WSD_ELIMIT ? "E_LIMIT" : NULL,
+                             "cannot record storages of shard '%s': %s", SHOWN(shard),
+                             r == WSD_ELIMIT ? "more than 2^20 in the model" : "out of memory");
                 goto out;
             }
             m->storages[ix].has_crc = s->has_crc;
@@ -358,8 +363,10 @@ static int merge_shard(manifest_t *m, const manifest_t *part, const bool *keep, 
         t.storage = remap[t.storage];
         r = manifest_add_tensor(m, &t);
         if (r < 0) {
-            r = fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM, NULL,
-                         "cannot record tensors of shard '%s'", SHOWN(shard));
+            r = fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
+                         r == WSD_ELIMIT ? "E_LIMIT" : NULL,
+                         "cannot record tensors of shard '%s': %s", SHOWN(shard),
+                         r == WSD_ELIMIT ? "more than 2^20 in the model" : "out of memory");
             goto out;
         }
     }

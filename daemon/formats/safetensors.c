@@ -21,6 +21,9 @@
 
 #include "checked.h"
 
+_Static_assert(MANIFEST_TENSORS_MAX == 1u << 20 && MANIFEST_STORAGES_MAX == 1u << 20,
+               "the E_LIMIT messages below say 2^20");
+
 /* §4.4 step 2: the reference's cap on the header length; exactly this much is allowed. */
 #define ST_HEADER_MAX 100000000ull
 
@@ -378,15 +381,19 @@ static int fill_manifest(const source_t *s, uint32_t source_index, manifest_t *m
         r = manifest_add_storage(m, e->name, source_index, addr, e->end - e->begin, e->dtype,
                                  &t.storage);
         if (r < 0)
-            return fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM, NULL,
-                            "cannot record storage of tensor '%s'", SHOWN(e->name));
+            return fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
+                            r == WSD_ELIMIT ? "E_LIMIT" : NULL, "cannot record storage of tensor "
+                            "'%s': %s", SHOWN(e->name), r == WSD_ELIMIT ? "more than 2^20 storages"
+                                                                        : "out of memory");
         memcpy(t.shape, e->shape, sizeof(t.shape));
         contiguous_strides(e, &t);
         t.storage_offset = 0;
         r = manifest_add_tensor(m, &t);
         if (r < 0)
-            return fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM, NULL,
-                            "cannot record tensor '%s'", SHOWN(e->name));
+            return fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
+                            r == WSD_ELIMIT ? "E_LIMIT" : NULL, "cannot record tensor '%s': %s",
+                            SHOWN(e->name), r == WSD_ELIMIT ? "more than 2^20 tensors"
+                                                            : "out of memory");
     }
     /* One line for the whole file: the host tier copies into aligned memory either way, and
      * a hand-written file can misalign thousands of tensors. */

@@ -138,3 +138,150 @@ def test_every_call_fails_with_star(tmp_path, model):
         assert d.alive()
     finally:
         assert d.stop() == 0
+
+
+# ---- malloc:N, for every allocation a day's work makes --------------------------------------
+
+def _sweep_files(tmp_path):
+    """A safetensors model (also named by the config), a torch.save file, a two-shard index."""
+    torch = pytest.importorskip("torch")
+    data = bytes((i * 7 + 1) & 0xFF for i in range(4096))
+    st = write_safetensors(tmp_path / "st.safetensors",
+                           [("w", "U8", [len(data)], data), ("b", "F32", [2], bytes(8))])
+    g = torch.Generator().manual_seed(1)
+    pt = tmp_path / "model.pth"
+    torch.save({"enc.weight": torch.randn(16, 8, generator=g), "enc.bias": torch.zeros(16),
+                "tied": {"a": torch.arange(6.0)}}, pt)
+    shards = [write_safetensors(tmp_path / f"model-0000{i}-of-00002.safetensors",
+                                [(f"s{i}", "F32", [4], bytes(16))]) for i in (1, 2)]
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"metadata": {}, "weight_map": {"s1": "%s", "s2": "%s"}}'
+                     % (shards[0].name, shards[1].name))
+    cfg = tmp_path / "weightsd.conf"
+    cfg.write_text(f"[model cfg]\npath = {st}\n")
+    return st, pt, index, cfg
+
+
+def _sweep_once(tmp_path, files, n):
+    """One daemon with its nth allocation failing, through a day's work. Returns (reached,
+    problems): whether the nth allocation happened, and what went wrong if anything did."""
+    import signal
+    import subprocess
+    import time
+    from wsdtest import BIN
+
+    st, pt, index, cfg = files
+    sock, admin = str(tmp_path / "c.sock"), str(tmp_path / "a.sock")
+    for p in (sock, admin):
+        if os.path.exists(p):
+            os.unlink(p)
+    log_path = tmp_path / "sweep.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [os.path.join(BIN, "weightsd"), "--socket", sock, "--admin-socket", admin,
+             "--config", str(cfg), "--log-level", "debug"],
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "WEIGHTSD_FAULT": f"malloc:{n}"})
+
+    def run(*args):
+        return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+    def ctl(*args):
+        return run(os.path.join(BIN, "weightsctl"), "--admin-socket", admin, *args)
+
+    def attach(*args):
+        return run(os.path.join(BIN, "wsd-attach"), "--socket", sock, *args)
+
+    problems = []
+    deadline = time.time() + 20
+    while not (os.path.exists(sock) and os.path.exists(admin)) and proc.poll() is None:
+        if time.time() > deadline:
+            problems.append("never came up")
+            break
+        time.sleep(0.005)
+    if proc.poll() is None and not problems:
+        # A day's work; any step may fail, and none may take the daemon down.
+        ctl("preload", "st", str(st))
+        ctl("preload", "pt", str(pt), "--dtype", "bf16")
+        ctl("preload", "idx", str(index))
+        ctl("preload", "file", str(st), "--share", "file")
+        attach("--tensors", "pt")
+        attach("idx")
+        attach("file")
+        holder = subprocess.Popen([os.path.join(BIN, "wsd-attach"), "--socket", sock,
+                                   "--hold", "0", "st"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        holder.stdout.readline()
+        ctl("evict", "st", "--drain")
+        ctl("list")
+        ctl("info", "pt")
+        ctl("stats", "--prometheus")
+        holder.terminate()
+        holder.wait()
+        ctl("evict", "pt", "--force")
+        # Only the nth allocation fails: within two tries everything works again.
+        for _ in range(2):
+            pre, got = ctl("preload", "ok", str(st)), attach("ok")
+            if pre.returncode == 0 and got.returncode == 0:
+                break
+            ctl("evict", "ok")
+        else:
+            problems.append(f"not serving afterwards: {pre.stderr.strip()} / "
+                            f"{got.stderr.strip()}")
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+        problems.append("did not stop on SIGTERM")
+    out = log_path.read_text(errors="replace")
+    reached = f"injected at malloc, call {n}" in out
+    started = "serving (pid" in out
+    if rc != (0 if started else 1):
+        problems.append(f"exit status {rc} ({'after' if started else 'before'} start)")
+    if not started and "error" not in out:
+        problems.append("failed to start without saying why")
+    if "Sanitizer" in out or "runtime error" in out:
+        problems.append("sanitizer report")
+    return reached, [f"malloc:{n}: {p}\n{out[-1500:]}" for p in problems]
+
+
+def test_every_allocation_can_fail(tmp_path):
+    """RELIABILITY C9, ENOMEM in malloc: WEIGHTSD_FAULT=malloc:N fails the daemon's Nth
+    allocation (its own code's, through -Wl,--wrap; fault_alloc.c) during a start with a
+    config, preloads of all three formats with --dtype and --share file, attaches, a drained
+    and a forced evict with a lease held, list/info/stats. For every N: a start that fails says
+    why and exits 1; otherwise the daemon never crashes, serves again right after, and exits 0
+    on SIGTERM (under ASan: no leak on that path). N runs from 1 to the last allocation the
+    work makes; CI samples about 150 of them, WSD_FAULT_SWEEP=all tries every one."""
+    files = _sweep_files(tmp_path)
+    if not _armed_build(tmp_path):
+        pytest.skip("weightsd built without -DWSD_FAULT_INJECTION=ON")
+    # How many allocations the work makes: the first N whose call never comes.
+    total = 1
+    while _sweep_once(tmp_path, files, total)[0]:
+        total *= 2
+    lo = total // 2
+    while lo + 1 < total:
+        mid = (lo + total) // 2
+        if _sweep_once(tmp_path, files, mid)[0]:
+            lo = mid
+        else:
+            total = mid
+    every = os.environ.get("WSD_FAULT_SWEEP") == "all"
+    step = 1 if every else max(1, total // 150)
+    failures = []
+    for n in sorted(set(range(1, 41)) | set(range(1, total, step))):
+        reached, problems = _sweep_once(tmp_path, files, n)
+        failures += problems
+    assert total > 100, total
+    assert not failures, "\n\n".join(failures[:5])
+
+
+def _armed_build(tmp_path):
+    d = Daemon(tmp_path, env={"WEIGHTSD_FAULT": "malloc:1000000000"})
+    armed = "fault injection armed" in d.log()
+    assert d.stop() == 0
+    return armed
