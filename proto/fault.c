@@ -28,10 +28,13 @@ static const char *const points[] = {
     "gpu.hostalloc",  /* pinning a staging buffer: cudaErrorMemoryAllocation (E_PIN_FAILED) */
     "gpu.sticky",     /* a host-to-device copy: cudaErrorIllegalAddress (device degraded) */
     "malloc",         /* any allocation by weightsd's own code (fault_alloc.c): NULL, ENOMEM */
+    "syscall.eintr",  /* sendmsg, recvmsg and a checkpoint's pread are interrupted: EINTR */
+    "source.pread.short", /* a checkpoint pread returns half of what was asked */
 };
 #define NPOINTS (sizeof(points) / sizeof(points[0]))
 
 static struct {
+    unsigned long every[NPOINTS]; /* POINT:%K: every Kth call fails instead (0 = not that) */
     unsigned long nth[NPOINTS]; /* first failing call; 0 = not armed */
     unsigned long last[NPOINTS]; /* last failing call; ULONG_MAX = every one from nth on */
     atomic_ulong calls[NPOINTS];
@@ -51,7 +54,7 @@ static int point_index(const char *name, size_t len)
 static void parse(void)
 {
     const char *env = getenv("WEIGHTSD_FAULT");
-    unsigned long nth[NPOINTS] = {0}, last[NPOINTS] = {0};
+    unsigned long nth[NPOINTS] = {0}, last[NPOINTS] = {0}, every[NPOINTS] = {0};
     const char *p = env;
 
     if (!env || !*env)
@@ -59,7 +62,7 @@ static void parse(void)
     while (*p) {
         size_t len = strcspn(p, ":,");
         int i = point_index(p, len);
-        unsigned long n = 1, m = 1;
+        unsigned long n = 1, m = 1, k = 0;
 
         if (i < 0) {
             fprintf(stderr, "WEIGHTSD_FAULT: unknown point '%.*s'; nothing armed\n", (int)len, p);
@@ -73,12 +76,16 @@ static void parse(void)
                 n = 1;
                 m = (unsigned long)-1;
                 end = (char *)(uintptr_t)(p + 2);
+            } else if (p[1] == '%') {
+                k = strtoul(p + 2, &end, 10);
+                n = k;
+                m = (unsigned long)-1;
             } else {
                 n = m = strtoul(p + 1, &end, 10);
                 if (*end == '-')
                     m = strtoul(end + 1, &end, 10);
             }
-            if (n == 0 || m < n || (*end && *end != ',')) {
+            if (n == 0 || m < n || (*end && *end != ',') || (p[1] == '%' && k < 2)) {
                 fprintf(stderr, "WEIGHTSD_FAULT: bad count after '%s'; nothing armed\n",
                         points[i]);
                 return;
@@ -87,11 +94,13 @@ static void parse(void)
         }
         nth[i] = n;
         last[i] = m;
+        every[i] = k;
         if (*p == ',')
             p++;
     }
     memcpy(st.nth, nth, sizeof(nth));
     memcpy(st.last, last, sizeof(last));
+    memcpy(st.every, every, sizeof(every));
     snprintf(st.spec, sizeof(st.spec), "%s", env);
     st.armed = true;
 }
@@ -108,7 +117,7 @@ bool fault_hit(const char *point)
     if (i < 0 || st.nth[i] == 0)
         return false;
     c = atomic_fetch_add(&st.calls[i], 1) + 1;
-    if (c < st.nth[i] || c > st.last[i])
+    if (c < st.nth[i] || c > st.last[i] || (st.every[i] && c % st.every[i] != 0))
         return false;
     /* Said on stderr so a test knows the call was reached; write(2), since the caller may be
      * the allocator itself. */

@@ -3,10 +3,11 @@
  * site written as `if (FAULT("host.memfd")) { errno = ENOMEM; ... }` fails when the environment
  * variable WEIGHTSD_FAULT names its point:
  *
- *     WEIGHTSD_FAULT=POINT[:N[-M]][,POINT[:N[-M]]...]
+ *     WEIGHTSD_FAULT=POINT[:N[-M]|:*|:%K][,POINT...]
  *
  * N (default 1) is which call fails: the Nth call at that point, counted from process start;
- * N-M fails calls N to M; "*" fails every call. Without the option FAULT() is the constant false and nothing of this is
+ * N-M fails calls N to M; "*" fails every call; "%K" every Kth (K >= 2), so that a retry loop
+ * sees the failure and then the success, at every site. Without the option FAULT() is the constant false and nothing of this is
  * compiled in, so release builds carry no hook. Points are listed in fault.c (and README).
  * Thread-safe: counters are atomic, the variable is read once.
  */

@@ -54,8 +54,9 @@ ssize_t fdpass_send(int sock, const void *buf, size_t len, const int *fds, size_
     if (FAULT("fdpass.send.short") && iov.iov_len > 1)
         iov.iov_len = 1; /* the kernel may take less than asked; the fds go with byte one */
     do
-        n = FAULT("fdpass.sendmsg") ? (errno = ETOOMANYREFS, -1)
-                                    : sendmsg(sock, &msg, MSG_NOSIGNAL);
+        n = FAULT("fdpass.sendmsg")   ? (errno = ETOOMANYREFS, -1)
+            : FAULT("syscall.eintr") ? (errno = EINTR, -1)
+                                     : sendmsg(sock, &msg, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
     if (n < 0)
         return errno == EWOULDBLOCK ? -EAGAIN : -errno;
@@ -83,7 +84,7 @@ ssize_t fdpass_recv(int sock, void *buf, size_t len, int *fds, size_t maxfds, si
     if (FAULT("fdpass.recv.short") && iov.iov_len > 1)
         iov.iov_len = 1; /* a stream hands out any prefix of what was sent */
     do
-        n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        n = FAULT("syscall.eintr") ? (errno = EINTR, -1) : recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
     while (n < 0 && errno == EINTR);
     if (n < 0)
         return errno == EWOULDBLOCK ? -EAGAIN : -errno;

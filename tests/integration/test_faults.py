@@ -72,10 +72,12 @@ def test_injected_failure_is_clean(tmp_path, model, point):
     assert rc == 0, d.log()[-3000:]
 
 
-# Points that do not fail anything but make the kernel's stream semantics bite: one-byte sends
-# and receives on every call, and spurious EAGAINs after the poll said readable.
+# Points that do not fail anything but make the kernel's semantics bite: one-byte sends and
+# receives on every call, spurious EAGAINs after the poll said readable, every other socket or
+# checkpoint read and write interrupted (EINTR), checkpoint reads returning half.
 DEGRADED = ["fdpass.send.short:*", "fdpass.recv.short:*", "fdpass.recv.eagain:1-500",
-            "fdpass.send.short:*,fdpass.recv.short:*"]
+            "fdpass.send.short:*,fdpass.recv.short:*", "syscall.eintr:%2",
+            "source.pread.short:*"]
 
 
 @pytest.mark.parametrize("spec", DEGRADED)
@@ -92,6 +94,8 @@ def test_stream_pieces_are_reassembled(tmp_path, model, spec):
         assert d.ctl_json("info", "m")["ntensors"] == 2
         st = d.ctl_json("stats")
         assert st["protocol_violations"] == 0 and st["opens_total"] == 3, st
+        for point in (p.split(":")[0] for p in spec.split(",")):
+            assert f"WEIGHTSD_FAULT: injected at {point}," in d.log(), point  # it did bite
         assert st["connections"]["outq_dropped"] == 0, st
     finally:
         rc = d.stop()
