@@ -770,6 +770,39 @@ WSD_EXTERN uint64_t wsd_tensor_storage_offset(const wsd_tensor_t *t)
     return t ? t->storage_offset : 0;
 }
 
+WSD_EXTERN int wsd_model_tensor_info(const wsd_model_t *m, size_t first, size_t n,
+                                     wsd_tensor_info_t *out, size_t stride)
+{
+    size_t k;
+
+    if (!m || (n && !out) || stride < offsetof(wsd_tensor_info_t, dtype) ||
+        n > INT_MAX)
+        return -EINVAL;
+    if (first >= m->ntensors)
+        return 0;
+    if (n > m->ntensors - first)
+        n = m->ntensors - first;
+    for (k = 0; k < n; k++) {
+        const wsd_tensor_t *t = &m->tensors[first + k];
+        const struct wsd_storage *s = &m->storages[t->storage];
+        wsd_tensor_info_t full = {
+            .name = t->name,
+            .dtype = t->dtype,
+            .ndim = t->ndim,
+            .shape = t->shape,
+            .strides = t->strides,
+            .storage = t->storage,
+            .storage_offset = t->storage_offset,
+            .nbytes = t->nbytes,
+            .storage_data = s->data,
+            .storage_nbytes = s->nbytes,
+        };
+
+        memcpy((char *)out + k * stride, &full, stride < sizeof(full) ? stride : sizeof(full));
+    }
+    return (int)n;
+}
+
 WSD_EXTERN uint64_t wsd_tensor_nbytes(const wsd_tensor_t *t)
 {
     return t ? t->nbytes : 0;

@@ -201,3 +201,46 @@ def test_error_codes(code, cls):
     e = weightsd._lib.error_for(code, "daemon says so")
     assert type(e) is cls and e.code == code and e.message == "daemon says so"
     assert "daemon says so" in str(e) and str(code) in str(e)
+
+
+def test_tensor_info_matches_the_accessors(daemon, client, tmp_path):
+    """wsd_model_tensor_info() (one call for all tensors, what state_dict() uses) says what the
+    per-field accessors say, stops at the end of the model, and writes no byte past `stride`:
+    a binding built against a shorter struct keeps working."""
+    import ctypes
+    from weightsd import _lib
+
+    path, want = st_fixture(tmp_path)
+    daemon.preload("m", path)
+    model = client.open("m")
+    n = _lib.wsd_model_tensor_count(model.ptr)
+    infos = _lib.tensor_infos(model.ptr)
+    assert len(infos) == n == len(want)
+    for i, info in enumerate(infos):
+        t = _lib.wsd_model_tensor(model.ptr, i)
+        nd = _lib.wsd_tensor_ndim(t)
+        data, nbytes = ctypes.c_void_p(), ctypes.c_uint64()
+        assert _lib.wsd_model_storage(model.ptr, info.storage, ctypes.byref(data),
+                                      ctypes.byref(nbytes)) == 0
+        assert (info.name, info.dtype, info.ndim, info.shape[:nd], info.strides[:nd],
+                info.storage, info.storage_offset, info.nbytes, info.storage_data or None,
+                info.storage_nbytes) == (
+            _lib.wsd_tensor_name(t), _lib.wsd_tensor_dtype(t), nd,
+            _lib.wsd_tensor_shape(t)[:nd], _lib.wsd_tensor_strides(t)[:nd],
+            _lib.wsd_tensor_storage(t), _lib.wsd_tensor_storage_offset(t),
+            _lib.wsd_tensor_nbytes(t), data.value, nbytes.value)
+    assert [info.name.decode() for info in infos] == list(want)
+
+    # A caller whose struct ends after dtype: two entries of 16 bytes, nothing else written.
+    short = _lib.TensorInfo.ndim.offset
+    buf = (ctypes.c_ubyte * (2 * short + 8))(*([0xAB] * (2 * short + 8)))
+    out = ctypes.cast(buf, ctypes.POINTER(_lib.TensorInfo))
+    assert _lib.wsd_model_tensor_info(model.ptr, n - 2, 5, out, short) == 2
+    for k in range(2):
+        name = ctypes.c_char_p.from_address(ctypes.addressof(buf) + k * short).value
+        dtype = ctypes.c_int.from_address(ctypes.addressof(buf) + k * short + 8).value
+        assert (name, dtype) == (infos[n - 2 + k].name, infos[n - 2 + k].dtype)
+    assert list(buf[2 * short:]) == [0xAB] * 8
+    assert _lib.wsd_model_tensor_info(model.ptr, n, 1, out, short) == 0
+    assert _lib.wsd_model_tensor_info(model.ptr, 0, 1, out, 4) == -22  # no room for a name
+    model.free()

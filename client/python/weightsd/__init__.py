@@ -14,9 +14,13 @@ freed; close() ends the connection (the daemon drops its leases) but never the m
 tensors are private copy-on-write; other workers keep seeing the daemon's bytes.
 
 torch is imported only by state_dict(), meta_device() and load_into(); tensors() needs none.
+(Where torch is imported already, the torch layer is loaded with this package, so that the first
+state_dict() does not pay for it.)
 """
 import ctypes
+import importlib
 import os
+import sys
 import threading
 
 from . import _lib
@@ -26,6 +30,9 @@ from ._lib import (
     LimitExceeded, Loading, NoLease, NotFound, OutOfMemory, PermissionDenied, ProtocolError,
     Stale, UnsupportedDtype, VersionMismatch)
 from ._model import Model, free_unconsumed
+
+if "torch" in sys.modules:  # no import is added, only moved earlier
+    importlib.import_module(__name__ + "._torch")
 
 __version__ = "0.1.0"
 

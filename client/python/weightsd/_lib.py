@@ -191,6 +191,7 @@ wsd_model_name = _bind(fast, "wsd_model_name", c_char_p, [c_void_p])
 wsd_model_tensor_count = _bind(fast, "wsd_model_tensor_count", c_size_t, [c_void_p])
 wsd_model_lease = _bind(fast, "wsd_model_lease", c_u64, [c_void_p])
 wsd_model_hash = _bind(fast, "wsd_model_hash", c_char_p, [c_void_p])
+wsd_model_base = _bind(fast, "wsd_model_base", c_void_p, [c_void_p, ctypes.POINTER(c_u64)])
 wsd_model_device = _bind(fast, "wsd_model_device", c_int, [c_void_p])
 wsd_model_tensor = _bind(fast, "wsd_model_tensor", c_void_p, [c_void_p, c_size_t])
 wsd_model_find = _bind(fast, "wsd_model_find", c_void_p, [c_void_p, c_char_p])
@@ -208,6 +209,28 @@ wsd_tensor_nbytes = _bind(fast, "wsd_tensor_nbytes", c_u64, [c_void_p])
 wsd_tensor_dlpack = _bind(fast, "wsd_tensor_dlpack", c_int,
                           [c_void_p, c_size_t, RELEASE_FN, c_void_p, ctypes.POINTER(c_void_p)])
 wsd_dlpack_free = _bind(fast, "wsd_dlpack_free", None, [c_void_p])
+
+
+class TensorInfo(ctypes.Structure):
+    """wsd_tensor_info_t (weightsd.h)."""
+    _fields_ = [("name", c_char_p), ("dtype", c_int), ("ndim", c_uint), ("shape", P_i64),
+                ("strides", P_i64), ("storage", c_size_t), ("storage_offset", c_u64),
+                ("nbytes", c_u64), ("storage_data", c_void_p), ("storage_nbytes", c_u64)]
+
+
+wsd_model_tensor_info = _bind(fast, "wsd_model_tensor_info", c_int,
+                              [c_void_p, c_size_t, c_size_t, ctypes.POINTER(TensorInfo),
+                               c_size_t])
+
+
+def tensor_infos(model_ptr):
+    """Every tensor's TensorInfo, in one foreign call."""
+    n = wsd_model_tensor_count(model_ptr)
+    infos = (TensorInfo * n)()
+    got = wsd_model_tensor_info(model_ptr, 0, n, infos, ctypes.sizeof(TensorInfo)) if n else 0
+    if got != n:
+        raise ProtocolError(-1000, f"libweightsd described {got} of {n} tensors")
+    return infos
 
 
 def strerror(code):

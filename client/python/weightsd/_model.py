@@ -70,11 +70,18 @@ class Model:
         with self.client._lock:  # the release request shares the connection
             _lib.wsd_model_free(ptr)
 
-    def buffer(self, data, nbytes):
-        """A writable ctypes array over `nbytes` of the mapping at `data`, keeping self alive."""
-        arr = (ctypes.c_ubyte * nbytes).from_address(data)
+    def mapping(self):
+        """(base address, writable memoryview of the whole mapping), the view keeping self
+        alive; (None, None) for an empty one. Slicing the one view is much cheaper than a
+        ctypes array type per storage. Not kept on self: that would be a reference cycle, and
+        the lease must go when the last tensor does, not at the next garbage collection."""
+        size = ctypes.c_uint64()
+        base = _lib.wsd_model_base(self.ptr, ctypes.byref(size))
+        if not base or not size.value:
+            return None, None
+        arr = (ctypes.c_ubyte * size.value).from_address(base)
         arr.weightsd_model = self
-        return arr
+        return base, memoryview(arr).cast("B")
 
     def capsule(self, index):
         """A "dltensor" capsule for tensor `index`, pinning this model until the consumer frees

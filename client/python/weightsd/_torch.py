@@ -5,7 +5,6 @@ manager (torch >= 2.0) and load_state_dict(assign=True) (torch >= 2.1). The fall
 (for Debian's torch 1.13) follow torch's own code: a TorchFunctionMode like torch 2.0's
 DeviceContext, and a copy of Module.load_state_dict's traversal that assigns instead of copying.
 """
-import ctypes
 import inspect
 import itertools
 
@@ -48,15 +47,14 @@ def _torch_dtype(code, name, model):
     return dt
 
 
-def _storage(model, index):
-    """An UntypedStorage over storage `index` of the mapping, keeping `model` alive."""
-    data, nbytes = ctypes.c_void_p(), ctypes.c_uint64()
-    r = _lib.wsd_model_storage(model.ptr, index, ctypes.byref(data), ctypes.byref(nbytes))
-    if r < 0:
-        raise _lib.error_for(r, f"model '{model.name}' has no storage {index}")
-    if nbytes.value == 0:  # frombuffer refuses empty buffers; nothing to share anyway
+def _storage(info, mapping):
+    """An UntypedStorage over the storage `info` (a TensorInfo) lies in, keeping the model
+    alive. `mapping` is model.mapping(), taken once per state_dict."""
+    if info.storage_nbytes == 0:  # frombuffer refuses empty buffers; nothing to share anyway
         return _untyped(torch.empty(0, dtype=torch.uint8))
-    return _untyped(torch.frombuffer(model.buffer(data.value, nbytes.value), dtype=torch.uint8))
+    base, view = mapping
+    off = info.storage_data - base  # the library checked the extent against the mapping
+    return _untyped(torch.frombuffer(view[off:off + info.storage_nbytes], dtype=torch.uint8))
 
 
 def _cuda_state_dict(model):
@@ -88,27 +86,25 @@ def state_dict(model):
     """Builds the dict name -> tensor for an open Model (see Client.state_dict)."""
     if _lib.wsd_model_device(model.ptr) >= 0:
         return _cuda_state_dict(model)
-    m = model.ptr
     storages = {}  # storage index -> UntypedStorage over the mapping
     views = {}     # (storage, offset, shape, strides, dtype) -> tensor, so tied names share one
     out = {}
     empty = torch.empty
+    mapping = model.mapping()
     try:
-        for i in range(_lib.wsd_model_tensor_count(m)):
-            t = _lib.wsd_model_tensor(m, i)
-            name = _lib.wsd_tensor_name(t).decode()
-            dtype = _torch_dtype(_lib.wsd_tensor_dtype(t), name, model.name)
-            nd = _lib.wsd_tensor_ndim(t)
-            shape = tuple(_lib.wsd_tensor_shape(t)[:nd])
-            strides = tuple(_lib.wsd_tensor_strides(t)[:nd])
-            si = _lib.wsd_tensor_storage(t)
-            offset = _lib.wsd_tensor_storage_offset(t)
+        for info in _lib.tensor_infos(model.ptr):
+            name = info.name.decode()
+            dtype = _torch_dtype(info.dtype, name, model.name)
+            nd = info.ndim
+            shape = tuple(info.shape[:nd])
+            strides = tuple(info.strides[:nd])
+            si, offset = info.storage, info.storage_offset
             key = (si, offset, shape, strides, dtype)
             tensor = views.get(key)
             if tensor is None:
                 st = storages.get(si)
                 if st is None:
-                    st = storages[si] = _storage(model, si)
+                    st = storages[si] = _storage(info, mapping)
                 try:
                     tensor = empty(0, dtype=dtype).set_(st, offset, shape, strides)
                 except RuntimeError as e:  # torch checks the view against the storage size
@@ -118,7 +114,7 @@ def state_dict(model):
             out[name] = tensor
     except BaseException:
         # The traceback keeps this frame: drop what pins the model, so its lease goes now.
-        storages = views = out = tensor = st = model = None
+        storages = views = out = tensor = st = model = mapping = None
         raise
     return out
 
