@@ -239,8 +239,35 @@ static void print_info(json_t *doc)
     printf("state:    %s\n", jstr(doc, "state"));
     printf("bytes:    %s (%" PRIu64 ")\n", b, jint(doc, "bytes"));
     printf("leases:   %" PRIu64 "\n", jint(doc, "leases"));
+    json_array_foreach(json_object_get(doc, "holders"), i, v)
+    {
+        printf("  pid %" PRIu64 " uid %" PRIu64 ": %" PRIu64 " lease(s)\n", jint(v, "pid"),
+               jint(v, "uid"), jint(v, "leases"));
+    }
     if (json_is_string(json_object_get(doc, "hash")))
         printf("hash:     %s\n", jstr(doc, "hash"));
+    if (json_is_string(json_object_get(doc, "dtype")))
+        printf("dtype:    converted to %s at preload\n", jstr(doc, "dtype"));
+    if (strcmp(jstr(doc, "share"), "file") == 0)
+        printf("memory:   the checkpoint file itself, through the page cache (%" PRIu64
+               " ms to load)\n", jint(doc, "load_ms"));
+    else if (json_is_string(json_object_get(doc, "share"))) {
+        human_bytes(jint(doc, "page_cache_released"), b, sizeof(b));
+        printf("memory:   sealed memfd, %s pages (%" PRIu64 " ms to load)\n", jstr(doc, "pages"),
+               jint(doc, "load_ms"));
+        printf("cache:    %s of the file dropped after the copy (--page-cache %s)\n", b,
+               jstr(doc, "page_cache"));
+    }
+    json_array_foreach(json_object_get(doc, "devices"), i, v)
+    {
+        if (strcmp(jstr(v, "device"), "cpu") == 0)
+            continue; /* the memory line above */
+        printf("device:   %s, %s handle, %s%s\n", jstr(v, "device"), jstr(v, "handle"),
+               json_is_true(json_object_get(v, "writable")) ? "writable" : "read-only",
+               json_is_string(json_object_get(v, "state")) && strcmp(jstr(v, "state"), "ok")
+                   ? ", device degraded"
+                   : "");
+    }
     json_array_foreach(warnings, i, v)
     {
         printf("warning:  %s\n", json_string_value(v));

@@ -115,6 +115,13 @@ def test_workers_see_file_bytes_and_share_pages(daemon, tmp_path):
     info = daemon.ctl_json("info", "m")
     assert sum(h["leases"] for h in info["holders"]) == 4
     assert {h["pid"] for h in info["holders"]} == {p.pid for p in procs}
+    # The human form names the holders and how the model is held, as the README says.
+    text = daemon.ctl("info", "m").stdout
+    for p in procs:
+        assert f"  pid {p.pid} uid {os.getuid()}: 1 lease(s)\n" in text, text
+    assert "memory:   sealed memfd, " in text and "(--page-cache auto)\n" in text, text
+    assert "device:" not in text, text  # no GPU copies
+    assert f"hash:     {info['hash']}\n" in text and "leases:   4\n" in text, text
     # Four workers touched every page of the same memfd: each is charged about a quarter.
     for p in procs:
         rss, pss = mapping_kb(p.pid, "m")
