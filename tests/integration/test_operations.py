@@ -214,3 +214,40 @@ def test_second_stop_signal_exits_at_once(tmp_path):
     assert not re.search(r"info: stopped$", log, re.M), log
     # Nothing left behind that the next start would trip over.
     assert not os.path.exists(d.sock) and not os.path.exists(d.admin)
+
+
+def test_memfd_noexec_enforced(tmp_path):
+    """RELIABILITY I5: under vm.memfd_noexec = 2 (a memfd may never be executable) the daemon's
+    arenas are still created, and workers accept them with the extra F_SEAL_EXEC the kernel
+    then adds (libweightsd checks the seals it needs as a mask, never for equality). The
+    sysctl is per pid namespace, so the daemon runs in a new one, as pid 1."""
+    import pytest
+    if os.geteuid() != 0 or not os.path.exists("/proc/sys/vm/memfd_noexec"):
+        pytest.skip("needs root and a kernel with vm.memfd_noexec (Linux 6.3)")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                           capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a pid namespace here: {probe.stderr.decode().strip()}")
+    data = bytes(range(256)) * 64
+    path = wsdtest.write_safetensors(tmp_path / "m.safetensors", [("w", "U8", [len(data)], data)])
+    d = Daemon(tmp_path, wrapper=(
+        "unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
+        'echo 2 > /proc/sys/vm/memfd_noexec && echo memfd_noexec=$(cat /proc/sys/vm/memfd_noexec)'
+        ' && exec "$@"', "sh"))
+    try:
+        # The sysctl reads as the reader's namespace has it: the wrapper says what it set.
+        assert d.log().startswith("memfd_noexec=2\n"), d.log()
+        d.preload("m", path)
+        got = wsdtest.attach(d, "m")[-1]
+        assert got["checksum"] == f"{wsdtest.fnv1a(data):016x}", got
+    finally:
+        # unshare ignores SIGTERM while it waits: the daemon (its child, pid 1 inside) gets it,
+        # and unshare exits with its status.
+        with open(f"/proc/{d.pid}/task/{d.pid}/children") as f:
+            children = [int(x) for x in f.read().split()]
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+        rc = d.proc.wait(timeout=30)
+        d.stop()
+    assert rc == 0, d.log()
+    assert "ready" in d.log()
