@@ -217,8 +217,11 @@ int main(int argc, char **argv)
     }
     open_us = now_us() - t0;
     if (r < 0) {
-        fprintf(stderr, "wsd-attach: open '%s': %s (%s)\n", name, wsd_last_error(c),
-                wsd_strerror(r));
+        if (strcmp(wsd_last_error(c), wsd_strerror(r)) != 0)
+            fprintf(stderr, "wsd-attach: open '%s': %s (%s)\n", name, wsd_last_error(c),
+                    wsd_strerror(r));
+        else
+            fprintf(stderr, "wsd-attach: open '%s': %s\n", name, wsd_strerror(r));
         wsd_close(c);
         return 1;
     }

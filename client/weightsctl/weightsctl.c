@@ -155,8 +155,10 @@ static int fail(const char *cmd, int r, wsd_client_t *c)
 {
     const char *msg = c ? wsd_last_error(c) : "";
 
-    if (msg && *msg)
+    if (msg && *msg && strcmp(msg, wsd_strerror(r)) != 0)
         fprintf(stderr, "%s: %s: %s (%s)\n", prog, cmd, msg, wsd_strerror(r));
+    else if (msg && *msg)
+        fprintf(stderr, "%s: %s: %s\n", prog, cmd, msg);
     else
         fprintf(stderr, "%s: %s: %s\n", prog, cmd, wsd_strerror(r));
     return 1;

@@ -289,3 +289,40 @@ def _armed_build(tmp_path):
     armed = "fault injection armed" in d.log()
     assert d.stop() == 0
     return armed
+
+
+def test_every_client_allocation_can_fail(tmp_path, model):
+    """The same for libweightsd, in a worker: WEIGHTSD_FAULT=malloc:N in wsd-attach's
+    environment fails the library's Nth allocation (connect, HELLO, open, the manifest, the
+    model, release). The worker must fail with a message and exit 1, or attach and read the
+    right bytes; never crash (under ASan: never leak), and the daemon must not care."""
+    import subprocess
+    from wsdtest import BIN
+
+    path, checksum = model
+    d = armed_daemon(tmp_path, "malloc:1000000000")
+    failures = []
+    try:
+        d.preload("m", path)
+        n = 0
+        while True:
+            n += 1
+            p = subprocess.run([os.path.join(BIN, "wsd-attach"), "--socket", d.sock, "m"],
+                               capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "WEIGHTSD_FAULT": f"malloc:{n}"})
+            reached = f"injected at malloc, call {n}" in p.stderr
+            if p.returncode == 0:
+                if '"checksum":"%s"' % checksum not in p.stdout:
+                    failures.append(f"malloc:{n}: wrong bytes: {p.stdout}")
+            elif p.returncode != 1 or "wsd-attach: " not in p.stderr:
+                failures.append(f"malloc:{n}: exit {p.returncode}: {p.stderr[-1500:]}")
+            if not reached:
+                break
+        assert n > 10, n  # the library allocates; a build without the wrappers would stop at 1
+        assert not failures, "\n\n".join(failures[:5])
+        # No lease was left behind by any of them.
+        assert d.ctl_json("list")[0]["leases"] == 0
+        assert attach(d, "m")[-1]["checksum"] == checksum
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.log()[-3000:]

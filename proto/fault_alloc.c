@@ -1,9 +1,10 @@
 /*
  * fault_alloc.c - the "malloc" injection point (RELIABILITY C9): with -DWSD_FAULT_INJECTION=ON
- * the weightsd executable is linked with -Wl,--wrap for malloc, calloc, realloc, strdup and
- * strndup, so every allocation the daemon's own code makes (and that of any library linked in
- * statically) goes through here and can be failed with WEIGHTSD_FAULT=malloc:N. Libraries
- * linked dynamically keep their own allocations. Not part of release builds.
+ * weightsd and libweightsd are linked with -Wl,--wrap for malloc, calloc, realloc, strdup and
+ * strndup (wsd_wrap_allocations() in proto/CMakeLists.txt), so every allocation their own code
+ * makes (and that of any library linked in statically) goes through here and can be failed
+ * with WEIGHTSD_FAULT=malloc:N. Libraries linked dynamically keep their own allocations. Not
+ * part of release builds.
  */
 #include <errno.h>
 #include <stddef.h>
