@@ -463,8 +463,11 @@ static void handle_stats(conn_t *c, uint64_t id)
                         (json_int_t)r->reserved_bytes, "budget_evictions",
                         (json_int_t)r->budget_evictions, "page_cache_released_bytes",
                         (json_int_t)r->cache_released);
-    if (doc)
+    if (doc) {
+        /* Whether --page-cache auto can drop anything on this kernel (cachestat). */
+        json_object_set_new(doc, "page_cache_auto", json_boolean(source_cache_auto_works()));
         json_object_set_new(doc, "gpu", gpu_json());
+    }
     send_json(c, id, doc);
 }
 

@@ -485,6 +485,9 @@ int main(int argc, char **argv)
              WSD_VERSION_PATCH, (int)getpid());
     if (fault_armed())
         log_warning("fault injection armed: WEIGHTSD_FAULT=%s (a test build)", fault_armed());
+    if (!source_cache_auto_works())
+        log_notice("this kernel has no cachestat() (Linux 6.5): --page-cache auto keeps the "
+                   "checkpoints' page cache; drop frees it");
     service_start(&svc, &srv);
 
     (void)uv_run(&loop, UV_RUN_DEFAULT);

@@ -81,6 +81,8 @@ source_cache_t source_cache_policy(source_t *s, source_cache_t want);
 uint64_t source_release(const source_t *s, uint64_t off, uint64_t len);
 /* Parses "auto", "keep" or "drop". \retval 0 or -EINVAL. */
 int source_cache_parse(const char *s, source_cache_t *ret);
+/* Whether this kernel can tell what is cached (cachestat), i.e. whether AUTO can drop. */
+bool source_cache_auto_works(void);
 const char *source_cache_name(source_cache_t c);
 
 /* File kinds by content sniffing (FORMATS.md §1). */

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -227,6 +228,21 @@ uint64_t source_release(const source_t *s, uint64_t off, uint64_t len)
         }
     }
     return dropped;
+}
+
+bool source_cache_auto_works(void)
+{
+    static int works = -1; /* probed once; a racing second probe finds the same answer */
+    uint64_t n;
+    int fd;
+
+    if (works < 0) {
+        fd = memfd_create("weightsd-cachestat-probe", MFD_CLOEXEC);
+        works = fd >= 0 && cached_pages(fd, 0, 0, &n) == 0;
+        if (fd >= 0)
+            (void)close(fd);
+    }
+    return works > 0;
 }
 
 int source_cache_parse(const char *s, source_cache_t *ret)

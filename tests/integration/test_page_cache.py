@@ -79,7 +79,9 @@ def test_auto_drops_what_the_preload_read_and_serves_the_bytes(daemon, ckpt):
     assert daemon.ctl_json("info", "ref")["hash"] == info["hash"]
     got, ref = attach(daemon, "m")[-1], attach(daemon, "ref")[-1]
     assert (got["tensors"], got["checksum"]) == (12, ref["checksum"])
-    assert daemon.ctl_json("stats")["page_cache_released_bytes"] == out["bytes"]
+    stats = daemon.ctl_json("stats")
+    assert stats["page_cache_released_bytes"] == out["bytes"] and stats["page_cache_auto"]
+    assert "no cachestat" not in daemon.log()
     prom = daemon.ctl("stats", "--prometheus").stdout
     assert f"weightsd_page_cache_released_bytes_total {out['bytes']}" in prom
 
