@@ -75,10 +75,7 @@ def main():
     mib = int(os.environ.get("SIZE_MIB", sys.argv[1] if len(sys.argv) > 1 else 1024))
     with tempfile.TemporaryDirectory(prefix="wsd-bench-") as tmp:
         path = os.path.join(tmp, "model.safetensors")
-        n = mib * (1 << 20) // 300 // 4 * 4
-        blob = os.urandom(n)
-        wsdtest.write_safetensors(path, [(f"l.{i}", "F32", [n // 4], blob) for i in range(300)])
-        size = os.path.getsize(path)
+        size = wsdtest.write_bench_model(path, mib)
         subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)  # warm the cache
         d = wsdtest.Daemon(tmp)
         try:

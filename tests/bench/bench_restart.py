@@ -16,7 +16,6 @@ Run after `make build`: /usr/bin/python3 tests/bench/bench_restart.py [SIZE_MIB]
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,23 +40,12 @@ def attach(tmp, name, *args):
     return json.loads(p.stdout.splitlines()[-1]) if p.returncode == 0 else None
 
 
-def accepts(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
 def serve_time(tmp, t0, name, ident, timeout=30):
     """Seconds from t0 until a worker has attached to `name`, content hash and checksum as
     `ident` (the checksum read after the clock stopped)."""
     sock = os.path.join(tmp, "c.sock")
     while time.perf_counter() - t0 < timeout:
-        if accepts(sock) and attach(tmp, name, "--repeat", "1", "--expect", ident[0]):
+        if wsdtest.accepts(sock) and attach(tmp, name, "--repeat", "1", "--expect", ident[0]):
             took = time.perf_counter() - t0
             assert attach(tmp, name)["checksum"] == ident[1], "served other bytes after restart"
             return took
@@ -78,10 +66,7 @@ def main():
     mib = int(os.environ.get("SIZE_MIB", sys.argv[1] if len(sys.argv) > 1 else 1024))
     with tempfile.TemporaryDirectory(prefix="wsd-bench-") as tmp:
         path = os.path.join(tmp, "model.safetensors")
-        n = mib * (1 << 20) // 300 // 4 * 4
-        blob = os.urandom(n)
-        wsdtest.write_safetensors(path, [(f"l.{i}", "F32", [n // 4], blob) for i in range(300)])
-        size = os.path.getsize(path)
+        size = wsdtest.write_bench_model(path, mib)
         store = wsdtest.FdStore(os.path.join(tmp, "notify.sock"))
         proc = store.start(tmp)
         try:

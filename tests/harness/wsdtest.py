@@ -36,21 +36,10 @@ class Daemon:
         # Ready means both sockets accept: a stale socket file from a killed daemon may exist
         # before this one has replaced it.
         deadline = time.time() + start_timeout
-        while not (self._accepts(self.sock) and self._accepts(self.admin)):
+        while not (accepts(self.sock) and accepts(self.admin)):
             if self.proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("weightsd did not start:\n" + self.log())
             time.sleep(0.01)
-
-    @staticmethod
-    def _accepts(path):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            return True
-        except OSError:
-            return False
-        finally:
-            s.close()
 
     @property
     def pid(self):
@@ -115,6 +104,27 @@ class Daemon:
             self.proc.kill()
             self.proc.wait(timeout=30)
         self._log.close()
+
+
+def accepts(path):
+    """Whether something accepts connections on the Unix socket at `path`."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def write_bench_model(path, mib):
+    """The benchmarks' model: ~`mib` MiB of random f32 in 300 tensors (one random block, so
+    writing it is quick). Returns the file size."""
+    n = mib * (1 << 20) // 300 // 4 * 4
+    blob = os.urandom(n)
+    write_safetensors(path, [(f"l.{i}", "F32", [n // 4], blob) for i in range(300)])
+    return os.path.getsize(path)
 
 
 def attach(daemon, model, *args, timeout=60):
