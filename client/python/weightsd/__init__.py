@@ -158,8 +158,8 @@ class Client:
         """
         model = self.open(name, device, wait)
         out = []
-        for i in range(_lib.wsd_model_tensor_count(model.ptr)):
-            t = DLPackTensor(model, i)
+        for i, info in enumerate(_lib.tensor_infos(model.ptr)):
+            t = DLPackTensor(model, i, info)
             out.append((t.name, t))
         return out
 
@@ -177,15 +177,19 @@ class DLPackTensor:
     __slots__ = ("name", "dtype", "shape", "strides", "storage", "storage_offset", "_model",
                  "_index", "_capsules")
 
-    def __init__(self, model, index):
-        t = _lib.wsd_model_tensor(model.ptr, index)
-        nd = _lib.wsd_tensor_ndim(t)
-        self.name = _lib.wsd_tensor_name(t).decode()
-        self.dtype = _lib.dtype_name(_lib.wsd_tensor_dtype(t))
-        self.shape = tuple(_lib.wsd_tensor_shape(t)[:nd])
-        self.strides = tuple(_lib.wsd_tensor_strides(t)[:nd])
-        self.storage = _lib.wsd_tensor_storage(t)
-        self.storage_offset = _lib.wsd_tensor_storage_offset(t)
+    def __init__(self, model, index, info=None):
+        if info is None:  # one tensor: one call too
+            info = _lib.TensorInfo()
+            if _lib.wsd_model_tensor_info(model.ptr, index, 1, ctypes.byref(info),
+                                          ctypes.sizeof(info)) != 1:
+                raise IndexError(f"model '{model.name}' has no tensor {index}")
+        nd = info.ndim
+        self.name = info.name.decode()
+        self.dtype = _lib.dtype_name(info.dtype)
+        self.shape = tuple(info.shape[:nd])
+        self.strides = tuple(info.strides[:nd])
+        self.storage = info.storage
+        self.storage_offset = info.storage_offset
         self._model = model
         self._index = index
         self._capsules = []

@@ -238,7 +238,13 @@ def strerror(code):
     return wsd_strerror(code).decode(errors="replace")
 
 
+_DTYPE_NAMES = {}
+
+
 def dtype_name(code):
     """The safetensors spelling of a wsd dtype code ("F32", ...), or "dtype <n>"."""
-    name = wsd_dtype_name(code)
-    return name.decode() if name else f"dtype {code}"
+    name = _DTYPE_NAMES.get(code)
+    if name is None:
+        raw = wsd_dtype_name(code)
+        name = _DTYPE_NAMES[code] = raw.decode() if raw else f"dtype {code}"
+    return name
