@@ -1141,6 +1141,8 @@ TEST(parsers_run_under_seccomp_with_nothing_but_reads)
     else if (WIFEXITED(st) && WEXITSTATUS(st) == 0)
         ASSERT_EQ(read(p[0], &parsed, sizeof(parsed)), (ssize_t)sizeof(parsed));
     close(p[0]);
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 2)
+        SKIP("cannot install a seccomp filter here (a container that forbids it?)");
     if (nr >= 0)
         TEST_FAIL("a parser made syscall %d inside the sandbox", nr);
     ASSERT(WIFEXITED(st));
