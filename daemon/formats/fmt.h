@@ -69,7 +69,8 @@ int source_check_unchanged(const source_t *s, fmt_err_t *err);
 /*
  * Sets what source_release() will do. For SOURCE_CACHE_AUTO this looks at the page cache now,
  * so call it before the file is read. Best effort: where the kernel cannot tell (no cachestat)
- * or memory is short, the policy falls back to KEEP. \retval the policy in force.
+ * or memory is short, the policy falls back to KEEP. \retval the policy in force (AUTO on a
+ * wholly cold file is DROP, on a wholly warm one KEEP).
  */
 source_cache_t source_cache_policy(source_t *s, source_cache_t want);
 /*

@@ -170,17 +170,20 @@ source_cache_t source_cache_policy(source_t *s, source_cache_t want)
     s->cold = NULL;
     if (want != SOURCE_CACHE_AUTO || ngran == 0)
         return set_policy(s, want == SOURCE_CACHE_AUTO ? SOURCE_CACHE_KEEP : want);
-    /* One call answers the usual cases, a file wholly cold or wholly warm (nothing is ours to
-     * drop); only a file that is partly cached is looked at granule by granule. */
+    /* One call answers the usual cases: a file wholly warm (nothing is ours to drop), or
+     * wholly cold (everything is, which is what DROP does); only a file that is partly cached
+     * is looked at granule by granule. */
     if (cached_pages(s->fd, 0, s->size, &cached) < 0 || cached >= (s->size + page - 1) / page)
         return set_policy(s, SOURCE_CACHE_KEEP);
+    if (cached == 0)
+        return set_policy(s, SOURCE_CACHE_DROP);
     s->cold = calloc(nwords, sizeof(*s->cold));
     if (!s->cold)
         return set_policy(s, SOURCE_CACHE_KEEP);
     for (uint64_t g = 0; g < ngran; g++) {
         uint64_t n = 0;
 
-        if (cached != 0 && cached_pages(s->fd, g * SOURCE_GRANULE, SOURCE_GRANULE, &n) < 0)
+        if (cached_pages(s->fd, g * SOURCE_GRANULE, SOURCE_GRANULE, &n) < 0)
             n = 1; /* cannot tell: keep it */
         if (n == 0)
             s->cold[g / 64] |= UINT64_C(1) << (g % 64);
