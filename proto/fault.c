@@ -40,6 +40,7 @@ static struct {
     atomic_ulong calls[NPOINTS];
     char spec[256];
     bool armed;
+    bool quiet; /* armed by fault_arm(): the caller asks fault_calls() instead */
 } st;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
@@ -51,12 +52,15 @@ static int point_index(const char *name, size_t len)
     return -1;
 }
 
-static void parse(void)
+/* Arms what \p env names (see fault.h), or nothing; counters restart at zero. */
+static void arm(const char *env)
 {
-    const char *env = getenv("WEIGHTSD_FAULT");
     unsigned long nth[NPOINTS] = {0}, last[NPOINTS] = {0}, every[NPOINTS] = {0};
     const char *p = env;
 
+    st.armed = false;
+    for (size_t i = 0; i < NPOINTS; i++)
+        atomic_store(&st.calls[i], 0);
     if (!env || !*env)
         return;
     while (*p) {
@@ -105,6 +109,25 @@ static void parse(void)
     st.armed = true;
 }
 
+static void parse(void)
+{
+    arm(getenv("WEIGHTSD_FAULT"));
+}
+
+void fault_arm(const char *spec)
+{
+    (void)pthread_once(&once, parse);
+    arm(spec);
+    st.quiet = true;
+}
+
+unsigned long fault_calls(const char *point)
+{
+    int i = point_index(point, strlen(point));
+
+    return i < 0 ? 0 : atomic_load(&st.calls[i]);
+}
+
 bool fault_hit(const char *point)
 {
     int i;
@@ -121,7 +144,7 @@ bool fault_hit(const char *point)
         return false;
     /* Said on stderr so a test knows the call was reached; write(2), since the caller may be
      * the allocator itself. */
-    if (c == st.nth[i]) {
+    if (c == st.nth[i] && !st.quiet) {
         char line[96];
         int n = snprintf(line, sizeof(line), "WEIGHTSD_FAULT: injected at %s, call %lu\n",
                          points[i], c);

@@ -21,6 +21,12 @@
 bool fault_hit(const char *point);
 /* The armed specification, or NULL when none (or when no point in it is known). */
 const char *fault_armed(void);
+/* For in-process tests: arm \p spec (WEIGHTSD_FAULT's syntax; NULL disarms) in place of the
+ * environment's, with every counter back at zero, and without the stderr line per injection.
+ * Not thread-safe against fault_hit(). */
+void fault_arm(const char *spec);
+/* Calls counted at \p point since it was last armed (only armed points count). */
+unsigned long fault_calls(const char *point);
 #define FAULT(point) fault_hit(point)
 #else
 #define FAULT(point) false

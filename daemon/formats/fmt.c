@@ -46,6 +46,8 @@ void fmt_warn(manifest_t *m, const char *rule, const char *fmt, ...)
     m->warnings[m->nwarnings] = strdup(buf);
     if (m->warnings[m->nwarnings])
         m->nwarnings++;
+    else
+        m->warnings_lost = true;
 }
 
 int fmt_detect(const source_t *s, fmt_kind_t *ret_kind, fmt_err_t *err)

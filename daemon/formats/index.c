@@ -299,6 +299,7 @@ static ssize_t table_find(const name_table_t *t, const manifest_t *m, const char
 /* Shard warnings keep their rule first and gain the shard's name: "W_X: shard 'a': ...". */
 static void copy_warnings(manifest_t *m, const manifest_t *part, const char *shard)
 {
+    m->warnings_lost |= part->warnings_lost;
     for (size_t i = 0; i < part->nwarnings && m->nwarnings < MANIFEST_WARNINGS_MAX; i++) {
         const char *w = part->warnings[i];
         const char *colon = strstr(w, ": ");
@@ -382,8 +383,10 @@ static int merge_shard(manifest_t *m, const manifest_t *part, const bool *keep, 
         r = manifest_add_meta(m, key, part->meta[i].value);
         free(key);
         if (r < 0) {
-            r = fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM, NULL,
-                         "cannot record metadata of shard '%s'", SHOWN(shard));
+            r = fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
+                         r == WSD_ELIMIT ? "E_LIMIT" : NULL, "cannot record metadata of shard '%s': %s",
+                         SHOWN(shard),
+                         r == WSD_ELIMIT ? "more than 2^16 metadata entries" : "out of memory");
             goto out;
         }
     }
@@ -500,8 +503,10 @@ static int add_index_meta(manifest_t *m, json_t *meta, fmt_err_t *err)
         free(val);
         free(k);
         if (r < 0)
-            return fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM, NULL,
-                            "cannot record index metadata '%s'", SHOWN(key));
+            return fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
+                            r == WSD_ELIMIT ? "E_LIMIT" : NULL, "cannot record index metadata '%s': %s",
+                            SHOWN(key),
+                            r == WSD_ELIMIT ? "more than 2^16 metadata entries" : "out of memory");
     }
     return 0;
 }

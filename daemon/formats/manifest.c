@@ -269,6 +269,10 @@ int manifest_validate(const manifest_t *m, fmt_err_t *err)
 {
     int r;
 
+    /* A model whose warnings went missing would be served as if the file were clean. */
+    if (m->warnings_lost)
+        return fmt_fail(err, -ENOMEM, NULL, "out of memory recording a warning");
+
     for (size_t i = 0; i < m->ntensors; i++) {
         r = check_tensor(m, &m->tensors[i], err);
         if (r < 0)

@@ -59,6 +59,7 @@ typedef struct manifest {
     size_t nmeta, meta_cap;
     char *warnings[MANIFEST_WARNINGS_MAX]; /* "W_RULE: ..." lines, owned */
     size_t nwarnings;
+    bool warnings_lost; /* a warning could not be recorded (no memory): the load must fail */
     char format[32];                       /* "safetensors", "torch", "safetensors-index", ... */
 } manifest_t;
 

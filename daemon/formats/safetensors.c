@@ -347,8 +347,10 @@ static int add_metadata(manifest_t *m, json_t *meta, fmt_err_t *err)
         r = manifest_add_meta(m, key, quoted);
         free(quoted);
         if (r < 0)
-            return fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM, NULL,
-                            "cannot record __metadata__ entry '%s'", SHOWN(key));
+            return fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
+                            r == WSD_ELIMIT ? "E_LIMIT" : NULL,
+                            "cannot record __metadata__ entry '%s': %s", SHOWN(key),
+                            r == WSD_ELIMIT ? "more than 2^16 metadata entries" : "out of memory");
     }
     return 0;
 }

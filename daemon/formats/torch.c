@@ -235,22 +235,32 @@ static int check_byteorder(struct ctx *c)
 }
 
 /* .storage_alignment (2.7+) only sets what the alignment warning measures against. */
-static void read_alignment(struct ctx *c)
+static int read_alignment(struct ctx *c)
 {
     const zip_entry_t *e = find(c, ".storage_alignment");
     char v[TORCH_SMALL_MAX + 1];
     fmt_err_t ignored = {0};
     unsigned long a;
     char *end;
+    int r;
 
     c->alignment = TORCH_ALIGN_DEFAULT;
+    if (!e)
+        return 0;
     /* A malformed value is ignored (torch ignores the record when loading), so its error goes
-     * to a scratch report, not the caller's. */
-    if (!e || read_small(c, e, v, "W_ALIGNMENT", &ignored) < 0)
-        return;
+     * to a scratch report, not the caller's; failing to read it at all (memory, I/O) is not a
+     * property of the file and fails the load rather than change its warnings. */
+    r = read_small(c, e, v, "W_ALIGNMENT", &ignored);
+    if (r == WSD_EBADCKPT)
+        return 0;
+    if (r < 0) {
+        *c->err = ignored;
+        return r;
+    }
     a = strtoul(v, &end, 10);
     if (end != v && *end == '\0' && a >= 1 && a <= (1ul << 20) && (a & (a - 1)) == 0)
         c->alignment = (uint32_t)a;
+    return 0;
 }
 
 /* ---- storages ----------------------------------------------------------------------------- */
@@ -861,9 +871,10 @@ int torch_read(const source_t *s, uint32_t source_index, const char *key, manife
         r = check_version(c);
     if (r == 0)
         r = check_byteorder(c);
+    if (r == 0)
+        r = read_alignment(c);
     if (r < 0)
         goto out;
-    read_alignment(c);
     pe = find(c, "data.pkl");
     if (pe->usize > TORCH_PKL_MAX) {
         r = fmt_fail(err, WSD_EBADCKPT, "E_PKL_LIMIT",

@@ -22,6 +22,7 @@
 #include "index.h"
 #include "manifest.h"
 #include "test.h"
+#include "alloc-sweep.h"
 #include "weightsd.h"
 
 #define SHARD1 "model-00001-of-00002.safetensors"
@@ -168,6 +169,19 @@ TEST(ok_sharded)
     ASSERT_STR_EQ(meta(l.m, "metadata.total_size"), "28");
     ASSERT_STR_EQ(meta(l.m, "metadata.total_parameters"), "7");
     ld_free(&l);
+}
+
+/* C9: every allocation reading a sharded checkpoint (the index and both shards) can fail
+ * cleanly (alloc-sweep.h); the .bin index variant too, where torch is there to write it. */
+TEST(every_allocation_can_fail)
+{
+    unsigned long n;
+
+    write_sharded();
+    n = alloc_sweep(st_put_str(INDEX, "{\"metadata\": {\"total_size\": 28},\n  " WEIGHT_MAP "\n}\n"),
+                    NULL);
+    fprintf(stderr, "# safetensors index: %lu allocations, each failed once\n", n);
+    ASSERT_GT(n, 10);
 }
 
 TEST(ok_no_metadata)

@@ -20,6 +20,7 @@
 #include "fmt.h"
 #include "manifest.h"
 #include "test.h"
+#include "alloc-sweep.h"
 #include "weightsd.h"
 
 /* What one reader run left behind. */
@@ -963,6 +964,19 @@ TEST(fmt_load_detects_safetensors)
     source_close(&src[0]);
     free(src);
     manifest_free(m);
+}
+
+/* C9: every allocation reading a safetensors file can fail cleanly (alloc-sweep.h). */
+TEST(every_allocation_can_fail)
+{
+    static const st_spec_t specs[] = {
+        {"w", "F32", 2, {2, 3}}, {"b", "BF16", 1, {2}}, {"e", "I64", 0, {0}}, {"z", "U8", 2, {0, 4}}};
+    char *path = st_write_ref("sweep.safetensors", specs, 4, "{\"format\":\"pt\",\"k\":\"v\"}",
+                              NULL);
+    unsigned long n = alloc_sweep(path, NULL);
+
+    fprintf(stderr, "# %lu allocations, each failed once\n", n);
+    ASSERT_GT(n, 5);
 }
 
 TEST(fmt_load_errors)

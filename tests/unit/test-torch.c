@@ -10,6 +10,7 @@
  * ZIP64 archives of FORMATS.md P16/P17, generated at test time.
  */
 #include "test.h"
+#include "alloc-sweep.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -354,6 +355,25 @@ TEST(valid_fixtures_match_torch)
 
     ASSERT_GE(json_object_size(json_object_get(doc, "valid")), 20);
     check_valid_doc(doc);
+    json_decref(doc);
+}
+
+/* C9: every allocation reading a torch file (zip directory, pickle VM, manifest) can fail, on
+ * every valid fixture, and each failure is a clean -ENOMEM (alloc-sweep.h). */
+TEST(every_allocation_can_fail)
+{
+    json_t *doc = load_doc("fixtures.json");
+    const char *file;
+    json_t *exp;
+    unsigned long total = 0;
+    size_t nfiles = 0;
+
+    json_object_foreach(json_object_get(doc, "valid"), file, exp) {
+        total += alloc_sweep(fx(file), NULL);
+        nfiles++;
+    }
+    fprintf(stderr, "# %zu files, %lu allocations, each failed once\n", nfiles, total);
+    ASSERT_GE(nfiles, 20);
     json_decref(doc);
 }
 
