@@ -1121,7 +1121,19 @@ static int op_newobj(struct vm *vm)
     k = globals[N(vm, cls)->aux].kind;
     if (k == G_DICT_CLASS)
         r = new_node(vm, PK_DICT, &res);
-    else if (k == G_SET)
+    else if (k == G_SET && strcmp(globals[N(vm, cls)->aux].name, "frozenset") == 0) {
+        /* frozenset.__new__ takes the items (set.__new__ ignores its arguments). */
+        const pk_node_t *a = N(vm, args);
+
+        if (a->n == 0)
+            r = make_set_from(vm, NO_NODE, &res);
+        else if (a->n == 1 && (N(vm, a->u.items[0])->type == PK_LIST ||
+                               N(vm, a->u.items[0])->type == PK_TUPLE ||
+                               N(vm, a->u.items[0])->type == PK_SET))
+            r = make_set_from(vm, a->u.items[0], &res);
+        else
+            return vm_fail(vm, "E_PKL_BAD_CALL", "NEWOBJ of frozenset with unsupported arguments");
+    } else if (k == G_SET)
         r = make_set_from(vm, NO_NODE, &res);
     else
         return vm_fail(vm, "E_PKL_BAD_CALL", "NEWOBJ of %s: weightsd builds no objects",
@@ -1750,7 +1762,8 @@ static int buf_put(pk_buf_t *b, const char *s, size_t n, fmt_err_t *err)
         b->p = p;
         b->cap = ncap;
     }
-    memcpy(b->p + b->len, s, n);
+    if (n) /* s may be NULL then (an empty bytes value) */
+        memcpy(b->p + b->len, s, n);
     b->len += n;
     b->p[b->len] = '\0';
     return 0;
@@ -1761,16 +1774,60 @@ static int buf_str(pk_buf_t *b, const char *s, fmt_err_t *err)
     return buf_put(b, s, strlen(s), err);
 }
 
-/* Shortest decimal that reads back as the same double, the way Python's repr() prints. */
+/*
+ * The shortest decimal that reads back as the same double, laid out as Python's repr() lays it
+ * out: positional for decimal exponents -4 to 15 ("100000.0", "0.0001"), scientific otherwise
+ * ("1e+16", "1e-05"), and always with a '.' or an exponent. Finite values only.
+ */
 static void fmt_double(double v, char out[40])
 {
-    for (int prec = 1; prec <= 17; prec++) {
-        snprintf(out, 40, "%.*g", prec, v);
-        if (strtod(out, NULL) == v)
+    char e[40], digits[24];
+    size_t nd = 0, o = 0;
+    const char *p;
+    int exp;
+
+    for (int prec = 0; prec <= 16; prec++) {
+        snprintf(e, sizeof(e), "%.*e", prec, v);
+        if (strtod(e, NULL) == v)
             break;
     }
-    if (!strpbrk(out, ".eEn"))
-        strcat(out, ".0");
+    p = e;
+    if (*p == '-')
+        out[o++] = *p++;
+    for (; *p && *p != 'e'; p++)
+        if (*p != '.')
+            digits[nd++] = *p;
+    exp = atoi(p + 1);
+    while (nd > 1 && digits[nd - 1] == '0')
+        nd--;
+    if (exp >= -4 && exp < 16) {
+        if (exp < 0) {
+            out[o++] = '0';
+            out[o++] = '.';
+            for (int i = exp + 1; i < 0; i++)
+                out[o++] = '0';
+            for (size_t i = 0; i < nd; i++)
+                out[o++] = digits[i];
+        } else {
+            for (int i = 0; i <= exp; i++)
+                out[o++] = (size_t)i < nd ? digits[i] : '0';
+            out[o++] = '.';
+            if (nd > (size_t)exp + 1)
+                for (size_t i = (size_t)exp + 1; i < nd; i++)
+                    out[o++] = digits[i];
+            else
+                out[o++] = '0';
+        }
+        out[o] = '\0';
+        return;
+    }
+    out[o++] = digits[0];
+    if (nd > 1) {
+        out[o++] = '.';
+        for (size_t i = 1; i < nd; i++)
+            out[o++] = digits[i];
+    }
+    snprintf(out + o, 40 - o, "e%c%02d", exp < 0 ? '-' : '+', exp < 0 ? -exp : exp);
 }
 
 static int put_double(pk_buf_t *b, double v, bool quoted_nonfinite, fmt_err_t *err)
@@ -1879,6 +1936,37 @@ static int put_jstring(pk_buf_t *b, const uint8_t *s, size_t n, bool latin1_byte
 static int render(const pk_doc_t *d, uint32_t h, pk_buf_t *out, unsigned depth, bool as_key,
                   fmt_err_t *err);
 
+/* Where one rendered key of a dict lies in the output buffer. */
+struct key_span {
+    size_t off, len;
+};
+
+static int span_cmp(const void *a, const void *b, void *buf)
+{
+    const struct key_span *x = a, *y = b;
+    const char *p = buf;
+    int c = memcmp(p + x->off, p + y->off, x->len < y->len ? x->len : y->len);
+
+    return c ? c : (x->len > y->len) - (x->len < y->len);
+}
+
+/*
+ * A dict with two equal keys: Python keeps the last value, JSON readers disagree about
+ * repeated names, and torch.save cannot write one, so it is refused. Keys are compared as
+ * rendered, which is exact for strings and ints (1 and True, equal in Python, render apart).
+ */
+static int check_dup_keys(const pk_buf_t *out, struct key_span *keys, const pk_node_t *n,
+                          fmt_err_t *err)
+{
+    qsort_r(keys, n->n, sizeof(*keys), span_cmp, out->p);
+    for (uint32_t i = 1; i < n->n; i++)
+        if (span_cmp(&keys[i - 1], &keys[i], out->p) == 0)
+            return fmt_fail(err, WSD_EBADCKPT, "E_PKL_DUP_KEY",
+                            "dict built at data.pkl offset %u has two keys that render as %.*s", n->off,
+                            (int)(keys[i].len > 64 ? 64 : keys[i].len), out->p + keys[i].off);
+    return 0;
+}
+
 /* Python's json.dumps turns non-string keys into strings: ints and floats as text, True ->
  * "true", None -> "null". Anything else (a tuple, bytes) is rendered as JSON and quoted. */
 static int render_key_json(const pk_doc_t *d, uint32_t h, pk_buf_t *out, unsigned depth,
@@ -1945,19 +2033,31 @@ static int render(const pk_doc_t *d, uint32_t h, pk_buf_t *out, unsigned depth, 
                 r = render(d, n->u.items[i], out, depth + 1, false, err);
         }
         return r < 0 ? r : buf_str(out, "]", err);
-    case PK_DICT:
+    case PK_DICT: {
+        struct key_span *keys = NULL;
+
+        if (n->n > 1 && !(keys = malloc(sizeof(*keys) * n->n)))
+            return fmt_fail(err, -ENOMEM, NULL, "out of memory");
         r = buf_str(out, "{", err);
         for (uint32_t i = 0; r == 0 && i < n->n; i++) {
             if (i)
                 r = buf_str(out, ",", err);
+            if (keys)
+                keys[i].off = out->len;
             if (r == 0)
                 r = render_key_json(d, n->u.items[2 * i], out, depth + 1, err);
+            if (keys)
+                keys[i].len = out->len - keys[i].off;
             if (r == 0)
                 r = buf_str(out, ":", err);
             if (r == 0)
                 r = render(d, n->u.items[2 * i + 1], out, depth + 1, false, err);
         }
+        if (r == 0 && keys)
+            r = check_dup_keys(out, keys, n, err);
+        free(keys);
         return r < 0 ? r : buf_str(out, "}", err);
+    }
     case PK_GLOBAL: {
         char name[128];
 
