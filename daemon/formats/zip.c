@@ -266,17 +266,20 @@ static int parse_extra(const source_t *s, const char *shown, const uint8_t *x, s
         off += 4;
         if (sz > xlen - off)
             return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_ENTRY_OOB",
-                            "'%s': record '%s': extra field 0x%04x of %u bytes runs past the "
-                            "entry",
-                            s->path, shown, id, sz);
+                            "'%s': record '%s': extra block 0x%04x of %u bytes runs past the "
+                            "end of its extra field (%zu bytes left)",
+                            s->path, shown, id, sz, xlen - off);
         if (id == 0x0001) {
             size_t want = (need_u ? 8 : 0) + (need_c ? 8 : 0) + (need_l ? 8 : 0) +
                           (need_d ? 4 : 0);
 
-            if (seen || sz < want)
+            if (seen)
                 return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_BAD_ZIP64",
-                                "'%s': record '%s': %s ZIP64 extra field (%u bytes, %zu needed)",
-                                s->path, shown, seen ? "second" : "short", sz, want);
+                                "'%s': record '%s': a second ZIP64 extra field", s->path, shown);
+            if (sz < want)
+                return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_BAD_ZIP64",
+                                "'%s': record '%s': short ZIP64 extra field (%u bytes, %zu needed)",
+                                s->path, shown, sz, want);
             seen = true;
             if (need_u) {
                 *usize = le64(x + off + p);
