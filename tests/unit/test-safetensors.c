@@ -1036,3 +1036,171 @@ int main(int argc, char **argv)
 {
     return test_main(argc, argv);
 }
+
+/*
+ * manifest_validate() is the last gate for every reader (§7): geometry a reader let through
+ * is refused here, each rule naming the tensor. Manifests are built by hand, as a reader with
+ * a bug would build them.
+ */
+TEST(manifest_validate_rules)
+{
+    static const struct {
+        const char *what;
+        mf_tensor_t t;
+        uint64_t storage_bytes;
+        const char *rule, *contains;
+    } rules[] = {
+        {"unknown dtype", {.dtype = 99, .ndim = 1, .shape = {1}, .stride = {1}}, 4,
+         "E_TENSOR_DTYPE", "unknown dtype 99"},
+        {"negative dtype", {.dtype = -3, .ndim = 1, .shape = {1}, .stride = {1}}, 4,
+         "E_TENSOR_DTYPE", "dtype -3"},
+        {"9 dimensions", {.dtype = WSD_DTYPE_U8, .ndim = 9}, 4, "E_TENSOR_GEOMETRY",
+         "9 dimensions, at most 8"},
+        {"no such storage", {.dtype = WSD_DTYPE_U8, .ndim = 1, .shape = {1}, .stride = {1},
+                             .storage = 5}, 4, "E_STORAGE_MISSING", "storage 5 does not exist"},
+        {"negative size", {.dtype = WSD_DTYPE_U8, .ndim = 2, .shape = {2, -1}, .stride = {1, 1}},
+         4, "E_TENSOR_GEOMETRY", "dimension 1"},
+        {"negative stride", {.dtype = WSD_DTYPE_U8, .ndim = 1, .shape = {2}, .stride = {-1}}, 4,
+         "E_TENSOR_GEOMETRY", "negative size or stride in dimension 0"},
+        {"numel overflow", {.dtype = WSD_DTYPE_U8, .ndim = 2, .shape = {INT64_MAX, 4},
+                            .stride = {4, 1}}, 4, "E_TENSOR_OVERFLOW", "element count"},
+        {"odd count of f4", {.dtype = WSD_DTYPE_F4, .ndim = 1, .shape = {3}, .stride = {1}}, 2,
+         "E_ST_SUBBYTE", "3 elements of F4"},
+        {"f4 short of its storage", {.dtype = WSD_DTYPE_F4, .ndim = 1, .shape = {2},
+                                     .stride = {1}}, 2, "E_TENSOR_GEOMETRY", "cover its storage"},
+        {"f4 at an offset", {.dtype = WSD_DTYPE_F4, .ndim = 1, .shape = {4}, .stride = {1},
+                             .storage_offset = 1}, 2, "E_TENSOR_GEOMETRY", "sub-byte dtype F4"},
+        {"stride span overflow", {.dtype = WSD_DTYPE_F32, .ndim = 1, .shape = {5},
+                                  .stride = {INT64_MAX}}, 4, "E_TENSOR_OVERFLOW",
+         "offset + strides"},
+        {"byte extent overflow", {.dtype = WSD_DTYPE_F32, .ndim = 1, .shape = {1}, .stride = {1},
+                                  .storage_offset = INT64_MAX}, 4, "E_TENSOR_OVERFLOW",
+         "byte extent"},
+        {"view past storage", {.dtype = WSD_DTYPE_F32, .ndim = 1, .shape = {2}, .stride = {1}},
+         4, "E_TENSOR_OOB", "reaches byte 8 of storage 's' holding 4"},
+    };
+
+    for (size_t i = 0; i < sizeof(rules) / sizeof(rules[0]); i++) {
+        manifest_t *m = manifest_new();
+        mf_tensor_t t = rules[i].t;
+        fmt_err_t err = {0};
+        uint32_t ix;
+
+        ASSERT(m);
+        ASSERT_EQ(manifest_add_storage(m, "s", 0, 0, rules[i].storage_bytes, WSD_DTYPE_U8, &ix), 0);
+        t.name = (char *)(uintptr_t)"t";
+        ASSERT_EQ(manifest_add_tensor(m, &t), 0);
+        if (manifest_validate(m, &err) != WSD_EBADCKPT ||
+            strncmp(err.msg, rules[i].rule, strlen(rules[i].rule)) != 0 ||
+            !strstr(err.msg, rules[i].contains) || !strstr(err.msg, "tensor 't'"))
+            TEST_FAIL("%s: \"%s\", expected %s \"...%s...\"", rules[i].what, err.msg,
+                      rules[i].rule, rules[i].contains);
+        manifest_free(m);
+    }
+}
+
+/* Two tensors of one name are refused; the limit on storages is an error, not a crash. */
+TEST(manifest_names_and_limits)
+{
+    manifest_t *m = manifest_new();
+    mf_tensor_t t = {.name = (char *)(uintptr_t)"dup", .dtype = WSD_DTYPE_U8, .ndim = 1,
+                     .shape = {1}, .stride = {1}};
+    fmt_err_t err = {0};
+    uint32_t ix = 0;
+    int r = 0;
+
+    ASSERT(m);
+    ASSERT_EQ(manifest_add_storage(m, "s", 0, 0, 1, WSD_DTYPE_U8, &ix), 0);
+    ASSERT_EQ(manifest_add_tensor(m, &t), 0);
+    ASSERT_EQ(manifest_add_tensor(m, &t), 0);
+    ASSERT_EQ(manifest_validate(m, &err), WSD_EBADCKPT);
+    ASSERT_STR_CONTAINS(err.msg, "E_DUP_NAME: tensor name 'dup' appears twice");
+    for (uint32_t i = 1; i < MANIFEST_STORAGES_MAX && r == 0; i++)
+        r = manifest_add_storage(m, "s", 0, 0, 1, WSD_DTYPE_U8, &ix);
+    ASSERT_EQ(r, 0);
+    ASSERT_EQ(m->nstorages, MANIFEST_STORAGES_MAX);
+    ASSERT_EQ(manifest_add_storage(m, "s", 0, 0, 1, WSD_DTYPE_U8, &ix), WSD_ELIMIT);
+    manifest_free(m);
+}
+
+/* Files that are something else entirely are named for what they are (§1 rule 6). */
+TEST(fmt_detect_names_other_formats)
+{
+    static const struct {
+        const char *what, *rule, *contains;
+        char magic[16];
+        size_t len;
+        size_t at; /* where the magic goes (tar's "ustar" sits at 257) */
+    } rules[] = {
+        {"GGUF", "E_UNKNOWN_FORMAT", "is a GGUF file", "GGUF\x03\x00\x00\x00", 8, 0},
+        {"npy", "E_UNKNOWN_FORMAT", "NumPy .npy", "\x93NUMPY\x01\x00", 8, 0},
+        {"HDF5", "E_UNKNOWN_FORMAT", "HDF5", "\x89HDF\r\n\x1a\n", 8, 0},
+        {"tar", "E_LEGACY_TORCH", "tar container", "ustar", 5, 257},
+        {"pickle", "E_LEGACY_TORCH", "legacy PyTorch format", "\x80\x02\x8a\x0a", 4, 0},
+    };
+
+    for (size_t i = 0; i < sizeof(rules) / sizeof(rules[0]); i++) {
+        uint8_t buf[600] = {0};
+        manifest_t *m = NULL;
+        source_t *src = NULL;
+        size_t nsrc = 0;
+        fmt_err_t err = {0};
+        int r;
+
+        memcpy(buf + rules[i].at, rules[i].magic, rules[i].len);
+        r = fmt_load(st_put("other.bin", buf, sizeof(buf)), NULL, &m, &src, &nsrc, &err);
+        if (r != WSD_EBADCKPT || strncmp(err.msg, rules[i].rule, strlen(rules[i].rule)) != 0 ||
+            !strstr(err.msg, rules[i].contains))
+            TEST_FAIL("%s: %d \"%s\", expected %s \"...%s...\"", rules[i].what, r, err.msg,
+                      rules[i].rule, rules[i].contains);
+    }
+}
+
+/* Reading through source.c: a read past the end, failed and interrupted reads, short reads. */
+TEST(source_reads)
+{
+    static const st_spec_t specs[] = {{"w", "F32", 2, {64, 64}}, {"b", "BF16", 1, {7}}};
+    char *path = st_write_ref("reads.safetensors", specs, 2, "{\"k\":\"v\"}", NULL);
+    fmt_err_t err = {0};
+    uint8_t b[16];
+    source_t s;
+
+    ASSERT_EQ(source_open(path, &s, &err), 0);
+    ASSERT_EQ(source_pread(&s, b, sizeof(b), s.size - 8, &err), WSD_EBADCKPT);
+    ASSERT_STR_CONTAINS(err.msg, "E_TRUNCATED: ");
+    ASSERT_STR_CONTAINS(err.msg, "16 bytes at offset");
+    ASSERT_EQ(source_pread(&s, b, 1, UINT64_MAX, &err), WSD_EBADCKPT);
+    source_close(&s);
+#ifdef WSD_FAULT_INJECTION
+    static const struct {
+        const char *spec;
+        int want;
+        const char *contains;
+    } faults[] = {
+        {"source.open", WSD_EIO, "E_OPEN: cannot open"},
+        {"source.pread", WSD_EIO, "E_READ: "},
+        {"source.pread:3", WSD_EIO, "E_READ: "},
+        {"syscall.eintr:%2", 0, NULL},      /* every other read interrupted: retried */
+        {"source.pread.short:*", 0, NULL},  /* every read returns half: continued */
+    };
+
+    size_t n = 0;
+
+    for (size_t i = 0; i < sizeof(faults) / sizeof(faults[0]); i++) {
+        char point[32];
+        int r;
+
+        snprintf(point, sizeof(point), "%.*s", (int)strcspn(faults[i].spec, ":"), faults[i].spec);
+        memset(&err, 0, sizeof(err));
+        fault_arm(faults[i].spec);
+        r = alloc_sweep_load(path, NULL, &n, &err);
+        ASSERT_GT(fault_calls(point), 0);
+        fault_arm(NULL);
+        if (r != faults[i].want || (faults[i].contains && !strstr(err.msg, faults[i].contains)))
+            TEST_FAIL("%s: %d \"%s\", expected %d %s", faults[i].spec, r, err.msg,
+                      faults[i].want, faults[i].contains ? faults[i].contains : "");
+        if (r == 0)
+            ASSERT_EQ(n, 2);
+    }
+#endif
+}

@@ -369,6 +369,10 @@ TEST(every_allocation_can_fail)
     size_t nfiles = 0;
 
     json_object_foreach(json_object_get(doc, "valid"), file, exp) {
+        /* 1501 tensors take the paths the small files take, ~6000 times over: left out, so the
+         * sweep stays quadratic in small numbers (seconds under ASan). */
+        if (strcmp(file, "pt_large_sd.pt") == 0)
+            continue;
         total += alloc_sweep(fx(file), NULL);
         nfiles++;
     }

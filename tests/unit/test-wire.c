@@ -6,9 +6,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdbool.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include "fault.h"
 #include "fdpass.h"
 #include "manifest_pb.h"
 #include "wire.h"
@@ -292,4 +295,159 @@ TEST(open_reply_matches_protobuf_c)
 int main(int argc, char **argv)
 {
     return test_main(argc, argv);
+}
+
+/*
+ * The edges of sending and receiving: a second fill over a header already past the limit, a
+ * frame the reader cannot hold, too many fds to encode, a receive that times out, and a send
+ * into a full socket that waits for the peer to read.
+ */
+TEST(reader_and_sender_edges)
+{
+    static const uint8_t big[8] = {0x00, 0x00, 0x10, 0x00, 0, 0, 0, 0}; /* 1 MiB payload */
+    wire_reader_t r;
+    wire_frame_t f;
+    uint8_t *buf, *blob;
+    size_t len, sent = 0;
+    int sv[2];
+
+    /* Header of a 1 MiB frame read first, payload next: the second fill refuses at once. */
+    pair(sv);
+    wire_reader_init(&r, WSD_REQUEST_MAX);
+    ASSERT_EQ(write(sv[0], big, 4), 4);
+    ASSERT_EQ(wire_reader_fill(&r, sv[1]), 4);
+    ASSERT_EQ(write(sv[0], big + 4, 4), 4);
+    ASSERT_EQ(wire_reader_fill(&r, sv[1]), 4);
+    ASSERT_EQ(wire_reader_fill(&r, sv[1]), -EMSGSIZE);
+    wire_reader_done(&r);
+    close(sv[0]);
+    close(sv[1]);
+
+    encode_hello(1, &buf, &len);
+    free(buf);
+    {
+        Weightsd__V1__Frame fr = WEIGHTSD__V1__FRAME__INIT;
+        Weightsd__V1__Hello h = WEIGHTSD__V1__HELLO__INIT;
+
+        fr.body_case = WEIGHTSD__V1__FRAME__BODY_HELLO;
+        fr.hello = &h;
+        ASSERT_EQ(wire_encode(&fr, WSD_FDS_PER_FRAME_MAX + 1, &buf, &len), -EMSGSIZE);
+    }
+
+    /* Nothing arrives: the receive gives up at its deadline. */
+    pair(sv);
+    wire_reader_init(&r, WSD_REQUEST_MAX);
+    ASSERT_EQ(wire_recv_frame(&r, sv[1], 30, &f), -ETIMEDOUT);
+    /* The peer closes: a reset, not a hang. */
+    close(sv[0]);
+    ASSERT_EQ(wire_recv_frame(&r, sv[1], 1000, &f), -ECONNRESET);
+    wire_reader_done(&r);
+    close(sv[1]);
+
+    /* 4 MiB into a non-blocking socket whose buffer is far smaller: wire_send_all() polls for
+     * room while a child drains the other end, and every byte arrives. */
+    pair(sv);
+    len = 4u << 20;
+    blob = malloc(len);
+    ASSERT(blob);
+    for (size_t i = 0; i < len; i++)
+        blob[i] = (uint8_t)(i * 7);
+    {
+        pid_t pid = fork();
+
+        ASSERT(pid >= 0);
+        if (pid == 0) {
+            uint8_t chunk[65536];
+            size_t got = 0;
+            bool same = true;
+
+            close(sv[0]);
+            fcntl(sv[1], F_SETFL, 0);
+            while (got < len) {
+                ssize_t n = read(sv[1], chunk, sizeof(chunk));
+
+                if (n <= 0)
+                    _exit(2);
+                for (ssize_t i = 0; i < n; i++)
+                    same = same && chunk[i] == (uint8_t)((got + (size_t)i) * 7);
+                got += (size_t)n;
+                usleep(200); /* slower than the sender: it must wait */
+            }
+            _exit(same ? 0 : 1);
+        }
+        close(sv[1]);
+        ASSERT_EQ(wire_send_all(sv[0], blob, len, NULL, 0), 0);
+        sent = len;
+        close(sv[0]);
+        {
+            int st = 0;
+
+            ASSERT_EQ(waitpid(pid, &st, 0), pid);
+            ASSERT(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+        }
+    }
+    ASSERT_EQ(sent, len);
+    free(blob);
+}
+
+/* C9: each allocation of encoding, reading and decoding a frame can fail, cleanly (-ENOMEM, and
+ * under ASan nothing leaked); in fault builds only. */
+TEST(every_allocation_can_fail)
+{
+#ifdef WSD_FAULT_INJECTION
+    unsigned long n;
+
+    for (n = 1;; n++) {
+        char spec[32];
+        uint8_t *buf = NULL;
+        size_t len = 0;
+        wire_reader_t r;
+        wire_frame_t f = {0};
+        int sv[2], k, steps = 0;
+
+        pair(sv);
+        wire_reader_init(&r, WSD_REQUEST_MAX);
+        snprintf(spec, sizeof(spec), "malloc:%lu", n);
+        fault_arm(spec);
+        {
+            Weightsd__V1__Frame fr = WEIGHTSD__V1__FRAME__INIT;
+            Weightsd__V1__Hello h = WEIGHTSD__V1__HELLO__INIT;
+
+            h.protocol = 1;
+            h.client = wire_str("sweep");
+            fr.id = 9;
+            fr.body_case = WEIGHTSD__V1__FRAME__BODY_HELLO;
+            fr.hello = &h;
+            k = wire_encode(&fr, 0, &buf, &len);
+        }
+        if (k == 0) {
+            ASSERT_EQ(write(sv[0], buf, len), (ssize_t)len);
+            /* A fill reads the header, the next one the rest of the frame. */
+            do {
+                steps++;
+                k = wire_reader_fill(&r, sv[1]);
+                if (k > 0)
+                    k = wire_reader_next(&r, &f);
+            } while (k == 0 && steps < 8);
+        }
+        fault_arm(NULL);
+        free(buf);
+        close(sv[0]);
+        close(sv[1]);
+        if (k > 0) { /* the whole round ran */
+            ASSERT_EQ(f.msg->id, 9);
+            ASSERT_STR_EQ(f.msg->hello->client, "sweep");
+            wire_frame_done(&f);
+            wire_reader_done(&r);
+            break;
+        }
+        if (k != -ENOMEM)
+            TEST_FAIL("allocation %lu failed (after %d steps): %d, expected -ENOMEM", n, steps, k);
+        wire_reader_done(&r);
+    }
+    fprintf(stderr, "# %lu allocations, each failed once\n", n - 1);
+    ASSERT_GE(n, 3);
+#else
+    SKIP("needs -DWSD_FAULT_INJECTION=ON (the malloc wrappers)");
+#endif
 }
