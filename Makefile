@@ -13,7 +13,7 @@ DEPS := cmake make gcc pkg-config libuv1-dev libprotobuf-c-dev protobuf-c-compil
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps build test demo clean
+.PHONY: all deps build test demo coverage clean
 
 all: build
 
@@ -38,5 +38,19 @@ test: build
 demo: build
 	WSD_BUILD_DIR=$(abspath $(BUILD)) client/examples/demo.sh
 
+# RELIABILITY P1: line coverage of the untrusted-input parsers by the unit tests and the fuzz
+# corpora, in build-cov/ (gcov; a fault build, so the allocation sweeps count), failing under
+# COVERAGE_MIN percent for any file of COVERAGE_GATE.
+COVERAGE_MIN  ?= 90
+COVERAGE_GATE := daemon/formats/fmt.c daemon/formats/index.c daemon/formats/manifest.c \
+                 daemon/formats/pickle.c daemon/formats/safetensors.c daemon/formats/source.c \
+                 daemon/formats/torch.c daemon/formats/zip.c proto/wire.c proto/fdpass.c
+coverage: deps
+	cmake -S . -B build-cov -DWSD_COVERAGE=ON -DWSD_FAULT_INJECTION=ON -DCMAKE_BUILD_TYPE=Debug
+	cmake --build build-cov -j $(JOBS)
+	find build-cov -name '*.gcda' -delete
+	cd build-cov && ctest --output-on-failure -j $(JOBS) -L unit
+	$(PYTHON) tests/coverage/report.py build-cov --min $(COVERAGE_MIN) --gate $(COVERAGE_GATE)
+
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) build-cov

@@ -5,3 +5,11 @@ if(WSD_SANITIZE)
     add_compile_options(-fsanitize=${WSD_SANITIZE} -fno-sanitize-recover=all -fno-omit-frame-pointer)
     add_link_options(-fsanitize=${WSD_SANITIZE})
 endif()
+
+# WSD_COVERAGE=ON instruments everything for gcov (tests/coverage/report.py reads the result;
+# RELIABILITY P1 asks for line coverage of the parsers). -O0 so lines map one to one.
+option(WSD_COVERAGE "Build with gcov instrumentation (--coverage -O0)" OFF)
+if(WSD_COVERAGE)
+    add_compile_options(--coverage -O0)
+    add_link_options(--coverage)
+endif()
