@@ -394,17 +394,28 @@ static int reserve(struct vm *vm, uint32_t c, uint32_t slots)
     return 0;
 }
 
+/*
+ * What cannot be a dict key or a set item: what Python cannot hash (torch.load fails on it too:
+ * lists, dicts, sets, tuples holding one), plus frozensets, which share PK_SET with sets, and
+ * tensors and storages, which Python hashes by identity but which cannot name anything here.
+ */
+static bool unhashable(struct vm *vm, uint32_t h)
+{
+    const pk_node_t *n = N(vm, h);
+
+    return n->type == PK_LIST || n->type == PK_DICT || n->type == PK_SET ||
+           n->type == PK_TENSOR || n->type == PK_STORAGE || n->type == PK_UNSUPPORTED ||
+           (n->flags & PK_F_UNHASHABLE);
+}
+
 static int dict_set(struct vm *vm, uint32_t dict, uint32_t k, uint32_t v)
 {
-    uint8_t kt = N(vm, k)->type;
     pk_node_t *dn;
     int r;
 
-    /* Unhashable in Python (torch would fail too); tensors are hashable there but cannot name
-     * anything here. */
-    if (kt == PK_LIST || kt == PK_DICT || kt == PK_SET || kt == PK_TENSOR || kt == PK_STORAGE ||
-        kt == PK_UNSUPPORTED)
-        return vm_fail(vm, "E_PKL_BAD_CALL", "a %s cannot be a dict key", tname(vm, k));
+    if (unhashable(vm, k))
+        return vm_fail(vm, "E_PKL_BAD_CALL", "a %s%s cannot be a dict key", tname(vm, k),
+                       N(vm, k)->type == PK_TUPLE ? " holding an unhashable value" : "");
     r = reserve(vm, dict, 2);
     if (r < 0)
         return r;
@@ -420,6 +431,9 @@ static int list_add(struct vm *vm, uint32_t list, uint32_t item)
     pk_node_t *ln;
     int r;
 
+    if (N(vm, list)->type == PK_SET && unhashable(vm, item))
+        return vm_fail(vm, "E_PKL_BAD_CALL", "a %s%s cannot be a set item", tname(vm, item),
+                       N(vm, item)->type == PK_TUPLE ? " holding an unhashable value" : "");
     r = reserve(vm, list, 1);
     if (r < 0)
         return r;
@@ -454,6 +468,15 @@ static int make_seq(struct vm *vm, pk_type_t type, size_t from, uint32_t *ret)
         memcpy(n->u.items, vm->stack + from, k * sizeof(*n->u.items));
         n->n = n->cap = (uint32_t)k;
         vm->d->nitems += k;
+        for (size_t i = 0; i < k; i++) {
+            if (type == PK_SET && unhashable(vm, n->u.items[i]))
+                return vm_fail(vm, "E_PKL_BAD_CALL", "a %s%s cannot be a set item",
+                               tname(vm, n->u.items[i]),
+                               N(vm, n->u.items[i])->type == PK_TUPLE
+                                   ? " holding an unhashable value" : "");
+            if (type == PK_TUPLE && unhashable(vm, n->u.items[i]))
+                N(vm, h)->flags |= PK_F_UNHASHABLE;
+        }
     }
     if (type == PK_TUPLE && from == vm->sp)
         vm->empty_tuple = h;
@@ -478,9 +501,10 @@ static uint64_t rd_le(const uint8_t *p, unsigned n)
     return v;
 }
 
-/* UTF-8 as CPython decodes it with errors='surrogatepass' (what torch.load uses): well-formed
- * sequences, where encoded surrogates (ED A0..BF xx) are allowed. */
-static bool utf8_valid(const uint8_t *s, size_t n)
+/* UTF-8 as CPython decodes it: well-formed sequences, where encoded surrogates (ED A0..BF xx)
+ * are allowed if \p surrogates (errors='surrogatepass', as pickle reads BINUNICODE), and not
+ * otherwise (errors='strict', as torch.load's encoding='utf-8' reads a py2 str). */
+static bool utf8_valid(const uint8_t *s, size_t n, bool surrogates)
 {
     size_t i = 0;
 
@@ -507,6 +531,8 @@ static bool utf8_valid(const uint8_t *s, size_t n)
             lo = 0x90;
         else if (c == 0xf4)
             hi = 0x8f;
+        else if (c == 0xed && !surrogates)
+            hi = 0x9f;
         if (n - i <= k)
             return false;
         if (s[i + 1] < lo || s[i + 1] > hi)
@@ -519,8 +545,9 @@ static bool utf8_valid(const uint8_t *s, size_t n)
     return true;
 }
 
-/* Strings and bytes: \p lenbytes of little-endian length, then the bytes, borrowed in place. */
-static int op_string(struct vm *vm, unsigned lenbytes, pk_type_t type)
+/* Strings and bytes: \p lenbytes of little-endian length, then the bytes, borrowed in place;
+ * \p py2 text (SHORT_BINSTRING) is decoded strictly. */
+static int op_string(struct vm *vm, unsigned lenbytes, pk_type_t type, bool py2)
 {
     uint64_t n;
     uint32_t h = NO_NODE;
@@ -537,8 +564,9 @@ static int op_string(struct vm *vm, unsigned lenbytes, pk_type_t type)
     if (n > PK_STR_MAX)
         return vm_fail(vm, "E_PKL_LIMIT", "string of %llu bytes (at most %u)",
                        (unsigned long long)n, PK_STR_MAX);
-    if (type == PK_STR && !utf8_valid(vm->p + vm->pos, (size_t)n))
-        return vm_fail(vm, "E_PKL_UTF8", "string is not valid UTF-8");
+    if (type == PK_STR && !utf8_valid(vm->p + vm->pos, (size_t)n, !py2))
+        return vm_fail(vm, "E_PKL_UTF8", "%s is not valid UTF-8",
+                       py2 ? "a Python 2 str (decoded strictly, as torch.load does)" : "string");
     r = push_new(vm, type, &h);
     if (r < 0)
         return r;
@@ -930,6 +958,7 @@ static int call_global(struct vm *vm, uint16_t g, uint32_t args, unsigned depth,
         r = new_node(vm, PK_DICT, ret);
         if (r < 0)
             return r;
+        N(vm, *ret)->flags |= PK_F_INSTANCE;
         if (src != NO_NODE && N(vm, src)->type == PK_DICT) {
             for (uint32_t i = 0; i < N(vm, src)->n; i++) {
                 r = dict_set(vm, *ret, N(vm, src)->u.items[2 * i], N(vm, src)->u.items[2 * i + 1]);
@@ -1119,9 +1148,11 @@ static int op_newobj(struct vm *vm)
         return vm_fail(vm, "E_PKL_BAD_CALL", "NEWOBJ of a %s with %s arguments", tname(vm, cls),
                        tname(vm, args));
     k = globals[N(vm, cls)->aux].kind;
-    if (k == G_DICT_CLASS)
+    if (k == G_DICT_CLASS) {
         r = new_node(vm, PK_DICT, &res);
-    else if (k == G_SET && strcmp(globals[N(vm, cls)->aux].name, "frozenset") == 0) {
+        if (r == 0)
+            N(vm, res)->flags |= PK_F_INSTANCE;
+    } else if (k == G_SET && strcmp(globals[N(vm, cls)->aux].name, "frozenset") == 0) {
         /* frozenset.__new__ takes the items (set.__new__ ignores its arguments). */
         const pk_node_t *a = N(vm, args);
 
@@ -1152,6 +1183,7 @@ static int op_build(struct vm *vm)
 {
     uint32_t state, target;
     const pk_node_t *s;
+    bool attrs; /* BUILD sets attributes (into a __dict__, or with setattr) */
     int r;
 
     r = need_stack(vm, 2, "BUILD");
@@ -1162,20 +1194,26 @@ static int op_build(struct vm *vm)
     if (N(vm, target)->type != PK_DICT)
         return vm_fail(vm, "E_PKL_BAD_CALL", "BUILD on a %s is not supported", tname(vm, target));
     s = N(vm, state);
-    if (s->type == PK_DICT)
-        return 0;
-    if (s->type == PK_TUPLE && s->n == 2) {
-        bool ok = true;
-
-        for (int i = 0; i < 2; i++) {
-            uint8_t t = N(vm, s->u.items[i])->type;
-
-            ok = ok && (t == PK_DICT || t == PK_NONE);
-        }
-        if (ok)
-            return 0;
+    /*
+     * CPython's rules: a dict state goes into the object's __dict__ (a plain dict has none); a
+     * (state, slotstate) pair does the same with a state that is not None, and sets each item
+     * of slotstate, which must be a dict, as an attribute. Nothing is kept: the attributes of a
+     * dict subclass are not items.
+     */
+    if (s->type == PK_DICT) {
+        attrs = true;
+    } else if (s->type == PK_TUPLE && s->n == 2 &&
+               (N(vm, s->u.items[0])->type == PK_DICT || N(vm, s->u.items[0])->type == PK_NONE) &&
+               N(vm, s->u.items[1])->type == PK_DICT) {
+        attrs = N(vm, s->u.items[0])->type == PK_DICT || N(vm, s->u.items[1])->n > 0;
+    } else {
+        return vm_fail(vm, "E_PKL_BAD_CALL", "BUILD state is a %s, not a dict or a (dict or None, "
+                       "dict) pair", tname(vm, state));
     }
-    return vm_fail(vm, "E_PKL_BAD_CALL", "BUILD state is a %s, not a dict", tname(vm, state));
+    if (attrs && !(N(vm, target)->flags & PK_F_INSTANCE))
+        return vm_fail(vm, "E_PKL_BAD_CALL", "BUILD sets attributes on a plain dict, which has "
+                       "none");
+    return 0;
 }
 
 /* BINPERSID: ('storage', StorageType, key, location, numel), §3.3. */
@@ -1499,20 +1537,20 @@ static int vm_step(struct vm *vm, bool *done)
         return r;
     }
     case 'X': /* BINUNICODE */
-        return op_string(vm, 4, PK_STR);
+        return op_string(vm, 4, PK_STR, false);
     case 0x8c: /* SHORT_BINUNICODE */
-        return op_string(vm, 1, PK_STR);
+        return op_string(vm, 1, PK_STR, false);
     case 0x8d: /* BINUNICODE8 */
-        return op_string(vm, 8, PK_STR);
+        return op_string(vm, 8, PK_STR, false);
     case 'U': /* SHORT_BINSTRING: torch.load decodes py2 str as UTF-8 */
-        return op_string(vm, 1, PK_STR);
+        return op_string(vm, 1, PK_STR, true);
     case 'B': /* BINBYTES */
-        return op_string(vm, 4, PK_BYTES);
+        return op_string(vm, 4, PK_BYTES, false);
     case 'C': /* SHORT_BINBYTES */
-        return op_string(vm, 1, PK_BYTES);
+        return op_string(vm, 1, PK_BYTES, false);
     case 0x8e: /* BINBYTES8 */
     case 0x96: /* BYTEARRAY8 */
-        return op_string(vm, 8, PK_BYTES);
+        return op_string(vm, 8, PK_BYTES, false);
     case 'q': /* BINPUT */
         r = need_bytes(vm, 1);
         if (r < 0)
@@ -2013,15 +2051,19 @@ static int render(const pk_doc_t *d, uint32_t h, pk_buf_t *out, unsigned depth, 
         return put_jstring(out, n->u.s, n->n, false, err);
     case PK_BYTES:
         return put_jstring(out, n->u.s, n->n, !(n->flags & PK_F_LATIN1), err);
-    case PK_COMPLEX:
+    case PK_COMPLEX: {
+        /* complex(1, True) is (1+1j): both parts are floats whatever built them. */
+        const pk_node_t *re = &d->nodes[n->u.pair[0]], *im = &d->nodes[n->u.pair[1]];
+
         r = buf_str(out, "[", err);
         if (r == 0)
-            r = render(d, n->u.pair[0], out, depth + 1, false, err);
+            r = put_double(out, re->type == PK_FLOAT ? re->u.f : (double)re->u.i, true, err);
         if (r == 0)
             r = buf_str(out, ",", err);
         if (r == 0)
-            r = render(d, n->u.pair[1], out, depth + 1, false, err);
+            r = put_double(out, im->type == PK_FLOAT ? im->u.f : (double)im->u.i, true, err);
         return r < 0 ? r : buf_str(out, "]", err);
+    }
     case PK_TUPLE:
     case PK_LIST:
     case PK_SET:

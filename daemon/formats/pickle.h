@@ -74,6 +74,9 @@ typedef enum pk_kind {
 #define PK_F_LATIN1     (1u << 1) /* PK_BYTES: see above */
 #define PK_F_SEEN       (1u << 2) /* scratch for the HAS_TENSOR pass */
 #define PK_F_DONE       (1u << 3) /* scratch for the HAS_TENSOR pass */
+#define PK_F_UNHASHABLE (1u << 4) /* PK_TUPLE holding (transitively) something unhashable */
+#define PK_F_INSTANCE   (1u << 5) /* PK_DICT built by a class (OrderedDict(), Counter(), NEWOBJ):
+                                   * it has a __dict__ that BUILD may fill; a plain dict has not */
 
 typedef struct pk_node {
     uint8_t type;   /* pk_type_t */

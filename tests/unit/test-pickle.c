@@ -178,6 +178,19 @@ TEST(pickle_container_rules)
         R(P2 "}K\x01", "b.", "E_PKL_BAD_CALL", "BUILD state is a int, not a dict"),
         R(P2 "}}K\x01\x86", "b.", "E_PKL_BAD_CALL", "BUILD state is a tuple, not a dict"),
         R(P2 "}N}N\x87", "b.", "E_PKL_BAD_CALL", "BUILD state is a tuple, not a dict"),
+        /* CPython: BUILD on a plain dict fails (no __dict__) unless the state sets nothing;
+         * a slot state must be a dict, None is refused. */
+        R(P2 "}}", "b.", "E_PKL_BAD_CALL", "BUILD sets attributes on a plain dict"),
+        R(P2 "}}}\x86", "b.", "E_PKL_BAD_CALL", "BUILD sets attributes on a plain dict"),
+        R(P2 "}N}" STR_A "K\x01s\x86", "b.", "E_PKL_BAD_CALL", "on a plain dict"),
+        R(P2 OD_G ")R}N\x86", "b.", "E_PKL_BAD_CALL", "(dict or None, dict) pair"),
+        /* Unhashable set items and keys, as CPython refuses them (TypeError). */
+        R(P4 "\x8f(]", "\x90.", "E_PKL_BAD_CALL", "a list cannot be a set item"),
+        R(P4 "(}", "\x91.", "E_PKL_BAD_CALL", "a dict cannot be a set item"),
+        R(P2 "c__builtin__\nset\n]]a\x85", "R.", "E_PKL_BAD_CALL", "a list cannot be a set item"),
+        R(P2 "}(]\x85N", "u.", "E_PKL_BAD_CALL",
+          "a tuple holding an unhashable value cannot be a dict key"),
+        R(P2 "}(K\x01]\x86\x85N", "u.", "E_PKL_BAD_CALL", "holding an unhashable value"),
         R(P2 "N)", "\x81.", "E_PKL_BAD_CALL", "NEWOBJ of a None with tuple arguments"),
         R(P2 "c__builtin__\nset\nN", "\x81.", "E_PKL_BAD_CALL",
           "NEWOBJ of a global with None arguments"),
@@ -327,6 +340,8 @@ TEST(pickle_utf8_refused)
         R(P2, "X\x04\x00\x00\x00\xf0\x9f\x98\x28.", "E_PKL_UTF8", "not valid UTF-8"),
         R(P2, "\x8c\x02\xc3\x28.", "E_PKL_UTF8", "not valid UTF-8"),
         R(P2, "U\x01\xff.", "E_PKL_UTF8", "not valid UTF-8"),
+        /* A py2 str is decoded strictly: no encoded surrogates (BINUNICODE allows them). */
+        R(P2, "U\x03\xed\xa0\x80.", "E_PKL_UTF8", "Python 2 str"),
         R(P4, "\x8d\x01\x00\x00\x00\x00\x00\x00\x00\xfe.", "E_PKL_UTF8", "not valid UTF-8"),
     };
     /* clang-format on */
@@ -583,6 +598,12 @@ TEST(pickle_values_numbers_text)
              "G\x40\x00\x00\x00\x00\x00\x00\x00\x86q\x01Rq\x02.",
           "[1.0,2.0]"),
         V(P2 "cbuiltins\ncomplex\n" F_NAN F_NINF "\x86R.", "[\"NaN\",\"-Infinity\"]"),
+        /* complex(1, True) is (1+1j). */
+        V(P2 "c__builtin__\ncomplex\nK\x01\x88\x86R.", "[1.0,1.0]"),
+        /* A tuple of hashables is a key; a plain dict BUILT with (None, {}) is left alone. */
+        V(P2 "}(K\x01K\x02\x86Nu.", "{\"[1,2]\":null}"),
+        V(P2 "}N}\x86" "b.", "{}"),
+        V(P2 "U\x03\xed\x9f\xbf.", "\"\xed\x9f\xbf\""),
         /* Non-string keys become strings as json.dumps makes them. */
         V(P2 "}(" F_NAN "K\x01" F_NINF "K\x02NK\x03G\x3f\xf8\x00\x00\x00\x00\x00\x00K\x04\x88K\x05u.",
           "{\"NaN\":1,\"-Infinity\":2,\"null\":3,\"1.5\":4,\"true\":5}"),
