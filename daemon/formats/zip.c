@@ -242,15 +242,15 @@ static int check_name(const source_t *s, const uint8_t *name, size_t len, fmt_er
 
 /*
  * Resolves the ZIP64 extended-information field of one central entry: it holds, in order, only
- * the fields whose 32-bit (16-bit for the disk) value is saturated. Other extra fields are
- * skipped, but every field header must lie inside the extra area.
+ * the fields whose 32-bit value is saturated (a saturated 16-bit disk number, the last of them,
+ * never gets here: see parse_central). Other extra fields are skipped, but every field header
+ * must lie inside the extra area.
  */
 static int parse_extra(const source_t *s, const char *shown, const uint8_t *x, size_t xlen,
-                       uint64_t *usize, uint64_t *csize, uint64_t *lho, uint64_t *disk,
-                       fmt_err_t *err)
+                       uint64_t *usize, uint64_t *csize, uint64_t *lho, fmt_err_t *err)
 {
     bool need_u = *usize == SAT32, need_c = *csize == SAT32, need_l = *lho == SAT32;
-    bool need_d = *disk == SAT16, seen = false;
+    bool seen = false;
     size_t off = 0;
 
     while (off < xlen) {
@@ -270,8 +270,7 @@ static int parse_extra(const source_t *s, const char *shown, const uint8_t *x, s
                             "end of its extra field (%zu bytes left)",
                             s->path, shown, id, sz, xlen - off);
         if (id == 0x0001) {
-            size_t want = (need_u ? 8 : 0) + (need_c ? 8 : 0) + (need_l ? 8 : 0) +
-                          (need_d ? 4 : 0);
+            size_t want = (need_u ? 8 : 0) + (need_c ? 8 : 0) + (need_l ? 8 : 0);
 
             if (seen)
                 return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_BAD_ZIP64",
@@ -289,16 +288,12 @@ static int parse_extra(const source_t *s, const char *shown, const uint8_t *x, s
                 *csize = le64(x + off + p);
                 p += 8;
             }
-            if (need_l) {
+            if (need_l)
                 *lho = le64(x + off + p);
-                p += 8;
-            }
-            if (need_d)
-                *disk = le32(x + off + p);
         }
         off += sz;
     }
-    if (!seen && (need_u || need_c || need_l || need_d))
+    if (!seen && (need_u || need_c || need_l))
         return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_BAD_ZIP64",
                         "'%s': record '%s' has saturated sizes or offset but no ZIP64 extra field",
                         s->path, shown);
@@ -347,13 +342,16 @@ static int parse_central(const source_t *s, const uint8_t *cd, uint64_t cd_size,
                         "'%s': record '%s' uses compression method %u; only stored (0) and "
                         "deflate (8) are understood",
                         s->path, shown, e->method);
-    r = parse_extra(s, shown, h + CENTRAL_LEN + nlen, xlen, &usize, &csize, &lho, &disk, err);
-    if (r < 0)
-        return r;
+    /* 0xFFFF would defer to a ZIP64 disk number, but torch's reader (miniz) refuses it as
+     * multi-disk whatever that says, so it is refused here too. */
     if (disk != 0)
         return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_MULTIDISK",
-                        "'%s': record '%s' starts on disk %llu", s->path, shown,
-                        (unsigned long long)disk);
+                        "'%s': record '%s' starts on disk %llu%s", s->path, shown,
+                        (unsigned long long)disk, disk == SAT16 ? " (0xFFFF: refused by torch "
+                                                                  "as multi-disk too)" : "");
+    r = parse_extra(s, shown, h + CENTRAL_LEN + nlen, xlen, &usize, &csize, &lho, err);
+    if (r < 0)
+        return r;
     if (e->method == ZIP_METHOD_STORED && csize != usize)
         return fmt_fail(err, WSD_EBADCKPT, "E_ZIP_ENTRY_SIZE",
                         "'%s': stored record '%s' has compressed size %llu but size %llu",
