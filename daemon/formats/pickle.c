@@ -232,6 +232,7 @@ struct vm {
     const uint8_t *p;
     size_t len;
     size_t pos;         /* next byte to decode */
+    size_t frame_end;   /* end of the current FRAME (0: none): no read may cross it */
     size_t op;          /* offset of the opcode being executed, for messages */
     uint32_t *stack;
     size_t sp, stack_cap;
@@ -405,7 +406,7 @@ static bool unhashable(struct vm *vm, uint32_t h)
 
     return n->type == PK_LIST || n->type == PK_DICT || n->type == PK_SET ||
            n->type == PK_TENSOR || n->type == PK_STORAGE || n->type == PK_UNSUPPORTED ||
-           (n->flags & PK_F_UNHASHABLE);
+           (n->flags & (PK_F_UNHASHABLE | PK_F_BYTEARRAY));
 }
 
 static int dict_set(struct vm *vm, uint32_t dict, uint32_t k, uint32_t v)
@@ -484,12 +485,36 @@ static int make_seq(struct vm *vm, pk_type_t type, size_t from, uint32_t *ret)
     return 0;
 }
 
+/*
+ * Bytes an opcode may read from pos: up to the end of the FRAME it started in, else up to the end
+ * of the pickle. CPython's framed reader refuses a read that crosses a frame's end ("pickle
+ * exhausted before end of frame"), and on a file object, as torch.load reads data.pkl, a lying
+ * frame length makes it read other bytes than these; either way such a stream is refused here.
+ */
+static size_t avail(const struct vm *vm)
+{
+    return (vm->pos < vm->frame_end ? vm->frame_end : vm->len) - vm->pos;
+}
+
+/* The error for a read of \p n bytes (of \p what) that avail() cannot satisfy. */
+static int short_read(struct vm *vm, size_t n, const char *what)
+{
+    if (vm->pos < vm->frame_end && vm->frame_end < vm->len)
+        return vm_fail(vm, "E_PKL_FRAME", "%s of %zu bytes crosses the end of its FRAME at "
+                       "offset %zu", what, n, vm->frame_end);
+    return vm_fail(vm, "E_PKL_TRUNCATED", "%s of %zu bytes runs past the end of the pickle (%zu "
+                   "bytes left)", what, n, vm->len - vm->pos);
+}
+
 static int need_bytes(struct vm *vm, size_t n)
 {
-    if (vm->len - vm->pos < n)
-        return vm_fail(vm, "E_PKL_TRUNCATED", "pickle ends inside opcode 0x%02x (needs %zu more "
-                       "bytes, %zu left)", vm->p[vm->op], n, vm->len - vm->pos);
-    return 0;
+    if (avail(vm) >= n)
+        return 0;
+    if (vm->pos < vm->frame_end && vm->frame_end < vm->len)
+        return vm_fail(vm, "E_PKL_FRAME", "opcode 0x%02x (needs %zu more bytes) crosses the end "
+                       "of its FRAME at offset %zu", vm->p[vm->op], n, vm->frame_end);
+    return vm_fail(vm, "E_PKL_TRUNCATED", "pickle ends inside opcode 0x%02x (needs %zu more "
+                   "bytes, %zu left)", vm->p[vm->op], n, vm->len - vm->pos);
 }
 
 static uint64_t rd_le(const uint8_t *p, unsigned n)
@@ -558,9 +583,8 @@ static int op_string(struct vm *vm, unsigned lenbytes, pk_type_t type, bool py2)
         return r;
     n = rd_le(vm->p + vm->pos, lenbytes);
     vm->pos += lenbytes;
-    if (n > vm->len - vm->pos)
-        return vm_fail(vm, "E_PKL_TRUNCATED", "string of %llu bytes runs past the end of the "
-                       "pickle (%zu bytes left)", (unsigned long long)n, vm->len - vm->pos);
+    if (n > avail(vm))
+        return short_read(vm, (size_t)(n > SIZE_MAX ? SIZE_MAX : n), "string");
     if (n > PK_STR_MAX)
         return vm_fail(vm, "E_PKL_LIMIT", "string of %llu bytes (at most %u)",
                        (unsigned long long)n, PK_STR_MAX);
@@ -587,9 +611,8 @@ static int op_long(struct vm *vm, unsigned lenbytes)
         return r;
     n = rd_le(vm->p + vm->pos, lenbytes);
     vm->pos += lenbytes;
-    if (n > vm->len - vm->pos)
-        return vm_fail(vm, "E_PKL_TRUNCATED", "integer of %llu bytes runs past the end of the "
-                       "pickle", (unsigned long long)n);
+    if (n > avail(vm))
+        return short_read(vm, (size_t)(n > SIZE_MAX ? SIZE_MAX : n), "integer");
     if (n > PK_BIGINT_MAX)
         return vm_fail(vm, "E_PKL_LIMIT", "integer of %llu bytes (at most %u)",
                        (unsigned long long)n, PK_BIGINT_MAX);
@@ -698,14 +721,18 @@ static int resolve_global(struct vm *vm, const uint8_t *mod, size_t mlen, const 
 /* GLOBAL: "module\nname\n", each a line of at most PK_GLOBAL_LINE_MAX bytes. */
 static int read_line(struct vm *vm, const uint8_t **ret, size_t *ret_len)
 {
-    size_t left = vm->len - vm->pos;
+    size_t left = avail(vm);
     size_t lim = left < PK_GLOBAL_LINE_MAX + 1 ? left : PK_GLOBAL_LINE_MAX + 1;
     const uint8_t *nl = memchr(vm->p + vm->pos, '\n', lim);
 
+    if (!nl && lim < left)
+        return vm_fail(vm, "E_PKL_LIMIT", "GLOBAL name line is too long");
     if (!nl)
-        return vm_fail(vm, lim == left ? "E_PKL_TRUNCATED" : "E_PKL_LIMIT",
-                       "GLOBAL name line %s", lim == left ? "runs past the end of the pickle"
-                                                          : "is too long");
+        return vm_fail(vm, vm->pos < vm->frame_end && vm->frame_end < vm->len ? "E_PKL_FRAME"
+                                                                               : "E_PKL_TRUNCATED",
+                       "GLOBAL name line runs past the end of %s",
+                       vm->pos < vm->frame_end && vm->frame_end < vm->len ? "its FRAME"
+                                                                          : "the pickle");
     *ret = vm->p + vm->pos;
     *ret_len = (size_t)(nl - (vm->p + vm->pos));
     vm->pos += *ret_len + 1;
@@ -926,6 +953,43 @@ static int make_set_from(struct vm *vm, uint32_t src, uint32_t *ret)
     return 0;
 }
 
+/*
+ * torch.device(type[, index]) as torch parses it: a known device type, then ":N" or the index
+ * argument (not both), N a decimal without leading zeros. torch keeps indices in 8 bits (1.13
+ * wraps "cuda:128" to -128), so only 0..127 are taken.
+ */
+static bool device_ok(const pk_node_t *s, bool has_index, int64_t index)
+{
+    static const char *const types[] = {
+        "cpu", "cuda", "ipu", "xpu", "mkldnn", "opengl", "opencl", "ideep", "hip", "ve", "fpga",
+        "ort", "maia", "xla", "lazy", "vulkan", "mps", "meta", "hpu", "mtia", "privateuseone",
+    };
+    size_t tlen = 0;
+    bool known = false;
+
+    while (tlen < s->n && s->u.s[tlen] != ':')
+        tlen++;
+    for (size_t i = 0; i < sizeof(types) / sizeof(types[0]) && !known; i++)
+        known = strlen(types[i]) == tlen && memcmp(types[i], s->u.s, tlen) == 0;
+    if (!known)
+        return false;
+    if (tlen < s->n) { /* "type:N" */
+        const uint8_t *d = s->u.s + tlen + 1;
+        size_t nd = s->n - tlen - 1;
+        int v = 0;
+
+        if (has_index || nd == 0 || nd > 3 || (nd > 1 && d[0] == '0'))
+            return false;
+        for (size_t i = 0; i < nd; i++) {
+            if (d[i] < '0' || d[i] > '9')
+                return false;
+            v = v * 10 + (d[i] - '0');
+        }
+        return v <= 127;
+    }
+    return !has_index || (index >= 0 && index <= 127);
+}
+
 /* Text whose code points all fit latin-1: only lead bytes C2/C3 may appear. */
 static bool latin1_ok(const pk_node_t *s)
 {
@@ -1045,6 +1109,12 @@ static int call_global(struct vm *vm, uint16_t g, uint32_t args, unsigned depth,
         if (a->n < 1 || a->n > 2 || N(vm, it[0])->type != PK_STR ||
             (a->n == 2 && N(vm, it[1])->type != PK_INT && N(vm, it[1])->type != PK_NONE))
             return vm_fail(vm, "E_PKL_BAD_CALL", "%s expects (type[, index])", GN);
+        if (!device_ok(N(vm, it[0]), a->n == 2 && N(vm, it[1])->type == PK_INT,
+                       a->n == 2 && N(vm, it[1])->type == PK_INT ? N(vm, it[1])->u.i : 0))
+            return vm_fail(vm, "E_PKL_BAD_CALL", "%s: '%.*s'%s is not a device torch accepts", GN,
+                           (int)(N(vm, it[0])->n > 32 ? 32 : N(vm, it[0])->n),
+                           (const char *)N(vm, it[0])->u.s,
+                           a->n == 2 && N(vm, it[1])->type == PK_INT ? " with an index" : "");
     {
         uint32_t index = a->n == 2 && N(vm, it[1])->type == PK_INT ? it[1] : NO_NODE;
 
@@ -1074,14 +1144,27 @@ static int call_global(struct vm *vm, uint16_t g, uint32_t args, unsigned depth,
         N(vm, *ret)->flags |= PK_F_LATIN1;
         return 0;
     }
-    case G_BYTES:
-        if (a->n == 1 && N(vm, it[0])->type == PK_BYTES) {
+    case G_BYTES: {
+        bool mutable = strcmp(gl->name, "bytearray") == 0;
+
+        if (a->n > 1 || (a->n == 1 && N(vm, it[0])->type != PK_BYTES))
+            return vm_fail(vm, "E_PKL_BAD_CALL", "%s called with unsupported arguments", GN);
+        if (a->n == 1 && !mutable) {
             *ret = it[0];
             return 0;
         }
-        if (a->n != 0)
-            return vm_fail(vm, "E_PKL_BAD_CALL", "%s called with unsupported arguments", GN);
-        return new_node(vm, PK_BYTES, ret);
+        r = new_node(vm, PK_BYTES, ret);
+        if (r < 0)
+            return r;
+        if (a->n == 1) { /* a new bytearray holding the same bytes */
+            N(vm, *ret)->u.s = N(vm, it[0])->u.s;
+            N(vm, *ret)->n = N(vm, it[0])->n;
+            N(vm, *ret)->flags |= N(vm, it[0])->flags & PK_F_LATIN1;
+        }
+        if (mutable)
+            N(vm, *ret)->flags |= PK_F_BYTEARRAY;
+        return 0;
+    }
     case G_SET:
         if (a->n == 0)
             return make_set_from(vm, NO_NODE, ret);
@@ -1418,8 +1501,13 @@ static int vm_step(struct vm *vm, bool *done)
         r = need_bytes(vm, 8);
         if (r < 0)
             return r;
+        /* Python's framed reader: "beginning of a new frame before end of current frame". */
+        if (vm->pos < vm->frame_end && vm->pos + 8 < vm->frame_end)
+            return vm_fail(vm, "E_PKL_FRAME", "FRAME inside a frame that ends at offset %zu",
+                           vm->frame_end);
         if (rd_le(vm->p + vm->pos, 8) > vm->len - vm->pos - 8)
             return vm_fail(vm, "E_PKL_TRUNCATED", "FRAME runs past the end of the pickle");
+        vm->frame_end = vm->pos + 8 + (size_t)rd_le(vm->p + vm->pos, 8);
         vm->pos += 8;
         return 0;
     case '.': /* STOP */
@@ -1549,8 +1637,12 @@ static int vm_step(struct vm *vm, bool *done)
     case 'C': /* SHORT_BINBYTES */
         return op_string(vm, 1, PK_BYTES, false);
     case 0x8e: /* BINBYTES8 */
-    case 0x96: /* BYTEARRAY8 */
         return op_string(vm, 8, PK_BYTES, false);
+    case 0x96: /* BYTEARRAY8 */
+        r = op_string(vm, 8, PK_BYTES, false);
+        if (r == 0)
+            N(vm, vm->stack[vm->sp - 1])->flags |= PK_F_BYTEARRAY;
+        return r;
     case 'q': /* BINPUT */
         r = need_bytes(vm, 1);
         if (r < 0)
@@ -1728,6 +1820,8 @@ pk_doc_t *pickle_free(pk_doc_t *d)
     return NULL;
 }
 
+static int check_members(const pk_doc_t *d, fmt_err_t *err);
+
 int pickle_parse(const uint8_t *buf, size_t len, pk_doc_t **ret, fmt_err_t *err)
 {
     struct vm *vm;
@@ -1762,6 +1856,8 @@ int pickle_parse(const uint8_t *buf, size_t len, pk_doc_t **ret, fmt_err_t *err)
     }
     if (r == 0)
         r = mark_tensors(vm->d, err);
+    if (r == 0)
+        r = check_members(vm->d, err);
     free(vm->stack);
     free(vm->memo);
     if (r < 0)
@@ -1986,6 +2082,157 @@ static int span_cmp(const void *a, const void *b, void *buf)
     int c = memcmp(p + x->off, p + y->off, x->len < y->len ? x->len : y->len);
 
     return c ? c : (x->len > y->len) - (x->len < y->len);
+}
+
+/*
+ * Appends a byte string that is equal for two hashable values exactly when Python's == holds
+ * for them: 1, True, 1.0 and complex(1, 0) are one key; "1" and b"1" are not; NaN equals only
+ * itself (the same node, as a memo GET gives the same object); torch.float is torch.float32.
+ * Numbers end in ';' and strings carry their length, so a tuple's items cannot run together.
+ */
+static int canon(const pk_doc_t *d, uint32_t h, pk_buf_t *b, unsigned depth, fmt_err_t *err)
+{
+    const pk_node_t *n = &d->nodes[h];
+    char tmp[64];
+    int r;
+
+    if (depth > PK_DEPTH_MAX)
+        return fmt_fail(err, WSD_EBADCKPT, "E_PKL_LIMIT",
+                        "a dict key or set item nests deeper than %u (data.pkl offset %u)",
+                        PK_DEPTH_MAX, n->off);
+    switch ((pk_type_t)n->type) {
+    case PK_NONE:
+        return buf_str(b, "N", err);
+    case PK_BOOL:
+    case PK_INT:
+        snprintf(tmp, sizeof(tmp), "n%lld;", (long long)n->u.i);
+        return buf_str(b, tmp, err);
+    case PK_BIGINT:
+        r = buf_str(b, "n", err);
+        if (r == 0)
+            r = put_bigint(b, n->u.s, n->n, err);
+        return r < 0 ? r : buf_str(b, ";", err);
+    case PK_FLOAT:
+        if (isnan(n->u.f))
+            snprintf(tmp, sizeof(tmp), "x%u;", h);
+        else if (n->u.f == 0)
+            snprintf(tmp, sizeof(tmp), "n0;");
+        else if (isfinite(n->u.f) && n->u.f == floor(n->u.f))
+            snprintf(tmp, sizeof(tmp), "n%.0f;", n->u.f); /* exact for integral doubles */
+        else
+            snprintf(tmp, sizeof(tmp), "f%a;", n->u.f);
+        return buf_str(b, tmp, err);
+    case PK_COMPLEX: {
+        const pk_node_t *re = &d->nodes[n->u.pair[0]], *im = &d->nodes[n->u.pair[1]];
+        double vi = im->type == PK_FLOAT ? im->u.f : (double)im->u.i;
+
+        if (vi == 0)
+            return canon(d, n->u.pair[0], b, depth + 1, err);
+        snprintf(tmp, sizeof(tmp), "c%a,%a;", re->type == PK_FLOAT ? re->u.f : (double)re->u.i,
+                 vi);
+        return buf_str(b, tmp, err);
+    }
+    case PK_STR:
+    case PK_BYTES: {
+        bool latin1 = n->type == PK_BYTES && (n->flags & PK_F_LATIN1);
+        uint32_t len = n->n;
+
+        for (uint32_t i = 0; latin1 && i < n->n; i++)
+            len -= (n->u.s[i] & 0xc0) == 0x80; /* one byte per code point */
+        snprintf(tmp, sizeof(tmp), "%c%u:", n->type == PK_STR ? 's' : 'b', len);
+        r = buf_str(b, tmp, err);
+        if (r == 0 && !latin1)
+            r = buf_put(b, (const char *)n->u.s, n->n, err);
+        /* UTF-8 text standing for its latin-1 bytes (_codecs.encode): those bytes. */
+        for (uint32_t i = 0; r == 0 && latin1 && i < n->n; i++) {
+            char c = (char)(n->u.s[i] < 0x80 ? n->u.s[i]
+                                             : ((n->u.s[i] & 0x03) << 6 | (n->u.s[i + 1] & 0x3f)));
+
+            i += n->u.s[i] >= 0x80;
+            r = buf_put(b, &c, 1, err);
+        }
+        return r;
+    }
+    case PK_TUPLE:
+        snprintf(tmp, sizeof(tmp), "t%u(", n->n);
+        r = buf_str(b, tmp, err);
+        for (uint32_t i = 0; r == 0 && i < n->n; i++)
+            r = canon(d, n->u.items[i], b, depth + 1, err);
+        return r < 0 ? r : buf_str(b, ")", err);
+    case PK_GLOBAL:
+        if (globals[n->aux].kind == G_DTYPE && globals[n->aux].arg >= 0)
+            snprintf(tmp, sizeof(tmp), "gd%d;", globals[n->aux].arg);
+        else
+            snprintf(tmp, sizeof(tmp), "g%u;", n->aux);
+        return buf_str(b, tmp, err);
+    case PK_DEVICE: {
+        const pk_node_t *t = &d->nodes[n->u.pair[0]];
+
+        snprintf(tmp, sizeof(tmp), "d%u:", t->n);
+        r = buf_str(b, tmp, err);
+        if (r == 0)
+            r = buf_put(b, (const char *)t->u.s, t->n, err);
+        snprintf(tmp, sizeof(tmp), ":%lld;",
+                 n->u.pair[1] == NO_NODE ? -1LL : (long long)d->nodes[n->u.pair[1]].u.i);
+        return r < 0 ? r : buf_str(b, tmp, err);
+    }
+    default: /* never hashable here (refused when added): identity */
+        snprintf(tmp, sizeof(tmp), "?%u;", h);
+        return buf_str(b, tmp, err);
+    }
+}
+
+/*
+ * Python keeps one entry per key in a dict and one item per value in a set; torch.save cannot
+ * write two equal ones, and a hand-made pickle that does would be read differently by weightsd
+ * (which keeps every entry) and torch. So every dict and set with two equal keys or items, by
+ * Python's ==, is refused (E_PKL_DUP_KEY), once the whole stream has run (SETITEMS and
+ * ADDITEMS may add to a container at any point).
+ */
+static int check_members(const pk_doc_t *d, fmt_err_t *err)
+{
+    pk_buf_t b = {.max = SIZE_MAX / 2};
+    struct key_span *sp = NULL;
+    size_t cap = 0;
+    int r = 0;
+
+    for (uint32_t h = 0; r == 0 && h < d->nnodes; h++) {
+        const pk_node_t *n = &d->nodes[h];
+        unsigned stride = n->type == PK_DICT ? 2 : 1;
+
+        if ((n->type != PK_DICT && n->type != PK_SET) || n->n < 2)
+            continue;
+        if (n->n > cap) {
+            struct key_span *p = realloc(sp, sizeof(*sp) * n->n);
+
+            if (!p) {
+                r = fmt_fail(err, -ENOMEM, NULL, "out of memory");
+                break;
+            }
+            sp = p;
+            cap = n->n;
+        }
+        b.len = 0;
+        for (uint32_t i = 0; r == 0 && i < n->n; i++) {
+            sp[i].off = b.len;
+            r = canon(d, n->u.items[stride * i], &b, 0, err);
+            sp[i].len = b.len - sp[i].off;
+        }
+        if (r < 0)
+            break;
+        qsort_r(sp, n->n, sizeof(*sp), span_cmp, b.p);
+        for (uint32_t i = 1; i < n->n; i++)
+            if (span_cmp(&sp[i - 1], &sp[i], b.p) == 0) {
+                r = fmt_fail(err, WSD_EBADCKPT, "E_PKL_DUP_KEY",
+                             "%s built at data.pkl offset %u has two equal %s (Python would "
+                             "keep one)", n->type == PK_DICT ? "dict" : "set", n->off,
+                             n->type == PK_DICT ? "keys" : "items");
+                break;
+            }
+    }
+    free(sp);
+    pk_buf_free(&b);
+    return r;
 }
 
 /*

@@ -77,6 +77,7 @@ typedef enum pk_kind {
 #define PK_F_UNHASHABLE (1u << 4) /* PK_TUPLE holding (transitively) something unhashable */
 #define PK_F_INSTANCE   (1u << 5) /* PK_DICT built by a class (OrderedDict(), Counter(), NEWOBJ):
                                    * it has a __dict__ that BUILD may fill; a plain dict has not */
+#define PK_F_BYTEARRAY  (1u << 6) /* PK_BYTES from bytearray(): mutable, so unhashable */
 
 typedef struct pk_node {
     uint8_t type;   /* pk_type_t */
@@ -134,7 +135,8 @@ typedef struct pk_doc {
 
 /*
  * Runs the VM over \p buf (which must stay alive as long as the result) and returns the tree in
- * *ret (free with pickle_free()). Errors: E_PKL_OPCODE, E_PKL_TRUNCATED, E_PKL_STACK,
+ * *ret (free with pickle_free()). Errors: E_PKL_OPCODE, E_PKL_TRUNCATED, E_PKL_FRAME (a read
+ * crossing the end of a FRAME), E_PKL_STACK,
  * E_PKL_MEMO, E_PKL_LIMIT, E_PKL_GLOBAL, E_PKL_BAD_CALL, E_PKL_PERSID, E_PKL_UTF8,
  * E_PKL_TRAILING, E_TENSOR_GEOMETRY, E_TENSOR_OVERFLOW, E_STORAGE_CONFLICT, E_STORAGE_SIZE,
  * each naming the byte offset in the pickle.
