@@ -496,10 +496,16 @@ static size_t avail(const struct vm *vm)
     return (vm->pos < vm->frame_end ? vm->frame_end : vm->len) - vm->pos;
 }
 
+/* Whether a short read at pos is cut by the end of a FRAME rather than of the pickle. */
+static bool in_frame(const struct vm *vm)
+{
+    return vm->pos < vm->frame_end && vm->frame_end < vm->len;
+}
+
 /* The error for a read of \p n bytes (of \p what) that avail() cannot satisfy. */
 static int short_read(struct vm *vm, size_t n, const char *what)
 {
-    if (vm->pos < vm->frame_end && vm->frame_end < vm->len)
+    if (in_frame(vm))
         return vm_fail(vm, "E_PKL_FRAME", "%s of %zu bytes crosses the end of its FRAME at "
                        "offset %zu", what, n, vm->frame_end);
     return vm_fail(vm, "E_PKL_TRUNCATED", "%s of %zu bytes runs past the end of the pickle (%zu "
@@ -510,7 +516,7 @@ static int need_bytes(struct vm *vm, size_t n)
 {
     if (avail(vm) >= n)
         return 0;
-    if (vm->pos < vm->frame_end && vm->frame_end < vm->len)
+    if (in_frame(vm))
         return vm_fail(vm, "E_PKL_FRAME", "opcode 0x%02x (needs %zu more bytes) crosses the end "
                        "of its FRAME at offset %zu", vm->p[vm->op], n, vm->frame_end);
     return vm_fail(vm, "E_PKL_TRUNCATED", "pickle ends inside opcode 0x%02x (needs %zu more "
@@ -728,11 +734,9 @@ static int read_line(struct vm *vm, const uint8_t **ret, size_t *ret_len)
     if (!nl && lim < left)
         return vm_fail(vm, "E_PKL_LIMIT", "GLOBAL name line is too long");
     if (!nl)
-        return vm_fail(vm, vm->pos < vm->frame_end && vm->frame_end < vm->len ? "E_PKL_FRAME"
-                                                                               : "E_PKL_TRUNCATED",
+        return vm_fail(vm, in_frame(vm) ? "E_PKL_FRAME" : "E_PKL_TRUNCATED",
                        "GLOBAL name line runs past the end of %s",
-                       vm->pos < vm->frame_end && vm->frame_end < vm->len ? "its FRAME"
-                                                                          : "the pickle");
+                       in_frame(vm) ? "its FRAME" : "the pickle");
     *ret = vm->p + vm->pos;
     *ret_len = (size_t)(nl - (vm->p + vm->pos));
     vm->pos += *ret_len + 1;
@@ -2236,9 +2240,9 @@ static int check_members(const pk_doc_t *d, fmt_err_t *err)
 }
 
 /*
- * A dict with two equal keys: Python keeps the last value, JSON readers disagree about
- * repeated names, and torch.save cannot write one, so it is refused. Keys are compared as
- * rendered, which is exact for strings and ints (1 and True, equal in Python, render apart).
+ * Keys that are distinct in Python but render to the same JSON name (1 and "1": json.dumps
+ * would repeat it) are refused when rendered; keys equal in Python were refused by
+ * check_members() already.
  */
 static int check_dup_keys(const pk_buf_t *out, struct key_span *keys, const pk_node_t *n,
                           fmt_err_t *err)
