@@ -65,16 +65,13 @@ def _cuda_state_dict(model):
     the bytes afterwards, so tensors are usable on any stream at once. Writing into them is a
     CUDA illegal-address fault unless the model was preloaded with --allow-gpu-write."""
     from torch.utils.dlpack import from_dlpack
-    m = model.ptr
     views, out = {}, {}
-    for i in range(_lib.wsd_model_tensor_count(m)):
-        t = _lib.wsd_model_tensor(m, i)
-        name = _lib.wsd_tensor_name(t).decode()
-        dtype = _torch_dtype(_lib.wsd_tensor_dtype(t), name, model.name)
-        nd = _lib.wsd_tensor_ndim(t)
-        key = (_lib.wsd_tensor_storage(t), _lib.wsd_tensor_storage_offset(t),
-               tuple(_lib.wsd_tensor_shape(t)[:nd]), tuple(_lib.wsd_tensor_strides(t)[:nd]),
-               dtype)
+    for i, info in enumerate(_lib.tensor_infos(model.ptr)):  # one foreign call for all
+        name = info.name.decode()
+        dtype = _torch_dtype(info.dtype, name, model.name)
+        nd = info.ndim
+        key = (info.storage, info.storage_offset, tuple(info.shape[:nd]),
+               tuple(info.strides[:nd]), dtype)
         tensor = views.get(key)
         if tensor is None:
             tensor = views[key] = from_dlpack(model.capsule(i))
