@@ -9,7 +9,8 @@ PYTHON    := /usr/bin/python3
 
 # Debian packages the build and the tests need.
 DEPS := cmake make gcc pkg-config libuv1-dev libprotobuf-c-dev protobuf-c-compiler \
-        libjansson-dev libxxhash-dev zlib1g-dev libdlpack-dev libinih-dev systemd python3 python3-pytest python3-numpy python3-torch
+        libjansson-dev libxxhash-dev zlib1g-dev libdlpack-dev libinih-dev systemd valgrind \
+        python3 python3-pytest python3-numpy python3-torch
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
