@@ -576,12 +576,12 @@ static bool utf8_valid(const uint8_t *s, size_t n, bool surrogates)
     return true;
 }
 
-/* Strings and bytes: \p lenbytes of little-endian length, then the bytes, borrowed in place;
- * \p py2 text (SHORT_BINSTRING) is decoded strictly. */
-static int op_string(struct vm *vm, unsigned lenbytes, pk_type_t type, bool py2)
+/* The length of a counted payload (\p lenbytes, little-endian) that must lie wholly in the
+ * stream (and its FRAME) and be at most \p max bytes; on success vm->pos is at the payload. */
+static int counted(struct vm *vm, unsigned lenbytes, uint32_t max, const char *what,
+                   uint64_t *ret)
 {
     uint64_t n;
-    uint32_t h = NO_NODE;
     int r;
 
     r = need_bytes(vm, lenbytes);
@@ -590,10 +590,25 @@ static int op_string(struct vm *vm, unsigned lenbytes, pk_type_t type, bool py2)
     n = rd_le(vm->p + vm->pos, lenbytes);
     vm->pos += lenbytes;
     if (n > avail(vm))
-        return short_read(vm, (size_t)(n > SIZE_MAX ? SIZE_MAX : n), "string");
-    if (n > PK_STR_MAX)
-        return vm_fail(vm, "E_PKL_LIMIT", "string of %llu bytes (at most %u)",
-                       (unsigned long long)n, PK_STR_MAX);
+        return short_read(vm, (size_t)(n > SIZE_MAX ? SIZE_MAX : n), what);
+    if (n > max)
+        return vm_fail(vm, "E_PKL_LIMIT", "%s of %llu bytes (at most %u)", what,
+                       (unsigned long long)n, max);
+    *ret = n;
+    return 0;
+}
+
+/* Strings and bytes: \p lenbytes of little-endian length, then the bytes, borrowed in place;
+ * \p py2 text (SHORT_BINSTRING) is decoded strictly. */
+static int op_string(struct vm *vm, unsigned lenbytes, pk_type_t type, bool py2)
+{
+    uint64_t n;
+    uint32_t h = NO_NODE;
+    int r;
+
+    r = counted(vm, lenbytes, PK_STR_MAX, "string", &n);
+    if (r < 0)
+        return r;
     if (type == PK_STR && !utf8_valid(vm->p + vm->pos, (size_t)n, !py2))
         return vm_fail(vm, "E_PKL_UTF8", "%s is not valid UTF-8",
                        py2 ? "a Python 2 str (decoded strictly, as torch.load does)" : "string");
@@ -612,16 +627,9 @@ static int op_long(struct vm *vm, unsigned lenbytes)
     uint32_t h = NO_NODE;
     int r;
 
-    r = need_bytes(vm, lenbytes);
+    r = counted(vm, lenbytes, PK_BIGINT_MAX, "integer", &n);
     if (r < 0)
         return r;
-    n = rd_le(vm->p + vm->pos, lenbytes);
-    vm->pos += lenbytes;
-    if (n > avail(vm))
-        return short_read(vm, (size_t)(n > SIZE_MAX ? SIZE_MAX : n), "integer");
-    if (n > PK_BIGINT_MAX)
-        return vm_fail(vm, "E_PKL_LIMIT", "integer of %llu bytes (at most %u)",
-                       (unsigned long long)n, PK_BIGINT_MAX);
     {
         const uint8_t *b = vm->p + vm->pos;
         bool neg = n > 0 && (b[n - 1] & 0x80);
