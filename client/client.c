@@ -641,12 +641,15 @@ WSD_EXTERN void wsd_model_free(wsd_model_t *m)
 {
     if (!m)
         return;
-    if (m->client)
-        (void)wsd_model_release(m);
+    /* Unmap first, release the lease second: a legacy IPC copy is cudaFree'd by the daemon
+     * when its last lease goes, and freeing it before the importer closes it is undefined
+     * behaviour (cuda.h, cuIpcOpenMemHandle). */
     if (m->gpu)
         wsd__gpu_unref(m->gpu);
     else if (m->base)
         (void)munmap(m->base, m->map_size);
+    if (m->client)
+        (void)wsd_model_release(m);
     for (size_t i = 0; m->tensors && i < m->ntensors; i++)
         free(m->tensors[i].name);
     free(m->tensors);

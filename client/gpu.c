@@ -57,6 +57,7 @@ static struct {
     CUresult (*DevicePrimaryCtxRelease)(CUdevice);
     CUresult (*CtxPushCurrent)(CUcontext);
     CUresult (*CtxPopCurrent)(CUcontext *);
+    CUresult (*CtxSynchronize)(void);
     CUresult (*MemImportFromShareableHandle)(CUmemGenericAllocationHandle *, void *, int);
     CUresult (*MemAddressReserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
     CUresult (*MemAddressFree)(CUdeviceptr, size_t);
@@ -132,6 +133,7 @@ static int cu_load(void)
     ENTRY(DevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease");
     ENTRY(CtxPushCurrent, "cuCtxPushCurrent");
     ENTRY(CtxPopCurrent, "cuCtxPopCurrent");
+    ENTRY(CtxSynchronize, "cuCtxSynchronize");
     ENTRY(MemImportFromShareableHandle, "cuMemImportFromShareableHandle");
     ENTRY(MemAddressReserve, "cuMemAddressReserve");
     ENTRY(MemAddressFree, "cuMemAddressFree");
@@ -191,9 +193,17 @@ static int import_vmm(wsd__gpu_t *g, int fd, bool writable, char *msg, size_t le
     }
     mapped = true;
     r = cu.MemSetAccess(p, g->size, &acc, 1);
+    if (r != CUDA_SUCCESS && writable) {
+        ret = fail(msg, len, g->device, "cuMemSetAccess (read-write)", r);
+        goto out;
+    }
     if (r != CUDA_SUCCESS) {
-        ret = fail(msg, len, g->device,
-                   writable ? "cuMemSetAccess (read-write)" : "cuMemSetAccess (read-only)", r);
+        /* Never widened to read-write behind the caller's back: read-only is the default. */
+        snprintf(msg, len, "cuda:%d: this driver cannot map the model's device memory "
+                           "read-only (cuMemSetAccess PROT_READ: %s, CUresult %d); to share it "
+                           "writable, preload it with --allow-gpu-write and open it with "
+                           "WSD_OPEN_GPU_WRITE (Python: writable=True)", g->device, cu_str(r), r);
+        ret = WSD_EGPU;
         goto out;
     }
     g->base = p;
@@ -213,6 +223,9 @@ static void import_drop(wsd__gpu_t *g)
     CUcontext prev;
 
     if (g->base && cu.CtxPushCurrent(g->ctx) == CUDA_SUCCESS) {
+        /* Unmapping does not wait for kernels still reading the weights (torch's own VMM code
+         * synchronises before cuMemUnmap for the same reason): let the context's work finish. */
+        (void)cu.CtxSynchronize();
         if (g->handle == WSD__GPU_HANDLE_POSIX_FD) {
             (void)cu.MemUnmap(g->base, g->size);
             (void)cu.MemAddressFree(g->base, g->size);
