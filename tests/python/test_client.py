@@ -183,6 +183,11 @@ def test_errors_map_to_classes(daemon, client, tmp_path):
     assert e.value.code == -1007 and "host tier" in e.value.message
     with pytest.raises(weightsd.DeviceUnavailable):
         client.state_dict("m", device=torch.device("cuda", 1))
+    # writable=True is for GPU copies only; the host copy is a sealed memfd.
+    with pytest.raises(ValueError, match="only a GPU copy can be mapped writable"):
+        client.state_dict("m", writable=True)
+    with pytest.raises(weightsd.DeviceUnavailable, match="'cuda:0' unavailable"):
+        client.state_dict("m", device="cuda:0", writable=True)
     with pytest.raises(weightsd.ConnectionFailed) as e:
         weightsd.connect(str(tmp_path / "no.sock"))
     assert e.value.code == -2

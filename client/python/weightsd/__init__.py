@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 _OPEN_WAIT = 1
+_OPEN_GPU_WRITE = 2  # WSD_OPEN_GPU_WRITE
 
 
 def default_socket():
@@ -120,24 +121,31 @@ class Client:
             if ptr is not None and _lib is not None:
                 _lib.wsd_close(ptr)
 
-    def open(self, name, device="cpu", wait=False):
+    def open(self, name, device="cpu", wait=False, writable=False):
         """Leases model `name` and maps it. Returns a Model; most callers want state_dict() or
         tensors() instead. device: "cpu", or "cuda:N" for the daemon's copy on that GPU
-        (preloaded with --device cuda:N; else DeviceUnavailable with the daemon's message). wait: wait for a model still loading
-        instead of raising Loading."""
+        (preloaded with --device cuda:N; else DeviceUnavailable with the daemon's message).
+        wait: wait for a model still loading instead of raising Loading. writable: map a GPU
+        copy read-write (every worker shares those bytes); the daemon refuses it (PermissionDenied)
+        unless the model was preloaded with --allow-gpu-write. GPU copies are read-only by
+        default; host copies are always sealed read-only, so writable=True with "cpu" is a
+        ValueError."""
         dev = str(device) if device is not None else "cpu"
+        if writable and not dev.startswith("cuda"):
+            raise ValueError(f"cannot open '{name}' writable on {dev}: only a GPU copy can be "
+                             "mapped writable (host copies are sealed memfds)")
+        flags = (_OPEN_WAIT if wait else 0) | (_OPEN_GPU_WRITE if writable else 0)
         ptr = ctypes.c_void_p()
         with self._lock:
             if self._ptr is None:
                 raise ConnectionClosed(-1015, f"cannot open '{name}': the client is closed")
-            r = _lib.wsd_open(self._ptr, name.encode(), dev.encode(), _OPEN_WAIT if wait else 0,
-                              ctypes.byref(ptr))
+            r = _lib.wsd_open(self._ptr, name.encode(), dev.encode(), flags, ctypes.byref(ptr))
             if r < 0:
                 msg = _lib.wsd_last_error(self._ptr).decode(errors="replace")
                 raise _lib.error_for(r, msg or f"cannot open '{name}': {_lib.strerror(r)}")
         return Model(self, name, ptr.value)
 
-    def state_dict(self, name, device="cpu", wait=False):
+    def state_dict(self, name, device="cpu", wait=False, writable=False):
         """Model `name` as a dict name -> torch.Tensor, in the checkpoint's order, zero-copy.
 
         Each tensor has the checkpoint's dtype, shape, strides and storage offset; tensors that
@@ -146,9 +154,9 @@ class Client:
         Raises UnsupportedDtype for a dtype this torch lacks, and the open() errors.
         """
         from . import _torch
-        return _torch.state_dict(self.open(name, device, wait))
+        return _torch.state_dict(self.open(name, device, wait, writable))
 
-    def tensors(self, name, device="cpu", wait=False):
+    def tensors(self, name, device="cpu", wait=False, writable=False):
         """[(name, DLPackTensor)] for every tensor of model `name`, in checkpoint order.
 
         Hand a DLPackTensor to numpy.from_dlpack(), torch.utils.dlpack.from_dlpack() or any
@@ -156,7 +164,7 @@ class Client:
         them all and lives while any DLPackTensor, or any array made from one, does.
         Raises the open() errors.
         """
-        model = self.open(name, device, wait)
+        model = self.open(name, device, wait, writable)
         out = []
         for i, info in enumerate(_lib.tensor_infos(model.ptr)):
             t = DLPackTensor(model, i, info)
@@ -235,9 +243,9 @@ def meta_device():
 
 
 def load_into(module, name, client=None, strict=True, prefix="", device="cpu", dtype=None,
-              wait=False):
+              wait=False, writable=False):
     """Assigns model `name`'s tensors into `module`, zero-copy, like
     module.load_state_dict(sd, strict=strict, assign=True). See weightsd._torch.load_into."""
     from . import _torch
     return _torch.load_into(module, name, client=client, strict=strict, prefix=prefix,
-                            device=device, dtype=dtype, wait=wait)
+                            device=device, dtype=dtype, wait=wait, writable=writable)

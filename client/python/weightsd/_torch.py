@@ -262,7 +262,7 @@ def _retie(module):
 
 
 def load_into(module, name, client=None, strict=True, prefix="", device="cpu", dtype=None,
-              wait=False):
+              wait=False, writable=False):
     """Assigns model `name`'s tensors into `module`'s parameters and buffers, zero-copy.
 
     Equivalent to module.load_state_dict(sd, strict=strict, assign=True) with sd the daemon's
@@ -275,7 +275,7 @@ def load_into(module, name, client=None, strict=True, prefix="", device="cpu", d
     shape and dtype mismatches raise RuntimeError worded as torch's ("Error(s) in loading
     state_dict for X:..."); dtype=, if given, must match every floating tensor (the daemon
     serves what it preloaded: no conversion on open), else TypeError. device goes to the daemon
-    ("cuda:N" needs a preload with --device cuda:N). client=None connects to the default socket; that
+    ("cuda:N" needs a preload with --device cuda:N; writable=True as in Client.open). client=None connects to the default socket; that
     connection then lives as long as the loaded tensors do.
 
     Returns torch's _IncompatibleKeys(missing_keys, unexpected_keys).
@@ -283,7 +283,7 @@ def load_into(module, name, client=None, strict=True, prefix="", device="cpu", d
     if client is None:
         from . import connect
         client = connect()
-    sd = client.state_dict(name, device=device, wait=wait)
+    sd = client.state_dict(name, device=device, wait=wait, writable=writable)
     if prefix:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         if not sd:
