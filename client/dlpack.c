@@ -12,6 +12,7 @@
 
 #include <dlpack/dlpack.h>
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 /* One allocation per exported tensor; managed.manager_ctx points back at it. */
@@ -131,6 +132,25 @@ WSD_EXTERN int wsd_tensor_dlpack(const wsd_model_t *m, size_t i, wsd_dlpack_rele
         h->shape[d] = wsd_tensor_shape(t)[d];
         h->strides[d] = wsd_tensor_strides(t)[d];
     }
+    *ret_managed = &h->managed;
+    return 0;
+}
+
+WSD_EXTERN int wsd_storage_dlpack(const wsd_model_t *m, size_t i, wsd_dlpack_release_fn release,
+                                  void *ctx, struct DLManagedTensor **ret_managed)
+{
+    const DLDataType u8 = {.code = kDLUInt, .bits = 8, .lanes = 1};
+    dlpack_holder_t *h;
+    void *data = NULL;
+    uint64_t nbytes = 0;
+
+    if (!ret_managed || wsd_model_storage(m, i, &data, &nbytes) < 0 || nbytes > INT64_MAX)
+        return -EINVAL;
+    h = holder_new(data, wsd_model_device(m), 1, u8, release, ctx);
+    if (!h)
+        return -ENOMEM;
+    h->shape[0] = (int64_t)nbytes;
+    h->strides[0] = 1;
     *ret_managed = &h->managed;
     return 0;
 }

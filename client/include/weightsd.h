@@ -361,6 +361,17 @@ WSD_EXTERN WSD_MUST_CHECK int wsd_tensor_dlpack(const wsd_model_t *m, size_t i,
                                                 wsd_dlpack_release_fn release, void *ctx,
                                                 struct DLManagedTensor **ret_managed);
 
+/**
+ * Describes storage \p i of \p m (see wsd_model_storage()) as a one-dimensional DLPack tensor
+ * of its bytes (kDLUInt, 8 bits), on the model's device, with the lifetime rules of
+ * wsd_tensor_dlpack(). Any dtype can be viewed over it (torch: Tensor.set_() on its storage),
+ * including those DLPack cannot name, and tensors of one storage then share one consumer
+ * storage. \retval 0, -EINVAL (no such storage), -ENOMEM.
+ */
+WSD_EXTERN WSD_MUST_CHECK int wsd_storage_dlpack(const wsd_model_t *m, size_t i,
+                                                 wsd_dlpack_release_fn release, void *ctx,
+                                                 struct DLManagedTensor **ret_managed);
+
 /** Runs \p managed's deleter (a tensor nobody consumed). NULL is fine. */
 WSD_EXTERN void wsd_dlpack_free(struct DLManagedTensor *managed);
 

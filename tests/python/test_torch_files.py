@@ -103,3 +103,42 @@ def test_nested_with_key(daemon, client, tmp_path):
            "optimizer": {"state": {0: {"momentum": torch.ones(3, 3)}}}, "epoch": 7}
     sd, ref = load_both(daemon, client, tmp_path, obj, "--key", "model", key="model")
     assert_same_as_torch_load(sd, ref)
+
+
+def test_dlpack_path_equals_torch_load(daemon, client, tmp_path, monkeypatch):
+    """The state_dict a model opened on "cuda:N" gets (one DLPack import per storage, views by
+    set_()), run here on the host copy: same values, sharing, tying and every dtype, bool
+    included, as torch.load; and a failed import pins nothing."""
+    import gc
+    import torch.utils.dlpack
+    from weightsd import _model, _torch
+    base = sample(torch.float64, (6, 10))
+    emb = sample(torch.float32, (10, 6))
+    obj = {str(dt).replace("torch.", ""): sample(dt, (4, 3), seed=i)
+           for i, dt in enumerate(TORCH_DTYPES)}
+    obj.update({"base": base, "row2": base[2], "col": base[:, 7], "t": emb.t(),
+                "embed": emb, "lm_head": emb, "scalar_bool": torch.tensor(True),
+                "empty_half": torch.zeros(0, 2, dtype=torch.float16)})
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    daemon.preload_json("m", path)
+    ref = flatten(torch.load(path))
+    sd = _torch._dlpack_state_dict(client.open("m"), torch.device("cpu"))
+    assert_same_as_torch_load(sd, ref)
+    assert sd["embed"] is sd["lm_head"]
+    assert daemon.leases("m") == 1 and _model.pinned_count() > 0
+    sd = None
+    gc.collect()
+    assert daemon.leases("m") == 0 and _model.pinned_count() == 0
+
+    def refuse(_capsule):
+        raise RuntimeError("this consumer refuses the capsule")
+    monkeypatch.setattr(torch.utils.dlpack, "from_dlpack", refuse)
+    try:
+        _torch._dlpack_state_dict(client.open("m"), torch.device("cpu"))
+    except RuntimeError as e:
+        assert "refuses" in str(e)
+    else:
+        raise AssertionError("from_dlpack's failure was swallowed")
+    gc.collect()
+    assert daemon.leases("m") == 0 and _model.pinned_count() == 0

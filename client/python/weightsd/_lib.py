@@ -208,6 +208,8 @@ wsd_tensor_storage_offset = _bind(fast, "wsd_tensor_storage_offset", c_u64, [c_v
 wsd_tensor_nbytes = _bind(fast, "wsd_tensor_nbytes", c_u64, [c_void_p])
 wsd_tensor_dlpack = _bind(fast, "wsd_tensor_dlpack", c_int,
                           [c_void_p, c_size_t, RELEASE_FN, c_void_p, ctypes.POINTER(c_void_p)])
+wsd_storage_dlpack = _bind(fast, "wsd_storage_dlpack", c_int,
+                           [c_void_p, c_size_t, RELEASE_FN, c_void_p, ctypes.POINTER(c_void_p)])
 wsd_dlpack_free = _bind(fast, "wsd_dlpack_free", None, [c_void_p])
 
 

@@ -100,11 +100,29 @@ class Model:
                     f"{what} has dtype {_lib.dtype_name(_lib.wsd_tensor_dtype(t))}, which the "
                     "DLPack header libweightsd was built with cannot describe"))
             raise _lib.error_for(r, f"cannot export {what} through DLPack")
-        try:
-            return _capsule_new(managed.value, DLTENSOR, None)
-        except BaseException:
-            _lib.wsd_dlpack_free(managed)
-            raise
+        return _wrap(managed)
+
+    def storage_capsule(self, index):
+        """A "dltensor" capsule of storage `index`'s bytes (1-D uint8, on the model's device),
+        pinning this model as capsule() does; any dtype can be viewed over it."""
+        managed = ctypes.c_void_p()
+        token = next(_tokens)
+        _pins[token] = self
+        r = _lib.wsd_storage_dlpack(self.ptr, index, _release_cb, token, ctypes.byref(managed))
+        if r < 0:
+            del _pins[token]
+            raise _lib.error_for(r, f"cannot export storage {index} of model '{self.name}' "
+                                    "through DLPack")
+        return _wrap(managed)
+
+
+def _wrap(managed):
+    """The capsule for a new DLManagedTensor (freed here if the capsule cannot be made)."""
+    try:
+        return _capsule_new(managed.value, DLTENSOR, None)
+    except BaseException:
+        _lib.wsd_dlpack_free(managed)
+        raise
 
 
 def free_unconsumed(capsule):

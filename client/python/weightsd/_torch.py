@@ -57,32 +57,64 @@ def _storage(info, mapping):
     return _untyped(torch.frombuffer(view[off:off + info.storage_nbytes], dtype=torch.uint8))
 
 
-def _cuda_state_dict(model):
-    """state_dict() of a model opened on "cuda:N": each distinct view is a DLPack (kDLCUDA)
-    import of the process's shared, read-only mapping; tied names share one tensor object.
+def _dlpack_storage(model, info, device):
+    """The torch storage of `info`'s storage, imported through DLPack as the bytes it holds."""
+    from torch.utils.dlpack import from_dlpack
+    from . import _model
+    if info.storage_nbytes == 0:  # nothing to share; no capsule for an empty range
+        return _untyped(torch.empty(0, dtype=torch.uint8, device=device))
+    capsule = model.storage_capsule(info.storage)
+    try:
+        return _untyped(from_dlpack(capsule))
+    except BaseException:
+        _model.free_unconsumed(capsule)  # else the capsule would pin the model for ever
+        raise
+
+
+def _dlpack_state_dict(model, device):
+    """state_dict() through DLPack: one import per checkpoint storage (a uint8 tensor over its
+    bytes, on `device`), each tensor a view over it with set_(), so every dtype torch has works
+    (DLPack names no float8 type, and no bool before 0.8) and tensors of one storage share one
+    torch storage, as on the CPU path. Used for models opened on "cuda:N".
 
     Stream semantics: the daemon synchronised the upload before exporting, and nothing writes
     the bytes afterwards, so tensors are usable on any stream at once. Writing into them is a
-    CUDA illegal-address fault unless the model was preloaded with --allow-gpu-write."""
-    from torch.utils.dlpack import from_dlpack
-    views, out = {}, {}
-    for i, info in enumerate(_lib.tensor_infos(model.ptr)):  # one foreign call for all
-        name = info.name.decode()
-        dtype = _torch_dtype(info.dtype, name, model.name)
-        nd = info.ndim
-        key = (info.storage, info.storage_offset, tuple(info.shape[:nd]),
-               tuple(info.strides[:nd]), dtype)
-        tensor = views.get(key)
-        if tensor is None:
-            tensor = views[key] = from_dlpack(model.capsule(i))
-        out[name] = tensor
+    CUDA illegal-address fault unless the model was opened with writable=True (which needs a
+    preload with --allow-gpu-write)."""
+    storages, views, out = {}, {}, {}
+    empty = torch.empty
+    try:
+        for info in _lib.tensor_infos(model.ptr):  # one foreign call for all
+            name = info.name.decode()
+            dtype = _torch_dtype(info.dtype, name, model.name)
+            nd = info.ndim
+            shape = tuple(info.shape[:nd])
+            strides = tuple(info.strides[:nd])
+            si, offset = info.storage, info.storage_offset
+            key = (si, offset, shape, strides, dtype)
+            tensor = views.get(key)
+            if tensor is None:
+                st = storages.get(si)
+                if st is None:
+                    st = storages[si] = _dlpack_storage(model, info, device)
+                try:
+                    tensor = empty(0, dtype=dtype, device=device).set_(st, offset, shape, strides)
+                except RuntimeError as e:
+                    raise _lib.ProtocolError(-1000, f"tensor '{name}' of model '{model.name}' "
+                                                    f"does not fit its storage: {e}") from None
+                views[key] = tensor
+            out[name] = tensor
+    except BaseException:
+        storages = views = out = tensor = st = model = None  # the lease goes with them
+        raise
     return out
 
 
 def state_dict(model):
     """Builds the dict name -> tensor for an open Model (see Client.state_dict)."""
-    if _lib.wsd_model_device(model.ptr) >= 0:
-        return _cuda_state_dict(model)
+    device = _lib.wsd_model_device(model.ptr)
+    if device >= 0:
+        return _dlpack_state_dict(model, torch.device("cuda", device))
     storages = {}  # storage index -> UntypedStorage over the mapping
     views = {}     # (storage, offset, shape, strides, dtype) -> tensor, so tied names share one
     out = {}
