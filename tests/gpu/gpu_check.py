@@ -14,6 +14,9 @@ against torch.load(...).to("cuda"); the legacy IPC fallback (WEIGHTSD_GPU_LEGACY
 """
 import json
 import os
+import platform
+import select
+import shutil
 import signal
 import statistics
 import subprocess
@@ -23,7 +26,13 @@ import time
 import traceback
 
 NT = 300                      # tensors in the big model (attach-time target is for ~300)
-PER = (3 << 20) + 12345       # float32 elements per tensor: ~3.6 GiB in all
+# float32 elements per tensor: ~3.6 GiB in all, or WSD_GPU_MODEL_MIB in all (smaller runs
+# faster where I/O is slow; it must stay well above a CUDA context, ~0.5 GiB, for the
+# one-copy and lifetime checks to tell a copy from noise).
+PER = (int(os.environ["WSD_GPU_MODEL_MIB"]) << 20) // (4 * NT) if os.environ.get(
+    "WSD_GPU_MODEL_MIB") else (3 << 20) + 12345
+# Every check starts only if this many seconds remain of the budget (run.sh kills at 470 s).
+BUDGET_S = float(os.environ.get("WSD_GPU_BUDGET_S", "440"))
 
 
 def log(*a):
@@ -104,23 +113,36 @@ def worker(sock, name, ref_path):
     say(phase="bye")
 
 
+LIVE = []  # every Worker and Daemon started, so that any exit path can kill what is left
+
+
 class Worker:
     def __init__(self, sock, name, ref_path, env=None):
         self.p = subprocess.Popen([sys.executable, __file__, "--worker", sock, name, ref_path],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                  env=None if env is None else {**os.environ, **env})
+                                  bufsize=1, env=None if env is None else {**os.environ, **env})
+        LIVE.append(self)
         self.ready = self.read()
 
-    def read(self, timeout=120):
+    def read(self, timeout=90):
+        """The worker's next JSON line; a worker silent for `timeout` s is killed (a hung CUDA
+        call must cost one check, not the whole run)."""
+        if not select.select([self.p.stdout], [], [], timeout)[0]:
+            self.p.kill()
+            raise RuntimeError(f"worker {self.p.pid} said nothing for {timeout} s: killed")
         line = self.p.stdout.readline()
         if not line:
-            raise RuntimeError(f"worker {self.p.pid} exited ({self.p.wait(timeout)})")
+            try:
+                rc = self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                rc = "still running"
+            raise RuntimeError(f"worker {self.p.pid} exited ({rc})")
         return json.loads(line)
 
-    def ask(self, cmd):
+    def ask(self, cmd, timeout=90):
         self.p.stdin.write(cmd + "\n")
         self.p.stdin.flush()
-        return self.read()
+        return self.read(timeout)
 
     def close(self):
         if self.p.poll() is None:
@@ -136,6 +158,14 @@ class Worker:
     def kill(self):
         self.p.kill()
         self.p.wait(30)
+
+
+def kill_everything():
+    for x in LIVE:
+        try:
+            (x.p if isinstance(x, Worker) else x.proc).kill()
+        except Exception:
+            pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,20 +344,27 @@ def check_g2(res, d, path, nbytes, Daemon, tmp):
     # (c) the daemon SIGKILLed while two importers map: both keep correct data; memory is freed
     # when the last importer exits.
     d2 = Daemon(os.path.join(tmp, "d2"))
-    d2.preload("big", path, "--device", "cuda:0")
-    ws = [Worker(d2.sock, "big", path) for _ in range(2)]
-    for x in ws:
-        x.ask("attach")
-    with_daemon = smi_used_mib()
-    d2.proc.send_signal(signal.SIGKILL)
-    d2.proc.wait(30)
-    time.sleep(1)
-    after_kill = smi_used_mib()
-    vs = [x.ask("verify")["mismatches"] for x in ws]
-    for x in ws:
-        x.close()
-    time.sleep(1)
-    final = smi_used_mib()
+    ws = []
+    try:
+        d2.preload("big", path, "--device", "cuda:0")
+        ws = [Worker(d2.sock, "big", path) for _ in range(2)]
+        for x in ws:
+            x.ask("attach")
+        with_daemon = smi_used_mib()
+        d2.proc.send_signal(signal.SIGKILL)
+        d2.proc.wait(30)
+        time.sleep(1)
+        after_kill = smi_used_mib()
+        vs = [x.ask("verify")["mismatches"] for x in ws]
+        for x in ws:
+            x.close()
+        time.sleep(1)
+        final = smi_used_mib()
+    finally:
+        for x in ws:
+            if x.p.poll() is None:
+                x.kill()
+        d2.kill()
     res["daemon_sigkill"] = {"used_mib_with_daemon": with_daemon,
                              "used_mib_after_kill": after_kill, "mismatches_after_kill": vs,
                              "used_mib_after_importers_exit": final}
@@ -377,9 +414,13 @@ def fault_daemon(Daemon, tmp, name, spec):
     """A daemon with WEIGHTSD_FAULT armed; the carried build must have the hooks
     (-DWSD_FAULT_INJECTION=ON, run.sh's recipe)."""
     d = Daemon(os.path.join(tmp, name), env={"WEIGHTSD_FAULT": spec})
-    if "fault injection armed" not in d.log():
-        d.stop()
-        raise RuntimeError("the build has no fault hooks: rebuild with -DWSD_FAULT_INJECTION=ON")
+    deadline = time.time() + 3  # the line comes just after the sockets start accepting
+    while "fault injection armed" not in d.log():
+        if time.time() > deadline:
+            d.stop()
+            raise RuntimeError("the build has no fault hooks: rebuild with "
+                               "-DWSD_FAULT_INJECTION=ON")
+        time.sleep(0.05)
     return d
 
 
@@ -443,49 +484,149 @@ def check_legacy(res, Daemon, tmp, path):
         d.stop()
 
 
-def main():
+def check_precheck(res, d, tmp):
+    """A small model through the whole path (preload on cuda:0, a worker imports, maps and
+    compares) before minutes go into the big one: where this fails, so would everything else,
+    and the daemon's own view of the device (stats.gpu) says why."""
     import torch
-    from wsdtest import BUILD_DIR, Daemon
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "checks": {}}
-    t_start = time.time()
-    with tempfile.TemporaryDirectory(prefix="wsd-gpu-") as tmp:
-        def run(name, fn, *a):
-            res = out["checks"][name] = {"ok": False}
-            t = time.time()
-            try:
-                fn(res, *a)
-            except Exception as e:
-                res["error"] = f"{type(e).__name__}: {e}"
-                res["trace"] = traceback.format_exc().splitlines()[-4:]
-            res["seconds"] = round(time.time() - t, 2)
-            log(name, "ok" if res["ok"] else "FAILED", res.get("error", ""))
+    from safetensors.torch import save_file
+    path = os.path.join(tmp, "small.safetensors")
+    save_file({f"t{i}": torch.randn(1000 + i) for i in range(8)}, path)
+    res["daemon_gpu"] = d.ctl_json("stats").get("gpu")
+    d.preload("small", path, "--device", "cuda:0")
+    dev = [x for x in d.ctl_json("info", "small")["devices"] if x["device"] == "cuda:0"][0]
+    res["handle"] = dev.get("handle")
+    w = Worker(d.sock, "small", path)
+    try:
+        res["attach"] = w.ask("attach", timeout=60)
+        res["verify"] = w.ask("verify", timeout=60)
+    finally:
+        w.close()
+    d.ctl("evict", "small")
+    res["ok"] = res["verify"]["mismatches"] == 0 and res["attach"]["ntensors"] == 8
 
-        run("unit_test_gpu", check_unit, BUILD_DIR)
-        path, nbytes = make_files(tmp)
-        out["model_bytes"] = nbytes
-        os.makedirs(os.path.join(tmp, "d1"))
-        os.makedirs(os.path.join(tmp, "d2"))
-        os.makedirs(os.path.join(tmp, "legacy"))
-        os.makedirs(os.path.join(tmp, "g8"))
-        os.makedirs(os.path.join(tmp, "g6d"))
-        d = Daemon(os.path.join(tmp, "d1"))
+
+def environment():
+    """What the machine is, for reading a failure from the one summary."""
+    import torch
+    env = {"kernel": platform.release(), "torch": torch.__version__,
+           "torch_cuda": torch.version.cuda, "python": platform.python_version()}
+    try:
+        env["device"] = torch.cuda.get_device_name(0)
+        env["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as e:
+        env["error"] = f"{type(e).__name__}: {e}"
+    return env
+
+
+def main():
+    from wsdtest import BUILD_DIR, Daemon as _Daemon
+
+    class Daemon(_Daemon):  # every daemon is killed on any way out
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            LIVE.append(self)
+
+    t_start = time.time()
+    deadline = t_start + BUDGET_S
+    out = {"ok": False, "checks": {}}
+    summary_path = os.path.join(os.environ["OUT"], "gpu-summary.json") if os.environ.get(
+        "OUT") else None
+
+    def emit():
+        out["seconds"] = round(time.time() - t_start, 1)
+        out["ok"] = (bool(out["checks"]) and all(c["ok"] for c in out["checks"].values())
+                     and "script_error" not in out)
+        text = json.dumps(out, indent=1, default=str)
+        if summary_path:
+            try:
+                with open(summary_path, "w") as f:
+                    f.write(text + "\n")
+            except OSError:
+                pass
+        return text
+
+    def on_term(signum, _frame):  # run.sh's timeout: the summary so far, then out
+        out["killed_by_signal"] = signum
+        kill_everything()
+        print(emit(), flush=True)
+        os._exit(1)
+    signal.signal(signal.SIGTERM, on_term)
+
+    def run(name, fn, *a):
+        res = out["checks"][name] = {"ok": False}
+        if time.time() > deadline - 20:
+            res["skipped"] = f"the {BUDGET_S:.0f} s budget ran out"
+            log(name, "SKIPPED (budget)")
+            return False
+        t = time.time()
         try:
-            run("h2d_upload_rate", check_upload, d, path, nbytes)
-            run("g1_import_readonly_checksum", check_g1, d, path)
-            run("g6_worker_fault_isolated", check_g6, d, path)
-            run("four_workers_one_copy", check_one_copy, d, path, nbytes)
-            run("load_into_somemodule", check_load_into, d, tmp)
-            run("g2_lifetime", check_g2, d, path, nbytes, Daemon, tmp)
-        finally:
+            fn(res, *a)
+        except Exception as e:
+            res["error"] = f"{type(e).__name__}: {e}"
+            res["trace"] = traceback.format_exc().splitlines()[-4:]
+        res["seconds"] = round(time.time() - t, 2)
+        log(name, "ok" if res["ok"] else "FAILED", res.get("error", ""))
+        emit()
+        return res["ok"]
+
+    def skip(name, why):
+        out["checks"][name] = {"ok": False, "skipped": why}
+        log(name, "SKIPPED", why)
+
+    files = {}
+    d = tmp = None
+    try:
+        out["environment"] = environment()
+        run("unit_test_gpu", check_unit, BUILD_DIR)
+        tmp = tempfile.mkdtemp(prefix="wsd-gpu-")
+        for sub in ("d1", "d2", "legacy", "g8", "g6d"):
+            os.makedirs(os.path.join(tmp, sub))
+
+        def start(res):
+            nonlocal d
+            d = Daemon(os.path.join(tmp, "d1"))
+            res["ok"] = True
+        if run("daemon_start", start) and run("precheck_small_model", check_precheck, d, tmp):
+            def files_(res):
+                files["path"], files["nbytes"] = make_files(tmp)
+                res["model_bytes"] = out["model_bytes"] = files["nbytes"]
+                res["ok"] = True
+            big = run("make_model_file", files_)
+        else:
+            big = False
+        path, nbytes = files.get("path"), files.get("nbytes")
+        big_checks = [("h2d_upload_rate", check_upload, d, path, nbytes),
+                      ("g1_import_readonly_checksum", check_g1, d, path),
+                      ("g6_worker_fault_isolated", check_g6, d, path),
+                      ("four_workers_one_copy", check_one_copy, d, path, nbytes),
+                      ("load_into_somemodule", check_load_into, d, tmp),
+                      ("g2_lifetime", check_g2, d, path, nbytes, Daemon, tmp)]
+        for name, fn, *a in big_checks:
+            run(name, fn, *a) if big else skip(name, "the precheck or the model file failed")
+        if d is not None:
             d.kill()
-        run("legacy_ipc_fallback", check_legacy, Daemon, tmp, path)
-        run("g8_pin_failure_rolls_back", check_g8_pin_failure, Daemon, tmp, path, nbytes)
-        run("g6_daemon_degraded", check_g6_daemon_degraded, Daemon, tmp, path)
-    out["attach_ms_per_worker"] = out["checks"]["four_workers_one_copy"].get("attach_open_ms")
-    out["seconds"] = round(time.time() - t_start, 1)
-    out["ok"] = all(c["ok"] for c in out["checks"].values())
-    print(json.dumps(out, indent=1, default=str))
+        small = os.path.join(tmp, "small.safetensors")
+        # The legacy path is tried even when VMM failed: it is the fallback for that case.
+        run("legacy_ipc_fallback", check_legacy, Daemon, tmp, path if big else small)
+        if big:
+            run("g8_pin_failure_rolls_back", check_g8_pin_failure, Daemon, tmp, path, nbytes)
+            run("g6_daemon_degraded", check_g6_daemon_degraded, Daemon, tmp, path)
+        else:
+            skip("g8_pin_failure_rolls_back", "the precheck or the model file failed")
+            skip("g6_daemon_degraded", "the precheck or the model file failed")
+        out["attach_ms_per_worker"] = out["checks"].get("four_workers_one_copy", {}).get(
+            "attach_open_ms")
+    except Exception as e:  # a bug in this script: still a summary
+        out["script_error"] = f"{type(e).__name__}: {e}"
+        out["trace"] = traceback.format_exc().splitlines()[-6:]
+    finally:
+        kill_everything()
+        print(emit(), flush=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0 if out["ok"] else 1
 
 

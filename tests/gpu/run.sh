@@ -36,6 +36,8 @@ for f in bin/weightsd bin/weightsctl bin/wsd-attach lib/libweightsd.so tests/tes
         exit 2
     fi
 done
+# Unbuffered: what was printed survives a kill.
+export PYTHONUNBUFFERED=1
 export WSD_BUILD_DIR="$build" WEIGHTSD_LIBRARY="$build/lib/libweightsd.so"
 export PYTHONPATH="$root/client/python:$root/tests/harness${PYTHONPATH:+:$PYTHONPATH}"
 exec timeout -k 10 470 "$py" "$here/gpu_check.py"
