@@ -450,10 +450,11 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
         for (size_t i = 0; i < m->mf->nwarnings; i++)
             log_warning("model '%s': %s", m->name, m->mf->warnings[i]);
         for (size_t i = 0; i < m->ngpu; i++)
-            log_info("model '%s' on cuda:%d: %llu bytes, %s, uploaded in %llu ms", m->name,
-                     m->gpu[i].device, (unsigned long long)m->gpu[i].size,
+            log_info("model '%s' on cuda:%d: %llu bytes, %s, uploaded in %llu ms (copy %llu ms)",
+                     m->name, m->gpu[i].device, (unsigned long long)m->gpu[i].size,
                      gpu_handle_kind_name(m->gpu[i].kind),
-                     (unsigned long long)(m->gpu[i].upload_ns / 1000000));
+                     (unsigned long long)(m->gpu[i].upload_ns / 1000000),
+                     (unsigned long long)(m->gpu[i].fill_ns / 1000000));
         notify_waiters(m, 0, NULL);
         if (r->on_ready)
             r->on_ready(r->hook_data, m);

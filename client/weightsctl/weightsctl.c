@@ -265,8 +265,10 @@ static void print_info(json_t *doc)
     {
         if (strcmp(jstr(v, "device"), "cpu") == 0)
             continue; /* the memory line above */
-        printf("device:   %s, %s handle, %s%s\n", jstr(v, "device"), jstr(v, "handle"),
+        printf("device:   %s, %s handle, %s, uploaded in %.1f ms (the copy %.1f ms)%s\n",
+               jstr(v, "device"), jstr(v, "handle"),
                json_is_true(json_object_get(v, "writable")) ? "writable" : "read-only",
+               (double)jint(v, "upload_us") / 1e3, (double)jint(v, "fill_us") / 1e3,
                json_is_string(json_object_get(v, "state")) && strcmp(jstr(v, "state"), "ok")
                    ? ", device degraded"
                    : "");

@@ -118,6 +118,7 @@ bool gpu_device_degraded(int index, char *reason, size_t len)
 typedef struct gpu_alloc {
     CUmemGenericAllocationHandle handle; /* VMM: our reference on the allocation */
     void *dptr;                          /* legacy: the cudaMalloc pointer */
+    uint64_t fill_ns;                    /* see gpu_export_t.fill_ns */
 } gpu_alloc_t;
 
 static const char *cu_str(CUresult r)
@@ -336,9 +337,18 @@ typedef struct up_job {
     atomic_bool failed;      /* stop taking chunks */
     host_progress_t *progress; /* may be NULL */
     unsigned nstreams;       /* filler threads, each with a stream and two staging buffers */
+    _Atomic uint64_t first_copy_ns; /* when the first thread set up started filling; 0 before */
     pthread_mutex_t lock;    /* guards err */
     fmt_err_t *err;
 } up_job_t;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static void job_fail(up_job_t *job, const fmt_err_t *e)
 {
@@ -416,6 +426,11 @@ static void *up_thread(void *arg)
             job_fail(job, &e);
             goto out;
         }
+    }
+    {
+        uint64_t zero = 0; /* the fill starts when the first thread has its buffers */
+
+        (void)atomic_compare_exchange_strong(&job->first_copy_ns, &zero, now_ns());
     }
     for (;; k ^= 1) {
         size_t i = atomic_fetch_add(&job->next, 1);
@@ -509,7 +524,8 @@ static unsigned upload_streams(void)
 
 /* Fills [dbase, dbase + layout) from the host arena. */
 static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint64_t host_size,
-                int dev, char *dbase, host_progress_t *progress, fmt_err_t *err)
+                int dev, char *dbase, host_progress_t *progress, uint64_t *ret_fill_ns,
+                fmt_err_t *err)
 {
     up_job_t job = {.m = m, .offsets = offsets, .host_fd = host_fd, .host_size = host_size,
                     .dev = dev, .dbase = dbase, .progress = progress, .err = err};
@@ -535,6 +551,7 @@ static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint6
         }
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, false);
+    atomic_init(&job.first_copy_ns, 0);
     pthread_mutex_init(&job.lock, NULL);
     want = n < job.nstreams ? (unsigned)n : job.nstreams;
     for (; nth < want; nth++)
@@ -544,19 +561,13 @@ static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint6
         (void)up_thread(&job); /* no thread to spare: fill from this one */
     for (unsigned i = 0; i < nth; i++)
         pthread_join(th[i], NULL);
+    if (atomic_load(&job.first_copy_ns))
+        *ret_fill_ns = now_ns() - atomic_load(&job.first_copy_ns);
     if (atomic_load(&job.failed))
         r = err->code ? err->code : WSD_EGPU;
     pthread_mutex_destroy(&job.lock);
     free(job.chunks);
     return r;
-}
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 /* VMM: create, map for the fill, unmap, export. On success only the handle and fd remain. */
@@ -598,7 +609,8 @@ static int upload_vmm(const manifest_t *m, const uint64_t *offsets, int host_fd,
         r = cu_fail(err, dev, "cuMemSetAccess", cr);
         goto out;
     }
-    r = fill(m, offsets, host_fd, host_size, dev, (char *)(uintptr_t)ptr, progress, err);
+    r = fill(m, offsets, host_fd, host_size, dev, (char *)(uintptr_t)ptr, progress, &a->fill_ns,
+             err);
     if (r < 0)
         goto out;
     cr = drv.MemExportToShareableHandle(&fd, a->handle, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
@@ -642,7 +654,7 @@ static int upload_legacy(const manifest_t *m, const uint64_t *offsets, int host_
         a->dptr = NULL;
         return rt_fail(err, dev, "cudaMalloc", ce);
     }
-    r = fill(m, offsets, host_fd, host_size, dev, a->dptr, progress, err);
+    r = fill(m, offsets, host_fd, host_size, dev, a->dptr, progress, &a->fill_ns, err);
     if (r == 0) {
         ce = cudaIpcGetMemHandle(&h, a->dptr);
         if (ce != cudaSuccess)
@@ -707,6 +719,7 @@ int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
     if (r < 0)
         goto fail;
     e.upload_ns = now_ns() - t0;
+    e.fill_ns = a->fill_ns;
     e.priv = a;
     *ret = e;
     return 0;

@@ -133,7 +133,9 @@ typedef struct gpu_export {
     uint64_t size;            /* allocation bytes: the layout rounded up to the granularity */
     uint64_t *offsets;        /* owned, nstorages entries: storage i's byte offset */
     size_t noffsets;
-    uint64_t upload_ns;       /* wall time of the host-to-device fill */
+    uint64_t upload_ns;       /* wall time of the whole upload: allocation, fill, export */
+    uint64_t fill_ns;         /* of which the copy itself: from the first staged chunk to
+                               * the last copy's completion (staging buffers already pinned) */
     uint8_t *pb;              /* owned: packed weightsd.v1.GpuExport, built once for opens */
     size_t pb_len;
     void *priv;               /* implementation state (allocation handle or device pointer) */
