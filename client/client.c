@@ -480,9 +480,9 @@ static int open_gpu(wsd_client_t *c, wsd_model_t *m, const char *name,
     int device = atoi(gpu->device + 5), r;
 
     snprintf(key, sizeof(key), "%s\n%s\n%s\n%s", name, hash, gpu->device, writable ? "rw" : "ro");
-    r = wsd__gpu_import(*hash ? key : NULL, device, gpu->handle, fd, gpu->ipc_handle.data,
-                        gpu->ipc_handle.len, gpu->size, writable, &m->gpu, &base, msg,
-                        sizeof(msg));
+    r = wsd__gpu_import(*hash ? key : NULL, device, gpu->device_uuid.data, gpu->device_uuid.len,
+                        gpu->handle, fd, gpu->ipc_handle.data, gpu->ipc_handle.len, gpu->size,
+                        writable, &m->gpu, &device, &base, msg, sizeof(msg));
     if (r < 0) {
         set_error(c, r == -ENOMEM ? "out of memory" : msg);
         return r;

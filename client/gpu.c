@@ -39,6 +39,9 @@ typedef struct {
 typedef struct {
     char reserved[64];
 } CUipcMemHandle;
+typedef struct {
+    char bytes[16];
+} CUuuid;
 
 #define CUDA_SUCCESS                          0
 #define CU_MEM_LOCATION_TYPE_DEVICE           1
@@ -53,6 +56,8 @@ static struct {
     CUresult (*Init)(unsigned);
     CUresult (*GetErrorString)(CUresult, const char **);
     CUresult (*DeviceGet)(CUdevice *, int);
+    CUresult (*DeviceGetCount)(int *);
+    CUresult (*DeviceGetUuid)(CUuuid *, CUdevice);
     CUresult (*DevicePrimaryCtxRetain)(CUcontext *, CUdevice);
     CUresult (*DevicePrimaryCtxRelease)(CUdevice);
     CUresult (*CtxPushCurrent)(CUcontext);
@@ -129,6 +134,8 @@ static int cu_load(void)
     ENTRY(Init, "cuInit");
     ENTRY(GetErrorString, "cuGetErrorString");
     ENTRY(DeviceGet, "cuDeviceGet");
+    ENTRY(DeviceGetCount, "cuDeviceGetCount");
+    ENTRY(DeviceGetUuid, "cuDeviceGetUuid");
     ENTRY(DevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
     ENTRY(DevicePrimaryCtxRelease, "cuDevicePrimaryCtxRelease");
     ENTRY(CtxPushCurrent, "cuCtxPushCurrent");
@@ -239,9 +246,35 @@ static void import_drop(wsd__gpu_t *g)
     free(g);
 }
 
-int wsd__gpu_import(const char *key, int device, unsigned handle, int fd, const uint8_t *ipc,
-                    size_t ipc_len, uint64_t size, bool writable, wsd__gpu_t **ret,
-                    uint64_t *ret_base, char *msg, size_t msglen)
+/* This process's ordinal of the device with \p uuid (the daemon's cuda:\p device). */
+static int local_ordinal(int device, const uint8_t *uuid, int *ret, char *msg, size_t len)
+{
+    int n = 0;
+    CUresult r = cu.DeviceGetCount(&n);
+
+    if (r != CUDA_SUCCESS)
+        return fail(msg, len, device, "cuDeviceGetCount", r);
+    for (int i = 0; i < n; i++) {
+        CUdevice d;
+        CUuuid u;
+
+        if (cu.DeviceGet(&d, i) == CUDA_SUCCESS && cu.DeviceGetUuid(&u, d) == CUDA_SUCCESS &&
+            memcmp(u.bytes, uuid, sizeof(u.bytes)) == 0) {
+            *ret = i;
+            return 0;
+        }
+    }
+    snprintf(msg, len, "cuda:%d: the daemon's cuda:%d (GPU-%02x%02x%02x%02x-...) is not among "
+                       "the %d CUDA device(s) this process sees (CUDA_VISIBLE_DEVICES=%s)",
+             device, device, uuid[0], uuid[1], uuid[2], uuid[3], n,
+             getenv("CUDA_VISIBLE_DEVICES") ? getenv("CUDA_VISIBLE_DEVICES") : "unset");
+    return WSD_EGPU;
+}
+
+int wsd__gpu_import(const char *key, int device, const uint8_t *uuid, size_t uuid_len,
+                    unsigned handle, int fd, const uint8_t *ipc, size_t ipc_len, uint64_t size,
+                    bool writable, wsd__gpu_t **ret, int *ret_device, uint64_t *ret_base,
+                    char *msg, size_t msglen)
 {
     wsd__gpu_t *g = NULL;
     CUdevice dev;
@@ -254,7 +287,8 @@ int wsd__gpu_import(const char *key, int device, unsigned handle, int fd, const 
         return WSD_EPROTO;
     }
     if ((handle == WSD__GPU_HANDLE_LEGACY_IPC && ipc_len != sizeof(CUipcMemHandle)) ||
-        (handle == WSD__GPU_HANDLE_POSIX_FD && (fd < 0 || size == 0))) {
+        (handle == WSD__GPU_HANDLE_POSIX_FD && (fd < 0 || size == 0)) ||
+        (uuid_len != 0 && uuid_len != 16)) {
         snprintf(msg, msglen, "malformed GPU export");
         return WSD_EPROTO;
     }
@@ -263,6 +297,7 @@ int wsd__gpu_import(const char *key, int device, unsigned handle, int fd, const 
         if (strcmp(i->key, key) == 0 && i->size == size) {
             i->refs++;
             *ret = i;
+            *ret_device = i->device;
             *ret_base = i->base;
             pthread_mutex_unlock(&lock);
             return 0;
@@ -271,6 +306,11 @@ int wsd__gpu_import(const char *key, int device, unsigned handle, int fd, const 
     if (r < 0) {
         snprintf(msg, msglen, "cuda:%d: %s", device, cu_why);
         goto out;
+    }
+    if (uuid_len == 16) {
+        r = local_ordinal(device, uuid, &device, msg, msglen);
+        if (r < 0)
+            goto out;
     }
     g = calloc(1, sizeof(*g));
     if (!g || !(g->key = strdup(key ? key : ""))) {
@@ -315,6 +355,7 @@ int wsd__gpu_import(const char *key, int device, unsigned handle, int fd, const 
         imports = g;
     }
     *ret = g;
+    *ret_device = g->device;
     *ret_base = g->base;
     g = NULL;
 

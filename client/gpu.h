@@ -16,19 +16,23 @@
 typedef struct wsd__gpu wsd__gpu_t;
 
 /*
- * Imports the allocation an open reply describes, or takes another reference on this
+ * Imports the allocation an open reply describes (made on the daemon's device \p device, whose
+ * 16-byte UUID is \p uuid when \p uuid_len is 16: the device is then found here by UUID, as its
+ * ordinal in this process may differ under CUDA_VISIBLE_DEVICES), or takes another reference on this
  * process's import of it: imports are shared by every open whose \p key (model, content hash,
  * device, access) matches; an empty content hash is never shared.
  * VMM: imports \p fd, reserves address space, maps, and sets read-only access unless
  * \p writable. Legacy: opens the 64-byte \p ipc handle. \p fd stays the caller's.
  * \param[out] ret       the import; drop it with wsd__gpu_unref().
+ * \param[out] ret_device  this process's ordinal of that device.
  * \param[out] ret_base  device address of the allocation's first byte.
  * \retval 0, WSD_EGPU (no libcuda.so.1, driver too old, a CUDA call failed: \p msg says which),
  *         WSD_EPROTO (unknown handle kind, bad ipc length), -ENOMEM.
  */
-int wsd__gpu_import(const char *key, int device, unsigned handle, int fd, const uint8_t *ipc,
-                    size_t ipc_len, uint64_t size, bool writable, wsd__gpu_t **ret,
-                    uint64_t *ret_base, char *msg, size_t msglen);
+int wsd__gpu_import(const char *key, int device, const uint8_t *uuid, size_t uuid_len,
+                    unsigned handle, int fd, const uint8_t *ipc, size_t ipc_len, uint64_t size,
+                    bool writable, wsd__gpu_t **ret, int *ret_device, uint64_t *ret_base,
+                    char *msg, size_t msglen);
 
 /* Drops one reference; the last one unmaps (the memory goes when no process maps it). */
 void wsd__gpu_unref(wsd__gpu_t *g);

@@ -129,6 +129,10 @@ int manifest_pb_gpu_export(const gpu_export_t *e, uint8_t **ret, size_t *ret_len
         pb.ipc_handle.data = (uint8_t *)(uintptr_t)e->ipc; /* pack only reads it */
         pb.ipc_handle.len = sizeof(e->ipc);
     }
+    if (e->has_uuid) {
+        pb.device_uuid.data = (uint8_t *)(uintptr_t)e->uuid; /* pack only reads it */
+        pb.device_uuid.len = sizeof(e->uuid);
+    }
     pb.size = e->size;
     pb.n_offsets = e->noffsets;
     pb.offsets = e->offsets;

@@ -181,7 +181,8 @@ WSD_EXTERN const char *wsd_last_error(const wsd_client_t *c);
  * private to this process (copy-on-write) and other workers never see them.
  * \param[in]  c          connected client.
  * \param[in]  name       model name.
- * \param[in]  device     "cpu" or NULL (host tier), or "cuda:N": the daemon's copy on that GPU,
+ * \param[in]  device     "cpu" or NULL (host tier), or "cuda:N": the daemon's copy on its GPU N
+ *                        (N counts the daemon's devices; the worker finds that GPU by UUID),
  *                        imported (CUDA VMM fd, or legacy IPC handle), mapped read-only unless
  *                        WSD_OPEN_GPU_WRITE; tensor data pointers are then device addresses.
  *                        Every open of one model on one device in a process shares one import.
@@ -231,8 +232,10 @@ WSD_EXTERN uint64_t wsd_model_lease(const wsd_model_t *m);
 /** \retval content hash as lowercase hex ("" when the daemon sent none). */
 WSD_EXTERN const char *wsd_model_hash(const wsd_model_t *m);
 /**
- * \retval -1 when the model's memory is host memory, else the CUDA ordinal N of "cuda:N" (data
- *         pointers are device addresses then; read them from kernels, not from the CPU).
+ * \retval -1 when the model's memory is host memory, else the CUDA ordinal, in this process, of
+ *         the device holding it (data pointers are device addresses then; read them from
+ *         kernels, not from the CPU). The device is matched by UUID, so under
+ *         CUDA_VISIBLE_DEVICES this may differ from the N of the "cuda:N" that was opened.
  */
 WSD_EXTERN int wsd_model_device(const wsd_model_t *m);
 

@@ -207,6 +207,9 @@ static void probe_device(int i, gpu_device_info_t *d)
     if (cudaGetDeviceProperties(&p, i) == cudaSuccess) {
         snprintf(d->name, sizeof(d->name), "%.95s", p.name);
         d->total_bytes = p.totalGlobalMem;
+        _Static_assert(sizeof(p.uuid) == GPU_UUID_SIZE, "cudaUUID_t is 16 bytes");
+        memcpy(d->uuid, &p.uuid, GPU_UUID_SIZE);
+        d->has_uuid = true;
     } else
         (void)cudaGetLastError();
     if (!drv_ok || drv.DeviceGet(&cd, i) != CUDA_SUCCESS)
@@ -689,6 +692,8 @@ int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
     if (r < 0)
         return r;
     e.noffsets = m->nstorages;
+    e.has_uuid = d->has_uuid;
+    memcpy(e.uuid, d->uuid, GPU_UUID_SIZE);
     e.kind = drv_ok && d->vmm && d->posix_fd && !force_legacy ? GPU_HANDLE_POSIX_FD
                                                               : GPU_HANDLE_LEGACY_IPC;
     gran = e.kind == GPU_HANDLE_POSIX_FD ? d->granularity : GPU_ALIGN;

@@ -34,6 +34,7 @@
 
 /* Bytes of a legacy cudaIpcMemHandle_t. */
 #define GPU_IPC_HANDLE_SIZE 64u
+#define GPU_UUID_SIZE 16u /* cudaUUID_t / CUuuid */
 
 /* How a device copy is handed to workers. Values travel on the wire (GpuExport.handle). */
 typedef enum gpu_handle_kind {
@@ -50,6 +51,8 @@ typedef struct gpu_device_info {
     uint64_t granularity; /* recommended VMM allocation granularity in bytes, 0 without VMM */
     bool vmm;             /* CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED */
     bool posix_fd;        /* CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED */
+    bool has_uuid;        /* uuid is known */
+    uint8_t uuid[GPU_UUID_SIZE]; /* cudaDeviceProp.uuid: names the device in every process */
 } gpu_device_info_t;
 
 typedef struct gpu_probe {
@@ -131,6 +134,8 @@ typedef struct gpu_export {
     int fd;                   /* POSIX_FD: the exported fd (owned, CLOEXEC); else -1 */
     uint8_t ipc[GPU_IPC_HANDLE_SIZE]; /* LEGACY_IPC: the cudaIpcMemHandle_t bytes */
     uint64_t size;            /* allocation bytes: the layout rounded up to the granularity */
+    bool has_uuid;            /* the device's UUID is known (sent to workers) */
+    uint8_t uuid[GPU_UUID_SIZE];
     uint64_t *offsets;        /* owned, nstorages entries: storage i's byte offset */
     size_t noffsets;
     uint64_t upload_ns;       /* wall time of the whole upload: allocation, fill, export */

@@ -93,6 +93,9 @@ TEST(gpu_open_reply_decodes)
 
     for (size_t i = 0; i < sizeof(e.ipc); i++)
         e.ipc[i] = (uint8_t)(i * 7 + 1);
+    e.has_uuid = true;
+    for (size_t i = 0; i < sizeof(e.uuid); i++)
+        e.uuid[i] = (uint8_t)(0xF0 ^ i);
     ASSERT_EQ(manifest_pb_encode(m, 4096 * 4, "abcd", &mpb, &mlen), 0);
     ASSERT_EQ(manifest_pb_gpu_export(&e, &gpb, &glen), 0);
     ASSERT_EQ(manifest_pb_open_reply_gpu(300, 9, mpb, mlen, gpb, glen, 0, &frame, &flen), 0);
@@ -110,6 +113,8 @@ TEST(gpu_open_reply_decodes)
     ASSERT_UINT_EQ(msg->open_reply->gpu->offsets[2], 512);
     ASSERT_EQ(msg->open_reply->gpu->ipc_handle.len, GPU_IPC_HANDLE_SIZE);
     ASSERT_EQ(memcmp(msg->open_reply->gpu->ipc_handle.data, e.ipc, sizeof(e.ipc)), 0);
+    ASSERT_EQ(msg->open_reply->gpu->device_uuid.len, GPU_UUID_SIZE);
+    ASSERT_EQ(memcmp(msg->open_reply->gpu->device_uuid.data, e.uuid, sizeof(e.uuid)), 0);
     wire_msg_free(msg);
     free(frame);
     /* Without a GpuExport the bytes are the host-tier reply's, unchanged. */
