@@ -908,6 +908,12 @@ int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, s
      * their leases keep the model record until they release. */
     r->resident_bytes -= model_resident(m);
     host_arena_close(&m->arena);
+    /* A VMM copy lives on in the workers' mappings, which hold their own references, so the
+     * daemon's can go now. A legacy IPC copy must stay until the last lease: freeing it under
+     * an importer is undefined behaviour (cuda.h, cuIpcOpenMemHandle). */
+    for (size_t i = 0; i < m->ngpu; i++)
+        if (m->gpu[i].kind == GPU_HANDLE_POSIX_FD)
+            gpu_release(&m->gpu[i]);
     registry_unlist(r, m);
     return 0;
 }
