@@ -194,8 +194,11 @@ static json_t *devices_json(const model_t *m)
         if (g->kind == GPU_HANDLE_LEGACY_IPC)
             json_object_set_new(d, "limits",
                                 json_string("legacy CUDA IPC: the daemon must outlive importers, "
-                                            "importers need its PID namespace, and mappings "
-                                            "cannot be made read-only"));
+                                            "importers need its PID namespace, mappings "
+                                            "cannot be made read-only, and the copy is freed "
+                                            "with the model's last lease, so a worker must "
+                                            "keep its connection open while it uses the "
+                                            "tensors"));
         json_array_append_new(a, d);
     }
     return a;

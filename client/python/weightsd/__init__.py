@@ -115,7 +115,10 @@ class Client:
 
     def close(self):
         """Closes the connection; the daemon releases this connection's leases. Tensors already
-        handed out stay mapped and valid until they are freed. Idempotent."""
+        handed out stay mapped and valid until they are freed, except on a GPU copy served by
+        the legacy CUDA IPC fallback (`weightsctl info` says handle legacy_ipc): the daemon
+        frees that with the model's last lease once it is evicted, so keep the connection
+        open while such tensors are in use. Idempotent."""
         with self._lock:
             ptr, self._ptr = self._ptr, None
             if ptr is not None and _lib is not None:
