@@ -98,6 +98,21 @@ def worker(sock, name, ref_path):
             except RuntimeError as e:  # the context is now unusable; report and leave
                 say(phase="wrote", refused=True, error=str(e).splitlines()[0])
                 os._exit(3)
+        elif cmd == "writable":
+            # The opt-in: refused (PermissionDenied) unless preloaded with --allow-gpu-write;
+            # where allowed, a write lands in the one shared copy.
+            c = weightsd.connect(sock)
+            try:
+                rw = c.state_dict(name, device="cuda:0", writable=True)
+            except weightsd.Error as e:
+                say(phase="writable", refused=isinstance(e, weightsd.PermissionDenied),
+                    error=str(e))
+            else:
+                t = next(iter(rw.values()))
+                t.add_(1)
+                torch.cuda.synchronize()
+                say(phase="writable", refused=False, wrote=True)
+                del rw, t
         elif cmd == "fault":
             # A device-side assert (cudaErrorAssert, sticky): this worker's context is dead.
             try:
@@ -504,10 +519,24 @@ def check_precheck(res, d, tmp):
     try:
         res["attach"] = w.ask("attach", timeout=60)
         res["verify"] = w.ask("verify", timeout=60)
+        res["writable_without_allow"] = w.ask("writable", timeout=60)
     finally:
         w.close()
     d.ctl("evict", "small")
-    res["ok"] = res["verify"]["mismatches"] == 0 and res["attach"]["ntensors"] == 8
+    res["ok"] = (res["verify"]["mismatches"] == 0 and res["attach"]["ntensors"] == 8
+                 and res["writable_without_allow"].get("refused") is True)
+    # --allow-gpu-write: a writable open works and its write is what a read-only worker sees.
+    d.preload("small_rw", path, "--device", "cuda:0", "--allow-gpu-write")
+    w = Worker(d.sock, "small_rw", path)
+    try:
+        w.ask("attach", timeout=60)
+        res["writable_with_allow"] = w.ask("writable", timeout=60)
+        res["after_allowed_write"] = w.ask("verify", timeout=60)
+    finally:
+        w.close()
+    d.ctl("evict", "small_rw")
+    res["ok"] = (res["ok"] and res["writable_with_allow"].get("wrote") is True
+                 and res["after_allowed_write"]["mismatches"] == 1)
 
 
 def environment():
