@@ -83,46 +83,41 @@ class Model:
         arr.weightsd_model = self
         return base, memoryview(arr).cast("B")
 
+    def _export(self, fn, index, describe):
+        """A capsule from fn (wsd_tensor_dlpack or wsd_storage_dlpack) pinning this model until
+        the consumer frees it; describe(r) is the error for a failure r."""
+        managed = ctypes.c_void_p()
+        token = next(_tokens)
+        _pins[token] = self
+        r = fn(self.ptr, index, _release_cb, token, ctypes.byref(managed))
+        if r < 0:
+            del _pins[token]
+            raise describe(r)
+        try:
+            return _capsule_new(managed.value, DLTENSOR, None)
+        except BaseException:
+            _lib.wsd_dlpack_free(managed)
+            raise
+
     def capsule(self, index):
         """A "dltensor" capsule for tensor `index`, pinning this model until the consumer frees
         it. The capsule has no destructor: its producer (DLPackTensor) frees it if nobody
         consumed it. Raises UnsupportedDtype for dtypes the DLPack header cannot name."""
-        managed = ctypes.c_void_p()
-        token = next(_tokens)
-        _pins[token] = self
-        r = _lib.wsd_tensor_dlpack(self.ptr, index, _release_cb, token, ctypes.byref(managed))
-        if r < 0:
-            del _pins[token]
+        def describe(r):
             t = _lib.wsd_model_tensor(self.ptr, index)
             what = f"tensor '{_lib.wsd_tensor_name(t).decode()}' of model '{self.name}'"
             if r == -95:  # -EOPNOTSUPP
-                raise _lib.UnsupportedDtype(r, (
+                return _lib.UnsupportedDtype(r, (
                     f"{what} has dtype {_lib.dtype_name(_lib.wsd_tensor_dtype(t))}, which the "
                     "DLPack header libweightsd was built with cannot describe"))
-            raise _lib.error_for(r, f"cannot export {what} through DLPack")
-        return _wrap(managed)
+            return _lib.error_for(r, f"cannot export {what} through DLPack")
+        return self._export(_lib.wsd_tensor_dlpack, index, describe)
 
     def storage_capsule(self, index):
         """A "dltensor" capsule of storage `index`'s bytes (1-D uint8, on the model's device),
         pinning this model as capsule() does; any dtype can be viewed over it."""
-        managed = ctypes.c_void_p()
-        token = next(_tokens)
-        _pins[token] = self
-        r = _lib.wsd_storage_dlpack(self.ptr, index, _release_cb, token, ctypes.byref(managed))
-        if r < 0:
-            del _pins[token]
-            raise _lib.error_for(r, f"cannot export storage {index} of model '{self.name}' "
-                                    "through DLPack")
-        return _wrap(managed)
-
-
-def _wrap(managed):
-    """The capsule for a new DLManagedTensor (freed here if the capsule cannot be made)."""
-    try:
-        return _capsule_new(managed.value, DLTENSOR, None)
-    except BaseException:
-        _lib.wsd_dlpack_free(managed)
-        raise
+        return self._export(_lib.wsd_storage_dlpack, index, lambda r: _lib.error_for(
+            r, f"cannot export storage {index} of model '{self.name}' through DLPack"))
 
 
 def free_unconsumed(capsule):

@@ -71,18 +71,14 @@ def _dlpack_storage(model, info, device):
         raise
 
 
-def _dlpack_state_dict(model, device):
-    """state_dict() through DLPack: one import per checkpoint storage (a uint8 tensor over its
-    bytes, on `device`), each tensor a view over it with set_(), so every dtype torch has works
-    (DLPack names no float8 type, and no bool before 0.8) and tensors of one storage share one
-    torch storage, as on the CPU path. Used for models opened on "cuda:N".
-
-    Stream semantics: the daemon synchronised the upload before exporting, and nothing writes
-    the bytes afterwards, so tensors are usable on any stream at once. Writing into them is a
-    CUDA illegal-address fault unless the model was opened with writable=True (which needs a
-    preload with --allow-gpu-write)."""
-    storages, views, out = {}, {}, {}
+def _views(model, make_storage, device):
+    """The dict name -> tensor: one torch storage per checkpoint storage (make_storage(info)),
+    each tensor a set_() view over it, names on the very same view sharing one tensor object."""
+    storages = {}  # storage index -> UntypedStorage
+    views = {}     # (storage, offset, shape, strides, dtype) -> tensor, so tied names share one
+    out = {}
     empty = torch.empty
+    on = {} if device is None else {"device": device}
     try:
         for info in _lib.tensor_infos(model.ptr):  # one foreign call for all
             name = info.name.decode()
@@ -96,46 +92,9 @@ def _dlpack_state_dict(model, device):
             if tensor is None:
                 st = storages.get(si)
                 if st is None:
-                    st = storages[si] = _dlpack_storage(model, info, device)
+                    st = storages[si] = make_storage(info)
                 try:
-                    tensor = empty(0, dtype=dtype, device=device).set_(st, offset, shape, strides)
-                except RuntimeError as e:
-                    raise _lib.ProtocolError(-1000, f"tensor '{name}' of model '{model.name}' "
-                                                    f"does not fit its storage: {e}") from None
-                views[key] = tensor
-            out[name] = tensor
-    except BaseException:
-        storages = views = out = tensor = st = model = None  # the lease goes with them
-        raise
-    return out
-
-
-def state_dict(model):
-    """Builds the dict name -> tensor for an open Model (see Client.state_dict)."""
-    device = _lib.wsd_model_device(model.ptr)
-    if device >= 0:
-        return _dlpack_state_dict(model, torch.device("cuda", device))
-    storages = {}  # storage index -> UntypedStorage over the mapping
-    views = {}     # (storage, offset, shape, strides, dtype) -> tensor, so tied names share one
-    out = {}
-    empty = torch.empty
-    mapping = model.mapping()
-    try:
-        for info in _lib.tensor_infos(model.ptr):
-            name = info.name.decode()
-            dtype = _torch_dtype(info.dtype, name, model.name)
-            nd = info.ndim
-            shape = tuple(info.shape[:nd])
-            strides = tuple(info.strides[:nd])
-            si, offset = info.storage, info.storage_offset
-            key = (si, offset, shape, strides, dtype)
-            tensor = views.get(key)
-            if tensor is None:
-                st = storages.get(si)
-                if st is None:
-                    st = storages[si] = _storage(info, mapping)
-                try:
-                    tensor = empty(0, dtype=dtype).set_(st, offset, shape, strides)
+                    tensor = empty(0, dtype=dtype, **on).set_(st, offset, shape, strides)
                 except RuntimeError as e:  # torch checks the view against the storage size
                     raise _lib.ProtocolError(-1000, f"tensor '{name}' of model '{model.name}' "
                                                     f"does not fit its storage: {e}") from None
@@ -143,9 +102,39 @@ def state_dict(model):
             out[name] = tensor
     except BaseException:
         # The traceback keeps this frame: drop what pins the model, so its lease goes now.
-        storages = views = out = tensor = st = model = mapping = None
+        storages = views = out = tensor = st = model = make_storage = None
         raise
     return out
+
+
+def _dlpack_state_dict(model, device):
+    """state_dict() through DLPack: one import per checkpoint storage (a uint8 tensor over its
+    bytes, on `device`), the tensors views over it, so every dtype torch has works (DLPack
+    names no float8 type, and no bool before 0.8) and tensors of one storage share one torch
+    storage, as on the CPU path. Used for models opened on "cuda:N".
+
+    Stream semantics: the daemon synchronised the upload before exporting, and nothing writes
+    the bytes afterwards, so tensors are usable on any stream at once. Writing into them is a
+    CUDA illegal-address fault unless the model was opened with writable=True (which needs a
+    preload with --allow-gpu-write)."""
+    try:
+        return _views(model, lambda info: _dlpack_storage(model, info, device), device)
+    except BaseException:
+        model = None
+        raise
+
+
+def state_dict(model):
+    """Builds the dict name -> tensor for an open Model (see Client.state_dict)."""
+    device = _lib.wsd_model_device(model.ptr)
+    if device >= 0:
+        return _dlpack_state_dict(model, torch.device("cuda", device))
+    mapping = model.mapping()
+    try:
+        return _views(model, lambda info: _storage(info, mapping), None)
+    except BaseException:
+        model = mapping = None
+        raise
 
 
 # Factory functions torch 2.0's DeviceContext sends to its device (torch/utils/_device.py),
