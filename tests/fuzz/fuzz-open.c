@@ -7,6 +7,7 @@
  * byte is read, and each is exported through DLPack and freed. Defence in depth: the daemon
  * validates what it sends (fuzz-conn covers that side), the client must not trust it.
  */
+#include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -107,6 +108,31 @@ static void touch(const wsd_model_t *m)
             check(dl != NULL && dl->deleter != NULL, "DLPack export without a deleter");
             wsd_dlpack_free(dl);
         }
+    }
+    /* Each storage as its bytes: exactly the storage, readable at both ends. */
+    for (size_t i = 0; i <= wsd_model_storage_count(m); i++) {
+        DLManagedTensor *dl = NULL;
+        void *data = NULL;
+        uint64_t nbytes = 0;
+        int r = wsd_storage_dlpack(m, i, NULL, NULL, &dl);
+
+        if (i == wsd_model_storage_count(m)) {
+            check(r == -EINVAL && dl == NULL, "DLPack export of a storage that does not exist");
+            break;
+        }
+        if (r == -ENOMEM)
+            continue;
+        check(r == 0 && dl != NULL && wsd_model_storage(m, i, &data, &nbytes) == 0,
+              "DLPack export of a storage failed");
+        check(dl->dl_tensor.data == data && dl->dl_tensor.ndim == 1 &&
+                  dl->dl_tensor.shape[0] == (int64_t)nbytes && dl->dl_tensor.strides[0] == 1 &&
+                  dl->dl_tensor.dtype.code == kDLUInt && dl->dl_tensor.dtype.bits == 8,
+              "storage DLPack tensor is not the storage's bytes");
+        if (nbytes) {
+            sink ^= ((const uint8_t *)data)[0];
+            sink ^= ((const uint8_t *)data)[nbytes - 1];
+        }
+        wsd_dlpack_free(dl);
     }
     (void)sink;
 }
