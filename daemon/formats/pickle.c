@@ -1893,6 +1893,11 @@ static int buf_put(pk_buf_t *b, const char *s, size_t n, fmt_err_t *err)
 {
     size_t max = b->max ? b->max : PK_JSON_MAX;
 
+    if ((n > max || b->len > max - n) && b->compare)
+        return fmt_fail(err, WSD_EBADCKPT, "E_PKL_LIMIT",
+                        "the dict keys and set items of data.pkl take more than %u bytes to "
+                        "compare (written out once per container holding them)",
+                        PK_COMPARE_MAX);
     if (n > max || b->len > max - n)
         return fmt_fail(err, WSD_EBADCKPT, "E_PKL_LIMIT",
                         "a non-tensor value renders to more than %zu bytes of JSON", max);
@@ -2112,6 +2117,11 @@ static int canon(const pk_doc_t *d, uint32_t h, pk_buf_t *b, unsigned depth, fmt
         return fmt_fail(err, WSD_EBADCKPT, "E_PKL_LIMIT",
                         "a dict key or set item nests deeper than %u (data.pkl offset %u)",
                         PK_DEPTH_MAX, n->off);
+    if (++b->steps > PK_COMPARE_STEPS)
+        return fmt_fail(err, WSD_EBADCKPT, "E_PKL_LIMIT",
+                        "the dict keys and set items of data.pkl hold more than %u values to "
+                        "compare (each counted once per container holding it; at offset %u)",
+                        PK_COMPARE_STEPS, n->off);
     switch ((pk_type_t)n->type) {
     case PK_NONE:
         return buf_str(b, "N", err);
@@ -2203,9 +2213,9 @@ static int canon(const pk_doc_t *d, uint32_t h, pk_buf_t *b, unsigned depth, fmt
  */
 static int check_members(const pk_doc_t *d, fmt_err_t *err)
 {
-    pk_buf_t b = {.max = SIZE_MAX / 2};
+    pk_buf_t b = {.compare = true};
     struct key_span *sp = NULL;
-    size_t cap = 0;
+    size_t cap = 0, total = 0;
     int r = 0;
 
     for (uint32_t h = 0; r == 0 && h < d->nnodes; h++) {
@@ -2224,14 +2234,18 @@ static int check_members(const pk_doc_t *d, fmt_err_t *err)
             sp = p;
             cap = n->n;
         }
+        /* One budget for the whole stream: shared subtrees (a tuple holding one memoised tuple
+         * twice, 64 deep) write out 2^64 bytes, and many containers can share one key. */
         b.len = 0;
+        b.max = PK_COMPARE_MAX - total;
         for (uint32_t i = 0; r == 0 && i < n->n; i++) {
             sp[i].off = b.len;
-            r = canon(d, n->u.items[stride * i], &b, 0, err);
+            r = b.max ? canon(d, n->u.items[stride * i], &b, 0, err) : buf_put(&b, "", 1, err);
             sp[i].len = b.len - sp[i].off;
         }
         if (r < 0)
             break;
+        total += b.len;
         qsort_r(sp, n->n, sizeof(*sp), span_cmp, b.p);
         for (uint32_t i = 1; i < n->n; i++)
             if (span_cmp(&sp[i - 1], &sp[i], b.p) == 0) {

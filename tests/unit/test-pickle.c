@@ -17,6 +17,8 @@
  */
 #include "test.h"
 
+#include <time.h>
+
 #include "pickle.h"
 
 /* Byte strings stay split where an opcode or its argument begins. */
@@ -719,6 +721,37 @@ TEST(pickle_equal_members)
         pickle_free(d);
     }
     check_values(ok, NCASES(ok));
+}
+
+/*
+ * A key that shares one tuple through the memo at every level ((t, t) 40 deep) is 2^40 values
+ * when written out for comparison: refused by the whole-stream budget, quickly, not compared.
+ */
+TEST(pickle_compare_budget)
+{
+    uint8_t p[8 + 40 * 4 + 8];
+    size_t n = 0;
+    fmt_err_t err = {0};
+    pk_doc_t *d = NULL;
+    clock_t t0 = clock();
+
+    memcpy(p, P4 "}(", 4); /* a dict, then MARK */
+    n = 4;
+    p[n++] = ')';          /* the empty tuple */
+    for (unsigned i = 0; i < 40; i++) {
+        p[n++] = 0x94;     /* MEMOIZE as i */
+        p[n++] = 'h';      /* BINGET i */
+        p[n++] = (uint8_t)i;
+        p[n++] = 0x86;     /* TUPLE2: (t, t) */
+    }
+    memcpy(p + n, "NK\x01Nu.", 6); /* : None, 1: None, SETITEMS, STOP */
+    n += 6;
+    ASSERT_EQ(pickle_parse(p, n, &d, &err), WSD_EBADCKPT);
+    ASSERT(d == NULL);
+    if (strncmp(err.msg, "E_PKL_LIMIT", 11) != 0 || !strstr(err.msg, "values to compare"))
+        TEST_FAIL("expected the compare budget, got \"%s\"", err.msg);
+    /* The budget bounds the time: well under the fuzzer's 10 s even under sanitizers. */
+    ASSERT((double)(clock() - t0) / CLOCKS_PER_SEC < 8.0);
 }
 
 /* pk_buf_t.max caps the JSON, including a run of plain text flushed before an escape. */
