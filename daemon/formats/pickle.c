@@ -1893,11 +1893,6 @@ static int buf_put(pk_buf_t *b, const char *s, size_t n, fmt_err_t *err)
 {
     size_t max = b->max ? b->max : PK_JSON_MAX;
 
-    if ((n > max || b->len > max - n) && b->compare)
-        return fmt_fail(err, WSD_EBADCKPT, "E_PKL_LIMIT",
-                        "the dict keys and set items of data.pkl take more than %u bytes to "
-                        "compare (written out once per container holding them)",
-                        PK_COMPARE_MAX);
     if (n > max || b->len > max - n)
         return fmt_fail(err, WSD_EBADCKPT, "E_PKL_LIMIT",
                         "a non-tensor value renders to more than %zu bytes of JSON", max);
@@ -2107,8 +2102,31 @@ static int span_cmp(const void *a, const void *b, void *buf)
  * itself (the same node, as a memo GET gives the same object); torch.float is torch.float32.
  * Numbers end in ';' and strings carry their length, so a tuple's items cannot run together.
  */
-static int canon(const pk_doc_t *d, uint32_t h, pk_buf_t *b, unsigned depth, fmt_err_t *err)
+/*
+ * Values are compared by class: equal (by ==) values get one class id. A node's class is
+ * interned from its canonical string, where a tuple names its items by their class ids, so
+ * each node is written out once however often the memo shares it (a tuple holding one tuple
+ * twice, 64 deep, is 64 short strings, not 2^64 bytes) and the whole check is linear.
+ */
+struct classes {
+    const pk_doc_t *d;
+    uint32_t *cls;       /* per node: class id, 0 before it is known */
+    pk_buf_t scratch;    /* canonical strings being built (nested, stack-like) */
+    pk_buf_t names;      /* interned canonical strings */
+    struct slot {
+        uint64_t hash;
+        size_t off, len; /* in names */
+        uint32_t id;     /* 0: empty slot */
+    } *tab;
+    size_t cap, count;   /* cap: a power of two */
+};
+
+static int class_of(struct classes *c, uint32_t h, unsigned depth, uint32_t *ret,
+                    fmt_err_t *err);
+
+static int canon(struct classes *c, uint32_t h, pk_buf_t *b, unsigned depth, fmt_err_t *err)
 {
+    const pk_doc_t *d = c->d;
     const pk_node_t *n = &d->nodes[h];
     char tmp[64];
     int r;
@@ -2117,11 +2135,6 @@ static int canon(const pk_doc_t *d, uint32_t h, pk_buf_t *b, unsigned depth, fmt
         return fmt_fail(err, WSD_EBADCKPT, "E_PKL_LIMIT",
                         "a dict key or set item nests deeper than %u (data.pkl offset %u)",
                         PK_DEPTH_MAX, n->off);
-    if (++b->steps > PK_COMPARE_STEPS)
-        return fmt_fail(err, WSD_EBADCKPT, "E_PKL_LIMIT",
-                        "the dict keys and set items of data.pkl hold more than %u values to "
-                        "compare (each counted once per container holding it; at offset %u)",
-                        PK_COMPARE_STEPS, n->off);
     switch ((pk_type_t)n->type) {
     case PK_NONE:
         return buf_str(b, "N", err);
@@ -2149,7 +2162,7 @@ static int canon(const pk_doc_t *d, uint32_t h, pk_buf_t *b, unsigned depth, fmt
         double vi = im->type == PK_FLOAT ? im->u.f : (double)im->u.i;
 
         if (vi == 0)
-            return canon(d, n->u.pair[0], b, depth + 1, err);
+            return canon(c, n->u.pair[0], b, depth + 1, err);
         snprintf(tmp, sizeof(tmp), "c%a,%a;", re->type == PK_FLOAT ? re->u.f : (double)re->u.i,
                  vi);
         return buf_str(b, tmp, err);
@@ -2167,19 +2180,25 @@ static int canon(const pk_doc_t *d, uint32_t h, pk_buf_t *b, unsigned depth, fmt
             r = buf_put(b, (const char *)n->u.s, n->n, err);
         /* UTF-8 text standing for its latin-1 bytes (_codecs.encode): those bytes. */
         for (uint32_t i = 0; r == 0 && latin1 && i < n->n; i++) {
-            char c = (char)(n->u.s[i] < 0x80 ? n->u.s[i]
+            char ch = (char)(n->u.s[i] < 0x80 ? n->u.s[i]
                                              : ((n->u.s[i] & 0x03) << 6 | (n->u.s[i + 1] & 0x3f)));
 
             i += n->u.s[i] >= 0x80;
-            r = buf_put(b, &c, 1, err);
+            r = buf_put(b, &ch, 1, err);
         }
         return r;
     }
     case PK_TUPLE:
         snprintf(tmp, sizeof(tmp), "t%u(", n->n);
         r = buf_str(b, tmp, err);
-        for (uint32_t i = 0; r == 0 && i < n->n; i++)
-            r = canon(d, n->u.items[i], b, depth + 1, err);
+        for (uint32_t i = 0; r == 0 && i < n->n; i++) {
+            uint32_t id = 0;
+
+            r = class_of(c, n->u.items[i], depth + 1, &id, err);
+            snprintf(tmp, sizeof(tmp), "#%u,", id);
+            if (r == 0)
+                r = buf_str(b, tmp, err);
+        }
         return r < 0 ? r : buf_str(b, ")", err);
     case PK_GLOBAL:
         if (globals[n->aux].kind == G_DTYPE && globals[n->aux].arg >= 0)
@@ -2204,6 +2223,85 @@ static int canon(const pk_doc_t *d, uint32_t h, pk_buf_t *b, unsigned depth, fmt
     }
 }
 
+static uint64_t hash_bytes(const char *p, size_t n)
+{
+    uint64_t x = 0xcbf29ce484222325u; /* FNV-1a */
+
+    for (size_t i = 0; i < n; i++)
+        x = (x ^ (uint8_t)p[i]) * 0x100000001b3u;
+    return x;
+}
+
+/* The class id of canonical string [off, off + len) of c->scratch, new if unseen. */
+static int intern(struct classes *c, size_t off, size_t len, uint32_t *ret, fmt_err_t *err)
+{
+    const char *p = c->scratch.p + off;
+    uint64_t hv = hash_bytes(p, len);
+    size_t i;
+    int r;
+
+    if (2 * (c->count + 1) > c->cap) {
+        size_t ncap = c->cap ? 2 * c->cap : 256;
+        struct slot *t = calloc(ncap, sizeof(*t));
+
+        if (!t)
+            return fmt_fail(err, -ENOMEM, NULL, "out of memory");
+        for (size_t k = 0; k < c->cap; k++)
+            if (c->tab[k].id) {
+                size_t j = (size_t)c->tab[k].hash & (ncap - 1);
+
+                while (t[j].id)
+                    j = (j + 1) & (ncap - 1);
+                t[j] = c->tab[k];
+            }
+        free(c->tab);
+        c->tab = t;
+        c->cap = ncap;
+    }
+    for (i = (size_t)hv & (c->cap - 1); c->tab[i].id; i = (i + 1) & (c->cap - 1))
+        if (c->tab[i].hash == hv && c->tab[i].len == len &&
+            (len == 0 || memcmp(c->names.p + c->tab[i].off, p, len) == 0)) {
+            *ret = c->tab[i].id;
+            return 0;
+        }
+    c->tab[i] = (struct slot){.hash = hv, .off = c->names.len, .len = len,
+                              .id = (uint32_t)(c->count + 1)};
+    r = buf_put(&c->names, len ? p : NULL, len, err);
+    if (r < 0) {
+        c->tab[i].id = 0;
+        return r;
+    }
+    c->count++;
+    *ret = c->tab[i].id;
+    return 0;
+}
+
+static int class_of(struct classes *c, uint32_t h, unsigned depth, uint32_t *ret,
+                    fmt_err_t *err)
+{
+    size_t start = c->scratch.len;
+    int r;
+
+    if (c->cls[h]) {
+        *ret = c->cls[h];
+        return 0;
+    }
+    r = canon(c, h, &c->scratch, depth, err);
+    if (r == 0)
+        r = intern(c, start, c->scratch.len - start, &c->cls[h], err);
+    c->scratch.len = start; /* what a caller had built stays; the rest is interned */
+    if (r == 0)
+        *ret = c->cls[h];
+    return r;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+    return (x > y) - (x < y);
+}
+
 /*
  * Python keeps one entry per key in a dict and one item per value in a set; torch.save cannot
  * write two equal ones, and a hand-made pickle that does would be read differently by weightsd
@@ -2213,9 +2311,9 @@ static int canon(const pk_doc_t *d, uint32_t h, pk_buf_t *b, unsigned depth, fmt
  */
 static int check_members(const pk_doc_t *d, fmt_err_t *err)
 {
-    pk_buf_t b = {.compare = true};
-    struct key_span *sp = NULL;
-    size_t cap = 0, total = 0;
+    struct classes c = {.d = d, .scratch = {.max = SIZE_MAX / 2}, .names = {.max = SIZE_MAX / 2}};
+    uint32_t *ids = NULL;
+    size_t cap = 0;
     int r = 0;
 
     for (uint32_t h = 0; r == 0 && h < d->nnodes; h++) {
@@ -2224,31 +2322,27 @@ static int check_members(const pk_doc_t *d, fmt_err_t *err)
 
         if ((n->type != PK_DICT && n->type != PK_SET) || n->n < 2)
             continue;
+        if (!c.cls && !(c.cls = calloc(d->nnodes, sizeof(*c.cls)))) {
+            r = fmt_fail(err, -ENOMEM, NULL, "out of memory");
+            break;
+        }
         if (n->n > cap) {
-            struct key_span *p = realloc(sp, sizeof(*sp) * n->n);
+            uint32_t *p = realloc(ids, sizeof(*ids) * n->n);
 
             if (!p) {
                 r = fmt_fail(err, -ENOMEM, NULL, "out of memory");
                 break;
             }
-            sp = p;
+            ids = p;
             cap = n->n;
         }
-        /* One budget for the whole stream: shared subtrees (a tuple holding one memoised tuple
-         * twice, 64 deep) write out 2^64 bytes, and many containers can share one key. */
-        b.len = 0;
-        b.max = PK_COMPARE_MAX - total;
-        for (uint32_t i = 0; r == 0 && i < n->n; i++) {
-            sp[i].off = b.len;
-            r = b.max ? canon(d, n->u.items[stride * i], &b, 0, err) : buf_put(&b, "", 1, err);
-            sp[i].len = b.len - sp[i].off;
-        }
+        for (uint32_t i = 0; r == 0 && i < n->n; i++)
+            r = class_of(&c, n->u.items[stride * i], 0, &ids[i], err);
         if (r < 0)
             break;
-        total += b.len;
-        qsort_r(sp, n->n, sizeof(*sp), span_cmp, b.p);
+        qsort(ids, n->n, sizeof(*ids), cmp_u32);
         for (uint32_t i = 1; i < n->n; i++)
-            if (span_cmp(&sp[i - 1], &sp[i], b.p) == 0) {
+            if (ids[i - 1] == ids[i]) {
                 r = fmt_fail(err, WSD_EBADCKPT, "E_PKL_DUP_KEY",
                              "%s built at data.pkl offset %u has two equal %s (Python would "
                              "keep one)", n->type == PK_DICT ? "dict" : "set", n->off,
@@ -2256,8 +2350,11 @@ static int check_members(const pk_doc_t *d, fmt_err_t *err)
                 break;
             }
     }
-    free(sp);
-    pk_buf_free(&b);
+    free(ids);
+    free(c.cls);
+    free(c.tab);
+    pk_buf_free(&c.scratch);
+    pk_buf_free(&c.names);
     return r;
 }
 

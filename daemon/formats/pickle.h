@@ -33,11 +33,6 @@
 #define PK_GLOBAL_LINE_MAX 256u       /* bytes of a GLOBAL module or name */
 #define PK_DEPTH_MAX       64u        /* container nesting the renderer and walkers follow */
 #define PK_JSON_MAX        (16u << 20) /* bytes of one rendered JSON value */
-/* Comparing dict keys and set items writes each out once per container holding it; a key
- * shared through the memo counts every time it appears, so a DAG (a tuple holding one memoised
- * tuple twice, 64 deep) cannot multiply the work. Whole-stream budgets: */
-#define PK_COMPARE_MAX     (256u << 20) /* bytes written out */
-#define PK_COMPARE_STEPS   (1u << 23)   /* values visited (2^20 string keys take 2^20) */
 
 typedef enum pk_type {
     PK_NONE,
@@ -161,8 +156,6 @@ typedef struct pk_buf {
     size_t len;
     size_t cap;
     size_t max;   /* refuse to grow past this many bytes (0 = PK_JSON_MAX) */
-    bool compare; /* the duplicate-key check's buffer: says so when max is hit */
-    uint32_t steps; /* values the duplicate-key check has visited */
 } pk_buf_t;
 
 /*
