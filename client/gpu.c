@@ -264,9 +264,9 @@ static int local_ordinal(int device, const uint8_t *uuid, int *ret, char *msg, s
             return 0;
         }
     }
-    snprintf(msg, len, "cuda:%d: the daemon's cuda:%d (GPU-%02x%02x%02x%02x-...) is not among "
-                       "the %d CUDA device(s) this process sees (CUDA_VISIBLE_DEVICES=%s)",
-             device, device, uuid[0], uuid[1], uuid[2], uuid[3], n,
+    snprintf(msg, len, "the daemon's cuda:%d (GPU-%02x%02x%02x%02x-...) is not among the %d "
+                       "CUDA device(s) this process sees (CUDA_VISIBLE_DEVICES=%s)",
+             device, uuid[0], uuid[1], uuid[2], uuid[3], n,
              getenv("CUDA_VISIBLE_DEVICES") ? getenv("CUDA_VISIBLE_DEVICES") : "unset");
     return WSD_EGPU;
 }

@@ -2097,12 +2097,6 @@ static int span_cmp(const void *a, const void *b, void *buf)
 }
 
 /*
- * Appends a byte string that is equal for two hashable values exactly when Python's == holds
- * for them: 1, True, 1.0 and complex(1, 0) are one key; "1" and b"1" are not; NaN equals only
- * itself (the same node, as a memo GET gives the same object); torch.float is torch.float32.
- * Numbers end in ';' and strings carry their length, so a tuple's items cannot run together.
- */
-/*
  * Values are compared by class: equal (by ==) values get one class id. A node's class is
  * interned from its canonical string, where a tuple names its items by their class ids, so
  * each node is written out once however often the memo shares it (a tuple holding one tuple
@@ -2124,6 +2118,13 @@ struct classes {
 static int class_of(struct classes *c, uint32_t h, unsigned depth, uint32_t *ret,
                     fmt_err_t *err);
 
+/*
+ * Appends a byte string that is equal for two hashable values exactly when Python's == holds
+ * for them: 1, True, 1.0 and complex(1, 0) are one key; "1" and b"1" are not; NaN equals only
+ * itself (the same node, as a memo GET gives the same object); torch.float is torch.float32.
+ * Numbers end in ';', strings carry their length and a tuple names its items by class id, so
+ * no two values run together.
+ */
 static int canon(struct classes *c, uint32_t h, pk_buf_t *b, unsigned depth, fmt_err_t *err)
 {
     const pk_doc_t *d = c->d;

@@ -118,7 +118,6 @@ bool gpu_device_degraded(int index, char *reason, size_t len)
 typedef struct gpu_alloc {
     CUmemGenericAllocationHandle handle; /* VMM: our reference on the allocation */
     void *dptr;                          /* legacy: the cudaMalloc pointer */
-    uint64_t fill_ns;                    /* see gpu_export_t.fill_ns */
 } gpu_alloc_t;
 
 static const char *cu_str(CUresult r)
@@ -340,7 +339,7 @@ typedef struct up_job {
     atomic_bool failed;      /* stop taking chunks */
     host_progress_t *progress; /* may be NULL */
     unsigned nstreams;       /* filler threads, each with a stream and two staging buffers */
-    _Atomic uint64_t first_copy_ns; /* when the first thread set up started filling; 0 before */
+    _Atomic uint64_t first_copy_ns; /* when the first thread to have its buffers began; or 0 */
     pthread_mutex_t lock;    /* guards err */
     fmt_err_t *err;
 } up_job_t;
@@ -576,7 +575,7 @@ static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint6
 /* VMM: create, map for the fill, unmap, export. On success only the handle and fd remain. */
 static int upload_vmm(const manifest_t *m, const uint64_t *offsets, int host_fd,
                       uint64_t host_size, int dev, uint64_t size, host_progress_t *progress,
-                      gpu_alloc_t *a, int *ret_fd, fmt_err_t *err)
+                      gpu_alloc_t *a, int *ret_fd, uint64_t *ret_fill_ns, fmt_err_t *err)
 {
     CUmemAllocationProp prop = vmm_prop(dev);
     CUmemAccessDesc acc;
@@ -612,7 +611,7 @@ static int upload_vmm(const manifest_t *m, const uint64_t *offsets, int host_fd,
         r = cu_fail(err, dev, "cuMemSetAccess", cr);
         goto out;
     }
-    r = fill(m, offsets, host_fd, host_size, dev, (char *)(uintptr_t)ptr, progress, &a->fill_ns,
+    r = fill(m, offsets, host_fd, host_size, dev, (char *)(uintptr_t)ptr, progress, ret_fill_ns,
              err);
     if (r < 0)
         goto out;
@@ -645,7 +644,8 @@ out:
  * would free the memory under importers, so it goes only with the model's last lease. */
 static int upload_legacy(const manifest_t *m, const uint64_t *offsets, int host_fd,
                          uint64_t host_size, int dev, uint64_t size, host_progress_t *progress,
-                         gpu_alloc_t *a, uint8_t ipc[GPU_IPC_HANDLE_SIZE], fmt_err_t *err)
+                         gpu_alloc_t *a, uint8_t ipc[GPU_IPC_HANDLE_SIZE], uint64_t *ret_fill_ns,
+                         fmt_err_t *err)
 {
     cudaIpcMemHandle_t h;
     cudaError_t ce;
@@ -657,7 +657,7 @@ static int upload_legacy(const manifest_t *m, const uint64_t *offsets, int host_
         a->dptr = NULL;
         return rt_fail(err, dev, "cudaMalloc", ce);
     }
-    r = fill(m, offsets, host_fd, host_size, dev, a->dptr, progress, &a->fill_ns, err);
+    r = fill(m, offsets, host_fd, host_size, dev, a->dptr, progress, ret_fill_ns, err);
     if (r == 0) {
         ce = cudaIpcGetMemHandle(&h, a->dptr);
         if (ce != cudaSuccess)
@@ -717,14 +717,13 @@ int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
     t0 = now_ns();
     if (e.kind == GPU_HANDLE_POSIX_FD)
         r = upload_vmm(m, e.offsets, host_fd, host_size, index, e.size, progress, a, &e.fd,
-                       err);
+                       &e.fill_ns, err);
     else
         r = upload_legacy(m, e.offsets, host_fd, host_size, index, e.size, progress, a, e.ipc,
-                          err);
+                          &e.fill_ns, err);
     if (r < 0)
         goto fail;
     e.upload_ns = now_ns() - t0;
-    e.fill_ns = a->fill_ns;
     e.priv = a;
     *ret = e;
     return 0;
