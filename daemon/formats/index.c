@@ -24,6 +24,7 @@
 
 #include "checked.h"
 #include "fmt.h"
+#include "strhash.h"
 
 _Static_assert(MANIFEST_TENSORS_MAX == 1u << 20 && MANIFEST_STORAGES_MAX == 1u << 20,
                "the E_LIMIT messages below say 2^20");
@@ -250,15 +251,6 @@ fail:
     return r;
 }
 
-static uint64_t name_hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-
-    for (; *s; s++)
-        h = (h ^ (uint8_t)*s) * 1099511628211ull;
-    return h;
-}
-
 /* Open-addressing table from tensor name to index in a scratch manifest. */
 typedef struct name_table {
     uint32_t *slot; /* tensor index, or UINT32_MAX for an empty slot */
@@ -277,7 +269,7 @@ static int table_build(name_table_t *t, const manifest_t *m)
     memset(t->slot, 0xff, cap * sizeof(*t->slot));
     t->mask = cap - 1;
     for (size_t i = 0; i < m->ntensors; i++) {
-        size_t h = (size_t)name_hash(m->tensors[i].name) & t->mask;
+        size_t h = (size_t)strhash(m->tensors[i].name, strlen(m->tensors[i].name)) & t->mask;
 
         while (t->slot[h] != UINT32_MAX)
             h = (h + 1) & t->mask;
@@ -288,7 +280,7 @@ static int table_build(name_table_t *t, const manifest_t *m)
 
 static ssize_t table_find(const name_table_t *t, const manifest_t *m, const char *name)
 {
-    size_t h = (size_t)name_hash(name) & t->mask;
+    size_t h = (size_t)strhash(name, strlen(name)) & t->mask;
 
     for (; t->slot[h] != UINT32_MAX; h = (h + 1) & t->mask)
         if (strcmp(m->tensors[t->slot[h]].name, name) == 0)

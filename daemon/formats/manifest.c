@@ -10,6 +10,7 @@
 
 #include "checked.h"
 #include "fmt.h"
+#include "strhash.h"
 
 manifest_t *manifest_new(void)
 {
@@ -164,15 +165,6 @@ ssize_t manifest_find(const manifest_t *m, const char *name)
     return -1;
 }
 
-static uint64_t name_hash(const char *s)
-{
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-
-    for (; *s; s++)
-        h = (h ^ (uint8_t)*s) * 1099511628211ull;
-    return h;
-}
-
 /* Duplicate tensor names, in O(n) with an open-addressing table of indices. */
 static int check_unique(const manifest_t *m, fmt_err_t *err)
 {
@@ -187,7 +179,7 @@ static int check_unique(const manifest_t *m, fmt_err_t *err)
         return fmt_fail(err, -ENOMEM, NULL, "out of memory checking tensor names");
     memset(slot, 0xff, cap * sizeof(*slot));
     for (size_t i = 0; i < m->ntensors && r == 0; i++) {
-        size_t h = (size_t)name_hash(m->tensors[i].name) & (cap - 1);
+        size_t h = (size_t)strhash(m->tensors[i].name, strlen(m->tensors[i].name)) & (cap - 1);
 
         while (slot[h] != UINT32_MAX) {
             if (strcmp(m->tensors[slot[h]].name, m->tensors[i].name) == 0) {

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "checked.h"
+#include "strhash.h"
 
 #define PK_ITEMS_MAX (1u << 25) /* container items, all containers together */
 #define NO_NODE      UINT32_MAX
@@ -2224,20 +2225,11 @@ static int canon(struct classes *c, uint32_t h, pk_buf_t *b, unsigned depth, fmt
     }
 }
 
-static uint64_t hash_bytes(const char *p, size_t n)
-{
-    uint64_t x = 0xcbf29ce484222325u; /* FNV-1a */
-
-    for (size_t i = 0; i < n; i++)
-        x = (x ^ (uint8_t)p[i]) * 0x100000001b3u;
-    return x;
-}
-
 /* The class id of canonical string [off, off + len) of c->scratch, new if unseen. */
 static int intern(struct classes *c, size_t off, size_t len, uint32_t *ret, fmt_err_t *err)
 {
     const char *p = c->scratch.p + off;
-    uint64_t hv = hash_bytes(p, len);
+    uint64_t hv = strhash(p, len);
     size_t i;
     int r;
 

@@ -32,6 +32,7 @@
 
 #include "checked.h"
 #include "pickle.h"
+#include "strhash.h"
 #include "zip.h"
 
 #define TORCH_PKL_MAX      (256ull << 20) /* bytes of data.pkl we agree to read */
@@ -81,16 +82,6 @@ struct ctx {
 static int fail_nomem(struct ctx *c)
 {
     return fmt_fail(c->err, -ENOMEM, NULL, "out of memory reading '%s'", c->s->path);
-}
-
-static uint64_t fnv(const void *p, size_t n)
-{
-    const uint8_t *b = p;
-    uint64_t h = 1469598103934665603ull;
-
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ b[i]) * 1099511628211ull;
-    return h;
 }
 
 /* <archive>/<rel> looked up in the zip directory. */
@@ -267,7 +258,7 @@ static int read_alignment(struct ctx *c)
 
 static int key_slot(struct ctx *c, const pk_storage_t *st, uint32_t *ret)
 {
-    size_t h = (size_t)fnv(st->key, st->key_len) & (c->slot_index_cap - 1);
+    size_t h = (size_t)strhash(st->key, st->key_len) & (c->slot_index_cap - 1);
 
     while (c->slot_index[h] != UINT32_MAX) {
         const pk_storage_t *f = c->slots[c->slot_index[h]].first;
@@ -416,7 +407,7 @@ static bool name_taken(const struct ctx *c, const char *name)
 
     if (!c->names_cap)
         return false;
-    h = (size_t)fnv(name, strlen(name)) & (c->names_cap - 1);
+    h = (size_t)strhash(name, strlen(name)) & (c->names_cap - 1);
     for (; c->names[h]; h = (h + 1) & (c->names_cap - 1))
         if (strcmp(c->names[h], name) == 0)
             return true;
@@ -449,7 +440,7 @@ static int claim_name(struct ctx *c, const char *name)
         for (size_t i = 0; i < c->names_cap; i++) {
             if (!c->names[i])
                 continue;
-            h = (size_t)fnv(c->names[i], strlen(c->names[i])) & (ncap - 1);
+            h = (size_t)strhash(c->names[i], strlen(c->names[i])) & (ncap - 1);
             while (n[h])
                 h = (h + 1) & (ncap - 1);
             n[h] = c->names[i];
@@ -458,7 +449,7 @@ static int claim_name(struct ctx *c, const char *name)
         c->names = n;
         c->names_cap = ncap;
     }
-    h = (size_t)fnv(name, strlen(name)) & (c->names_cap - 1);
+    h = (size_t)strhash(name, strlen(name)) & (c->names_cap - 1);
     while (c->names[h])
         h = (h + 1) & (c->names_cap - 1);
     c->names[h] = name;

@@ -23,6 +23,7 @@
 #include <zlib.h>
 
 #include "checked.h"
+#include "strhash.h"
 
 #define SIG_LOCAL    0x04034b50u
 #define SIG_CENTRAL  0x02014b50u
@@ -476,15 +477,6 @@ static int check_overlaps(const source_t *s, const zip_t *z, fmt_err_t *err)
     return r;
 }
 
-static uint64_t name_hash(const char *p, size_t n)
-{
-    uint64_t h = 1469598103934665603ull; /* FNV-1a */
-
-    for (size_t i = 0; i < n; i++)
-        h = (h ^ (uint8_t)p[i]) * 1099511628211ull;
-    return h;
-}
-
 static int build_index(const source_t *s, zip_t *z, fmt_err_t *err)
 {
     size_t cap = 16;
@@ -498,7 +490,7 @@ static int build_index(const source_t *s, zip_t *z, fmt_err_t *err)
     z->nslots = cap;
     for (size_t i = 0; i < z->nentries; i++) {
         const zip_entry_t *e = &z->entries[i];
-        size_t h = (size_t)name_hash(e->name, e->name_len) & (cap - 1);
+        size_t h = (size_t)strhash(e->name, e->name_len) & (cap - 1);
 
         while (z->slots[h] != UINT32_MAX) {
             const zip_entry_t *o = &z->entries[z->slots[h]];
@@ -522,7 +514,7 @@ const zip_entry_t *zip_find(const zip_t *z, const char *name)
 
     if (!z->nslots)
         return NULL;
-    h = (size_t)name_hash(name, n) & (z->nslots - 1);
+    h = (size_t)strhash(name, n) & (z->nslots - 1);
     while (z->slots[h] != UINT32_MAX) {
         const zip_entry_t *e = &z->entries[z->slots[h]];
 
