@@ -3,12 +3,16 @@
  * reference parser does (§4.4 steps 1-7), under the stricter daemon policy of §4.6, and appends
  * one storage and one dense row-major tensor per header entry to the manifest.
  *
+ * The header's JSON is never built into a tree: jscan.c checks its syntax in one pass (no key
+ * repeated anywhere) and the walks here read members where they lie, so a 100 MB header of a
+ * million tensors costs about 1 s and the names, not 10 s and 1.6 GB as under jansson.
+ *
  * The file is divided, in the order a header is checked, into:
- *   - the length prefix and header bytes (steps 1-3), read with source_pread, never mmap;
- *   - UTF-8 and lexical checks jansson does not make the way the reference does (step 4);
- *   - the JSON walk that turns each header member into an st_entry_t (step 5);
+ *   - the tensor member walk (step 5 for one member) and the __metadata__ walks;
  *   - the coverage and size pass over the entries sorted by offset (steps 6-7);
- *   - filling the manifest from the sorted entries, with the alignment warning of §4.6.
+ *   - filling the manifest from the sorted entries, with the alignment warning of §4.6;
+ *   - safetensors_read itself: steps 1-4 (the length prefix and header bytes, read with
+ *     source_pread, never mmap; UTF-8), pass 1, then the walks, steps 6-7 and the manifest.
  *
  * Every rejection names its FORMATS.md §7 rule and the tensor or header byte it concerns.
  */
@@ -20,6 +24,7 @@
 #include <string.h>
 
 #include "checked.h"
+#include "jscan.h"
 
 _Static_assert(MANIFEST_TENSORS_MAX == 1u << 20 && MANIFEST_STORAGES_MAX == 1u << 20,
                "the E_LIMIT messages below say 2^20");
@@ -29,10 +34,10 @@ _Static_assert(MANIFEST_TENSORS_MAX == 1u << 20 && MANIFEST_STORAGES_MAX == 1u <
 
 /* One header member other than __metadata__, as parsed in step 5. */
 typedef struct st_entry {
-    const char *name;            /* the member's key; owned by the parsed json_t */
+    const char *name;            /* the member's key, decoded; in safetensors_read's names */
     int dtype;                   /* wsd_dtype_t, never C128 */
     uint32_t ndim;               /* <= WSD_MAX_NDIM */
-    int64_t shape[WSD_MAX_NDIM]; /* each >= 0 (jansson caps integers at 2^63 - 1) */
+    int64_t shape[WSD_MAX_NDIM]; /* each >= 0 (jscan caps integers at 2^63 - 1) */
     uint64_t begin, end;         /* data_offsets, relative to the byte buffer at 8 + N */
 } st_entry_t;
 
@@ -55,200 +60,109 @@ static const char *shown(const char *name, char *buf, size_t size)
 #define SHOWN(name) shown((name), (char[128]){0}, 128)
 
 /*
- * Step 4. The reference decodes the header with Rust's str::from_utf8 before any JSON is seen,
- * so overlong forms, UTF-16 surrogates and code points past U+10FFFF are rejected even where
- * jansson would only look at them inside strings. Returns the offset of the first bad byte, or
- * len when all is well.
+ * Step 5 for one tensor member, the cursor at its value: exactly the reference's required
+ * fields, extra ones ignored. Pass 1 (jscan_check) proved the syntax and that no field repeats.
  */
-static size_t utf8_check(const uint8_t *p, size_t len)
+static int parse_tensor(const char *name, size_t name_len, jscan_t *j, st_entry_t *e,
+                        fmt_err_t *err)
 {
-    size_t i = 0;
+    size_t at_dtype = 0, at_shape = 0, at_offs = 0; /* 1 + the field's offset; 0 if absent */
+    const char *missing;
+    char dname[64];
+    jscan_t v = *j;
+    size_t n, count;
+    uint64_t offs[2] = {0, 0};
+    bool offs_ok = true;
+    int bad = -1;
 
-    while (i < len) {
-        uint8_t c = p[i];
-        size_t n;
-        uint8_t lo = 0x80, hi = 0xbf;
-
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        if (c >= 0xc2 && c <= 0xdf)
-            n = 1;
-        else if (c >= 0xe0 && c <= 0xef) {
-            n = 2;
-            if (c == 0xe0)
-                lo = 0xa0; /* overlong */
-            if (c == 0xed)
-                hi = 0x9f; /* surrogates */
-        } else if (c >= 0xf0 && c <= 0xf4) {
-            n = 3;
-            if (c == 0xf0)
-                lo = 0x90; /* overlong */
-            if (c == 0xf4)
-                hi = 0x8f; /* past U+10FFFF */
-        } else
-            return i;
-        if (len - i <= n)
-            return i;
-        if (p[i + 1] < lo || p[i + 1] > hi)
-            return i;
-        for (size_t k = 2; k <= n; k++)
-            if (p[i + k] < 0x80 || p[i + k] > 0xbf)
-                return i;
-        i += n + 1;
-    }
-    return len;
-}
-
-/*
- * jansson reads "-0" as the integer 0, where serde_json makes it the float -0.0, which the
- * reference then rejects as a shape or offset. Finding it in the text (outside strings) keeps
- * us from accepting a file the reference refuses (RELIABILITY P10: identical or stricter). It
- * is also refused inside ignored extra fields, which the reference would tolerate: stricter, and
- * no writer produces it. Returns the offset, or len if none.
- */
-static size_t find_negative_zero(const uint8_t *p, size_t len)
-{
-    bool in_string = false;
-
-    for (size_t i = 0; i < len; i++) {
-        if (in_string) {
-            if (p[i] == '\\')
-                i++;
-            else if (p[i] == '"')
-                in_string = false;
-            continue;
-        }
-        if (p[i] == '"')
-            in_string = true;
-        else if (p[i] == '-' && i + 1 < len && p[i + 1] == '0' &&
-                 (i + 2 == len || !strchr("0123456789.eE", p[i + 2])))
-            return i;
-    }
-    return len;
-}
-
-static const char *json_kind(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT:
-        return "an object";
-    case JSON_ARRAY:
-        return "an array";
-    case JSON_STRING:
-        return "a string";
-    case JSON_INTEGER:
-        return "an integer";
-    case JSON_REAL:
-        return "a real number";
-    case JSON_TRUE:
-    case JSON_FALSE:
-        return "a boolean";
-    case JSON_NULL:
-        return "null";
-    }
-    return "something else";
-}
-
-/*
- * A JSON integer that is not negative. jansson's json_int_t is a signed 64-bit integer, so values
- * from 2^63 up are already refused by json_loadb ("too big integer"), where the reference allows
- * up to 2^64 - 1: stricter, and no real file needs offsets or sizes past 2^63.
- */
-static bool json_u64(const json_t *v, uint64_t *ret)
-{
-    json_int_t i;
-
-    if (!json_is_integer(v))
-        return false;
-    i = json_integer_value(v);
-    if (i < 0)
-        return false;
-    *ret = (uint64_t)i;
-    return true;
-}
-
-static int parse_metadata(json_t *meta, fmt_err_t *err)
-{
-    const char *key;
-    json_t *v;
-
-    if (json_is_null(meta))
-        return 0;
-    if (!json_is_object(meta))
-        return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
-                        "__metadata__ is %s, expected an object of strings or null",
-                        json_kind(meta));
-    if (json_object_size(meta) > MANIFEST_META_MAX)
-        return fmt_fail(err, WSD_ELIMIT, "E_ST_SCHEMA",
-                        "__metadata__ has %zu entries, at most %u are supported",
-                        json_object_size(meta), MANIFEST_META_MAX);
-    json_object_foreach (meta, key, v) {
-        if (!json_is_string(v))
-            return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
-                            "__metadata__ entry '%s' is %s, expected a string", SHOWN(key),
-                            json_kind(v));
-    }
-    return 0;
-}
-
-/* Step 5 for one tensor member: exactly the reference's required fields; extra ones ignored. */
-static int parse_tensor(const char *name, const json_t *info, st_entry_t *e, fmt_err_t *err)
-{
-    const json_t *dtype, *shape, *offs;
-    const char *dname, *missing;
-
-    if (strlen(name) > MANIFEST_NAME_MAX)
+    if (name_len > MANIFEST_NAME_MAX)
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
                         "tensor '%s': name of %zu bytes, at most %u are supported", SHOWN(name),
-                        strlen(name), MANIFEST_NAME_MAX);
-    if (!json_is_object(info))
+                        name_len, MANIFEST_NAME_MAX);
+    if (jscan_ws(j) != '{')
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA", "tensor '%s' is %s, expected an object",
-                        SHOWN(name), json_kind(info));
-    dtype = json_object_get(info, "dtype");
-    shape = json_object_get(info, "shape");
-    offs = json_object_get(info, "data_offsets");
-    missing = !dtype ? "dtype" : !shape ? "shape" : "data_offsets";
-    if (!dtype || !shape || !offs)
+                        SHOWN(name), jscan_kind(j));
+    j->at++;
+    while (jscan_ws(j) == '"') {
+        char key[16];
+
+        n = jscan_string(j, key, sizeof(key)); /* longer keys are none of the three */
+        (void)jscan_ws(j);
+        j->at++; /* ':' */
+        (void)jscan_ws(j);
+        if (n == 5 && memcmp(key, "dtype", 5) == 0)
+            at_dtype = j->at + 1;
+        else if (n == 5 && memcmp(key, "shape", 5) == 0)
+            at_shape = j->at + 1;
+        else if (n == 12 && memcmp(key, "data_offsets", 12) == 0)
+            at_offs = j->at + 1;
+        jscan_skip(j);
+        if (jscan_ws(j) == ',')
+            j->at++;
+    }
+    j->at++; /* '}' */
+    missing = !at_dtype ? "dtype" : !at_shape ? "shape" : "data_offsets";
+    if (!at_dtype || !at_shape || !at_offs)
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA", "tensor '%s' has no \"%s\" field",
                         SHOWN(name), missing);
 
-    if (!json_is_string(dtype))
+    v.at = at_dtype - 1;
+    if (v.p[v.at] != '"')
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
                         "tensor '%s': dtype is %s, expected a string", SHOWN(name),
-                        json_kind(dtype));
-    dname = json_string_value(dtype);
-    e->dtype = wsd_dtype_from_name(dname);
+                        jscan_kind(&v));
+    n = jscan_string(&v, dname, sizeof(dname));
+    e->dtype = n < sizeof(dname) ? wsd_dtype_from_name(dname) : -1;
     /* C128 is a weightsd dtype for torch's complex128; safetensors has no such name. */
     if (e->dtype < 0 || e->dtype == WSD_DTYPE_C128)
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_DTYPE", "tensor '%s': unknown dtype \"%s\"",
                         SHOWN(name), SHOWN(dname));
 
-    if (!json_is_array(shape))
+    v.at = at_shape - 1;
+    if (v.p[v.at] != '[')
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
                         "tensor '%s': shape is %s, expected an array", SHOWN(name),
-                        json_kind(shape));
-    if (json_array_size(shape) > WSD_MAX_NDIM)
-        return fmt_fail(err, WSD_EBADCKPT, "E_TENSOR_GEOMETRY",
-                        "tensor '%s' has %zu dimensions, at most %u are supported", SHOWN(name),
-                        json_array_size(shape), WSD_MAX_NDIM);
-    e->ndim = (uint32_t)json_array_size(shape);
-    for (uint32_t i = 0; i < e->ndim; i++) {
+                        jscan_kind(&v));
+    v.at++;
+    for (count = 0; jscan_ws(&v) != ']'; count++) {
         uint64_t d;
 
-        if (!json_u64(json_array_get(shape, i), &d))
-            return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
-                            "tensor '%s': shape[%u] is not a non-negative integer", SHOWN(name), i);
-        e->shape[i] = (int64_t)d;
+        if (count >= WSD_MAX_NDIM)
+            jscan_skip(&v); /* only counted: the rank error comes first */
+        else if (jscan_uint(&v, &d))
+            e->shape[count] = (int64_t)d;
+        else if (bad < 0)
+            bad = (int)count;
+        if (jscan_ws(&v) == ',')
+            v.at++;
     }
+    if (count > WSD_MAX_NDIM)
+        return fmt_fail(err, WSD_EBADCKPT, "E_TENSOR_GEOMETRY",
+                        "tensor '%s' has %zu dimensions, at most %u are supported", SHOWN(name),
+                        count, WSD_MAX_NDIM);
+    if (bad >= 0)
+        return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
+                        "tensor '%s': shape[%d] is not a non-negative integer", SHOWN(name), bad);
+    e->ndim = (uint32_t)count;
 
-    if (!json_is_array(offs) || json_array_size(offs) != 2 ||
-        !json_u64(json_array_get(offs, 0), &e->begin) ||
-        !json_u64(json_array_get(offs, 1), &e->end))
+    v.at = at_offs - 1;
+    count = 0;
+    if (v.p[v.at] == '[') {
+        for (v.at++; jscan_ws(&v) != ']'; count++) {
+            if (count >= 2)
+                jscan_skip(&v);
+            else if (!jscan_uint(&v, &offs[count]))
+                offs_ok = false;
+            if (jscan_ws(&v) == ',')
+                v.at++;
+        }
+    }
+    if (count != 2 || !offs_ok)
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
                         "tensor '%s': data_offsets is not an array of two non-negative integers",
                         SHOWN(name));
+    e->begin = offs[0];
+    e->end = offs[1];
     e->name = name;
     return 0;
 }
@@ -318,40 +232,153 @@ static void contiguous_strides(const st_entry_t *e, mf_tensor_t *t)
     }
 }
 
-static int parse_json_error(const json_error_t *je, uint64_t hlen, fmt_err_t *err)
+/* The jscan_check() failure as the §7 rule it breaks; offsets count from the file's start. */
+static int json_failure(const jscan_err_t *je, uint64_t hlen, fmt_err_t *err)
 {
-    /* json_error_t.position counts bytes from the start of the header, which is file offset 8. */
-    unsigned long long at = (unsigned long long)je->position + 8;
+    unsigned long long at = (unsigned long long)je->at + 8;
 
-    if (json_error_code(je) == json_error_duplicate_key || strstr(je->text, "duplicate"))
-        return fmt_fail(err, WSD_EBADCKPT, "E_ST_DUP_KEY",
-                        "header repeats a key (%s), at file offset %llu", je->text, at);
-    return fmt_fail(err, WSD_EBADCKPT, "E_ST_JSON",
-                    "header (%llu bytes) is not valid JSON: %s, at file offset %llu",
-                    (unsigned long long)hlen, je->text, at);
+    switch (je->kind) {
+    case JSCAN_DUP:
+        return fmt_fail(err, WSD_EBADCKPT, "E_ST_DUP_KEY", "header repeats a key (%s), at file "
+                        "offset %llu", je->msg, at);
+    case JSCAN_LIMIT:
+        return fmt_fail(err, WSD_ELIMIT, "E_ST_HEADER_TOO_LARGE", "header has %s, at file "
+                        "offset %llu", je->msg, at);
+    case JSCAN_NOMEM:
+        return fmt_fail(err, -ENOMEM, NULL, "out of memory checking a %llu-byte header",
+                        (unsigned long long)hlen);
+    default:
+        return fmt_fail(err, WSD_EBADCKPT, "E_ST_JSON", "header (%llu bytes) is not valid JSON: "
+                        "%s, at file offset %llu", (unsigned long long)hlen, je->msg, at);
+    }
 }
 
-static int add_metadata(manifest_t *m, json_t *meta, fmt_err_t *err)
+/* Walks the members of the object at the cursor, calling fn(key, len, cursor at value). */
+typedef int (*member_fn)(void *ctx, const char *key, size_t len, jscan_t *j);
+
+static int for_members(jscan_t *j, char *keybuf, size_t cap, member_fn fn, void *ctx)
 {
-    const char *key;
-    json_t *v;
+    int r = 0;
 
-    if (!meta || json_is_null(meta))
-        return 0;
-    json_object_foreach (meta, key, v) {
-        char *quoted = json_dumps(v, JSON_ENCODE_ANY);
-        int r;
+    j->at++; /* '{' */
+    while (r == 0 && jscan_ws(j) == '"') {
+        size_t n = jscan_string(j, keybuf, cap);
 
-        if (!quoted)
-            return fmt_fail(err, -ENOMEM, NULL, "out of memory");
-        r = manifest_add_meta(m, key, quoted);
-        free(quoted);
-        if (r < 0)
-            return fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
-                            r == WSD_ELIMIT ? "E_LIMIT" : NULL,
-                            "cannot record __metadata__ entry '%s': %s", SHOWN(key),
-                            r == WSD_ELIMIT ? "more than 2^16 metadata entries" : "out of memory");
+        (void)jscan_ws(j);
+        j->at++; /* ':' */
+        (void)jscan_ws(j);
+        r = fn(ctx, keybuf, n, j);
+        if (r == 0 && jscan_ws(j) == ',')
+            j->at++;
     }
+    return r;
+}
+
+/* __metadata__ (its value at the cursor): null, or an object of strings. */
+struct meta_check {
+    size_t count;
+    fmt_err_t *err;
+};
+
+static int meta_count_cb(void *ctx, const char *key, size_t len, jscan_t *j)
+{
+    (void)key, (void)len;
+    ((struct meta_check *)ctx)->count++;
+    jscan_skip(j);
+    return 0;
+}
+
+static int meta_type_cb(void *ctx, const char *key, size_t len, jscan_t *j)
+{
+    (void)len;
+    if (j->p[j->at] != '"')
+        return fmt_fail(((struct meta_check *)ctx)->err, WSD_EBADCKPT, "E_ST_SCHEMA",
+                        "__metadata__ entry '%s' is %s, expected a string", SHOWN(key),
+                        jscan_kind(j));
+    jscan_skip(j);
+    return 0;
+}
+
+static int parse_metadata(jscan_t j, fmt_err_t *err)
+{
+    struct meta_check mc = {.err = err};
+    char key[128];
+    int c = jscan_ws(&j);
+    jscan_t again = j;
+
+    if (c == 'n')
+        return 0;
+    if (c != '{')
+        return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
+                        "__metadata__ is %s, expected an object of strings or null",
+                        jscan_kind(&j));
+    (void)for_members(&j, key, sizeof(key), meta_count_cb, &mc);
+    if (mc.count > MANIFEST_META_MAX)
+        return fmt_fail(err, WSD_ELIMIT, "E_ST_SCHEMA",
+                        "__metadata__ has %zu entries, at most %u are supported", mc.count,
+                        MANIFEST_META_MAX);
+    return for_members(&again, key, sizeof(key), meta_type_cb, &mc);
+}
+
+/* Each entry as the manifest keeps it: the key, and the value as a JSON string literal. */
+struct meta_add {
+    manifest_t *m;
+    char *value; /* decoded value, hlen + 1 bytes */
+    size_t cap;
+    fmt_err_t *err;
+};
+
+static int meta_add_cb(void *ctx, const char *key, size_t len, jscan_t *j)
+{
+    struct meta_add *ma = ctx;
+    size_t n = jscan_string(j, ma->value, ma->cap);
+    json_t *str = json_stringn(ma->value, n);
+    char *quoted = str ? json_dumps(str, JSON_ENCODE_ANY) : NULL;
+    int r;
+
+    (void)len;
+    json_decref(str);
+    if (!quoted)
+        return fmt_fail(ma->err, -ENOMEM, NULL, "out of memory");
+    r = manifest_add_meta(ma->m, key, quoted);
+    free(quoted);
+    if (r < 0)
+        return fmt_fail(ma->err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
+                        r == WSD_ELIMIT ? "E_LIMIT" : NULL,
+                        "cannot record __metadata__ entry '%s': %s", SHOWN(key),
+                        r == WSD_ELIMIT ? "more than 2^16 metadata entries" : "out of memory");
+    return 0;
+}
+
+static int add_metadata(manifest_t *m, jscan_t j, uint64_t hlen, fmt_err_t *err)
+{
+    struct meta_add ma = {.m = m, .cap = (size_t)hlen + 1, .err = err};
+    char *key;
+    int r;
+
+    if (jscan_ws(&j) != '{')
+        return 0; /* null */
+    key = malloc(ma.cap);
+    ma.value = malloc(ma.cap);
+    if (!key || !ma.value)
+        r = fmt_fail(err, -ENOMEM, NULL, "out of memory");
+    else
+        r = for_members(&j, key, ma.cap, meta_add_cb, &ma);
+    free(key);
+    free(ma.value);
+    return r;
+}
+
+/* Where __metadata__'s value is (1 + its offset), if the header has one. */
+struct find_meta {
+    size_t at;
+};
+
+static int find_meta_cb(void *ctx, const char *key, size_t len, jscan_t *j)
+{
+    if (len == 12 && memcmp(key, "__metadata__", 12) == 0)
+        ((struct find_meta *)ctx)->at = j->at + 1; /* for_members left it at the value */
+    jscan_skip(j);
     return 0;
 }
 
@@ -414,11 +441,12 @@ int safetensors_read(const source_t *s, uint32_t source_index, manifest_t *m, fm
     uint8_t lenbuf[8];
     uint64_t hlen = 0, data_start, expected = 0, file_end = 0;
     uint8_t *hdr = NULL;
-    json_t *root = NULL, *meta = NULL, *v;
-    json_error_t je;
+    char *names = NULL, key[16];
+    jscan_err_t je;
+    jscan_t j, top;
+    struct find_meta fm = {0};
     st_entry_t *ents = NULL;
-    size_t nents = 0, bad, cap;
-    const char *key;
+    size_t nents = 0, bad, cap, members = 0, used = 0;
     int r;
 
     /* Step 1. */
@@ -451,8 +479,8 @@ int safetensors_read(const source_t *s, uint32_t source_index, manifest_t *m, fm
     if (r < 0)
         goto out;
 
-    /* Step 4. */
-    bad = utf8_check(hdr, (size_t)hlen);
+    /* Step 4: the reference decodes the whole header as UTF-8 before it sees any JSON. */
+    bad = jscan_utf8(hdr, (size_t)hlen);
     if (bad != hlen) {
         r = fmt_fail(err, WSD_EBADCKPT, "E_ST_UTF8",
                      "'%s': header is not valid UTF-8 (byte 0x%02x at file offset %llu)", s->path,
@@ -460,31 +488,27 @@ int safetensors_read(const source_t *s, uint32_t source_index, manifest_t *m, fm
         goto out;
     }
 
-    /* Step 5. Duplicates are refused at every level (§4.6), __metadata__ included. */
-    root = json_loadb((const char *)hdr, (size_t)hlen, JSON_REJECT_DUPLICATES, &je);
-    if (!root) {
-        r = parse_json_error(&je, hlen, err);
+    /* Step 5. Pass 1 checks the syntax and refuses every repeated key (§4.6), at every level,
+     * __metadata__ included; the walks below then trust it. */
+    r = jscan_check(hdr, (size_t)hlen, &members, &je);
+    if (r < 0) {
+        r = json_failure(&je, hlen, err);
         goto out;
     }
-    bad = find_negative_zero(hdr, (size_t)hlen);
-    if (bad != hlen) {
-        r = fmt_fail(err, WSD_EBADCKPT, "E_ST_JSON",
-                     "'%s': \"-0\" at file offset %llu is not a non-negative integer", s->path,
-                     (unsigned long long)bad + 8);
-        goto out;
-    }
-    if (!json_is_object(root)) {
+    j = (jscan_t){.p = hdr, .len = (size_t)hlen};
+    if (jscan_ws(&j) != '{') {
         r = fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA", "'%s': header is %s, expected an object",
-                     s->path, json_kind(root));
+                     s->path, jscan_kind(&j));
         goto out;
     }
-    meta = json_object_get(root, "__metadata__");
-    if (meta) {
-        r = parse_metadata(meta, err);
+    top = j;
+    (void)for_members(&top, key, sizeof(key), find_meta_cb, &fm);
+    if (fm.at) {
+        r = parse_metadata((jscan_t){.p = hdr, .len = (size_t)hlen, .at = fm.at - 1}, err);
         if (r < 0)
             goto out;
     }
-    cap = json_object_size(root) - (meta ? 1 : 0);
+    cap = members - (fm.at ? 1 : 0);
     if (cap > MANIFEST_TENSORS_MAX) {
         r = fmt_fail(err, WSD_ELIMIT, "E_ST_HEADER_TOO_LARGE",
                      "'%s': header declares %zu tensors, at most %u are supported", s->path, cap,
@@ -492,17 +516,29 @@ int safetensors_read(const source_t *s, uint32_t source_index, manifest_t *m, fm
         goto out;
     }
     ents = calloc(cap ? cap : 1, sizeof(*ents));
-    if (!ents) {
+    names = malloc((size_t)hlen + 1); /* every decoded name + NUL fits in its quoted form */
+    if (!ents || !names) {
         r = fmt_fail(err, -ENOMEM, NULL, "out of memory for %zu tensors", cap);
         goto out;
     }
-    json_object_foreach (root, key, v) {
-        if (strcmp(key, "__metadata__") == 0)
-            continue;
-        r = parse_tensor(key, v, &ents[nents], err);
-        if (r < 0)
-            goto out;
-        nents++;
+    j.at++; /* '{' */
+    while (jscan_ws(&j) == '"') {
+        char *name = names + used;
+        size_t n = jscan_string(&j, name, (size_t)hlen + 1 - used);
+
+        (void)jscan_ws(&j);
+        j.at++; /* ':' */
+        if (n == 12 && memcmp(name, "__metadata__", 12) == 0) {
+            jscan_skip(&j);
+        } else {
+            r = parse_tensor(name, n, &j, &ents[nents], err);
+            if (r < 0)
+                goto out;
+            nents++;
+            used += n + 1;
+        }
+        if (jscan_ws(&j) == ',')
+            j.at++;
     }
 
     /* Step 6: full coverage of the byte buffer, no gaps, overlaps or aliases. */
@@ -543,11 +579,12 @@ int safetensors_read(const source_t *s, uint32_t source_index, manifest_t *m, fm
     r = fill_manifest(s, source_index, m, ents, nents, data_start, err);
     if (r < 0)
         goto out;
-    r = add_metadata(m, meta, err);
+    if (fm.at)
+        r = add_metadata(m, (jscan_t){.p = hdr, .len = (size_t)hlen, .at = fm.at - 1}, hlen, err);
 
 out:
     free(ents);
-    json_decref(root);
+    free(names);
     free(hdr);
     return r;
 }

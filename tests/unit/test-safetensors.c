@@ -273,6 +273,70 @@ static const struct st_case {
      1},
 };
 
+/*
+ * The JSON scanner (jscan.c) beyond §4.5: escapes that decode to the field and dtype names,
+ * extra fields of every shape that must be skipped whole, and the limits it has where jansson
+ * had others or none. X(extra) is one tensor with an ignored field "x": extra.
+ */
+#define X(extra)                                                                                   \
+    "{\"w\":{\"x\":" extra ",\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}"
+#define A10 "[[[[[[[[[["
+#define Z10 "]]]]]]]]]]"
+
+static const struct st_case jscan_cases[] = {
+    {"ok_escaped_field_names",
+     HDR("{\"w\":{\"\\u0064type\":\"F\\u0033\\u0032\",\"sh\\u0061pe\":[1],"
+         "\"data\\u005foffsets\":[0,4]}}"), 8, 4, NULL, 1},
+    {"ok_extra_nested", HDR(X("{\"a\":[\"}\",\"\\\"]\",{\"b\":[]},-1.5e3,true,null],\"c\":{}}")), 8,
+     1, NULL, 1},
+    {"ok_extra_scalars", HDR("{\"w\":{\"x\":false,\"y\":-9223372036854775808,\"z\":1e-999,"
+                             "\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}"), 8, 1, NULL, 1},
+    /* 128 levels (serde's limit): the top object, the tensor, then 126 arrays. */
+    {"ok_depth_128", HDR(X(A10 A10 A10 A10 A10 A10 A10 A10 A10 A10 A10 A10 "[[[[[["
+                           Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 "]]]]]]")), 8, 1,
+     NULL, 1},
+    {"bad_depth_129 (stricter than jansson)",
+     HDR(X(A10 A10 A10 A10 A10 A10 A10 A10 A10 A10 A10 A10 "[[[[[[["
+           Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 Z10 "]]]]]]]")), 8, 1, "E_ST_JSON", 0},
+    {"bad_real_overflow", HDR(X("1e999")), 8, 1, "E_ST_JSON", 0},
+    {"bad_integer_overflow", HDR(X("9223372036854775808")), 8, 1, "E_ST_JSON", 0},
+    {"bad_negative_overflow", HDR(X("-9223372036854775809")), 8, 1, "E_ST_JSON", 0},
+    {"bad_negative_zero_extra", HDR(X("-0")), 8, 1, "E_ST_JSON", 0},
+    {"ok_negative_zero_real_extra", HDR(X("-0.0")), 8, 1, NULL, 1},
+    /* jansson skipped a NUL byte after a number; JSON and the reference do not. */
+    {"bad_nul_after_number (stricter than jansson)",
+     HDR("{\"w\":{\"dtype\":\"U8\",\"shape\":[1\0],\"data_offsets\":[0,1]}}"), 8, 1, "E_ST_JSON", 0},
+    {"bad_nul_in_value", HDR(X("\"a\\u0000\"")), 8, 1, "E_ST_JSON", 0},
+    {"bad_escape", HDR(X("\"\\x\"")), 8, 1, "E_ST_JSON", 0},
+    {"bad_short_unicode_escape", HDR(X("\"\\u12\"")), 8, 1, "E_ST_JSON", 0},
+    {"bad_lone_low_surrogate", HDR(X("\"\\udc00\"")), 8, 1, "E_ST_JSON", 0},
+    {"bad_high_surrogate_then_bmp", HDR(X("\"\\ud800\\u0041\"")), 8, 1, "E_ST_JSON", 0},
+    {"bad_unterminated_string", HDR("{\"w"), 8, 0, "E_ST_JSON", 0},
+    {"bad_trailing_comma", HDR(X("[1,]")), 8, 1, "E_ST_JSON", 0},
+    {"bad_missing_colon", HDR("{\"w\" {}}"), 8, 0, "E_ST_JSON", 0},
+    {"bad_literal", HDR(X("nul")), 8, 1, "E_ST_JSON", 0},
+    {"bad_fraction_without_digit", HDR(X("1.")), 8, 1, "E_ST_JSON", 0},
+    {"bad_exponent_without_digit", HDR(X("1e+")), 8, 1, "E_ST_JSON", 0},
+    /* Repeats found through escapes, inside ignored fields, and in objects past 16 keys. */
+    {"dup_escaped_name", HDR("{" T("w", "U8", "[1]", "[0,1]") "," T("\\u0077", "U8", "[1]", "[1,2]") "}"),
+     8, 2, "E_ST_DUP_KEY", 0},
+    {"dup_in_extra", HDR(X("{\"a\":1,\"b\":{\"c\":1,\"c\":2}}")), 8, 1, "E_ST_DUP_KEY", 0},
+    {"dup_after_16_keys",
+     HDR(X("{\"a\":1,\"b\":1,\"c\":1,\"d\":1,\"e\":1,\"f\":1,\"g\":1,\"h\":1,\"i\":1,\"j\":1,\"k\":1,"
+           "\"l\":1,\"m\":1,\"n\":1,\"o\":1,\"p\":1,\"q\":1,\"r\":1,\"\\u0064\":1}")), 8, 1,
+     "E_ST_DUP_KEY", 0},
+    {"ok_17_keys", HDR(X("{\"a\":1,\"b\":1,\"c\":1,\"d\":1,\"e\":1,\"f\":1,\"g\":1,\"h\":1,\"i\":1,"
+                         "\"j\":1,\"k\":1,\"l\":1,\"m\":1,\"n\":1,\"o\":1,\"p\":1,\"q\":1}")), 8, 1,
+     NULL, 1},
+    {"bad_dtype_with_escaped_nul_tail", HDR("{" T("w", "F32\\u0000", "[1]", "[0,4]") "}"), 8, 4,
+     "E_ST_JSON", 0},
+    {"bad_dtype_too_long", HDR("{" T("w", "F32F32F32F32F32F32F32F32F32F32F32F32F32F32F32F32F32F32F32F32F32F32",
+                                     "[1]", "[0,4]") "}"), 8, 4, "E_ST_DTYPE", 0},
+    {"bad_shape_element_object", HDR("{" T("w", "U8", "[{}]", "[0,1]") "}"), 8, 1, "E_ST_SCHEMA", 0},
+    {"bad_offsets_not_array", HDR("{" T("w", "U8", "[1]", "{}") "}"), 8, 1, "E_ST_SCHEMA", 0},
+    {"bad_offsets_real", HDR("{" T("w", "U8", "[1]", "[0,1.0]") "}"), 8, 1, "E_ST_SCHEMA", 0},
+};
+
 TEST(matrix_4_5)
 {
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -289,6 +353,59 @@ TEST(matrix_4_5)
         }
         run_free(&r);
     }
+}
+
+TEST(jscan_matrix)
+{
+    for (size_t i = 0; i < sizeof(jscan_cases) / sizeof(jscan_cases[0]); i++) {
+        const struct st_case *c = &jscan_cases[i];
+        run_t r = read_hdr(c->hdr, c->hlen, c->pad, c->data);
+
+        if (c->rule) {
+            expect_rule(c->name, &r, WSD_EBADCKPT, c->rule);
+        } else {
+            expect_ok(c->name, &r);
+            ASSERT_EQ(r.m->ntensors, c->ntensors);
+        }
+        run_free(&r);
+    }
+}
+
+/* A number token of 4097 bytes is refused (jscan's bound for its strtod copy); 4096 is fine. */
+TEST(jscan_number_length)
+{
+    for (size_t len = 4096; len <= 4097; len++) {
+        size_t n = 0;
+        char *h = malloc(len + 128);
+        run_t r;
+
+        ASSERT(h);
+        n += (size_t)sprintf(h, "{\"w\":{\"x\":1.");
+        memset(h + n, '5', len - 2);
+        n += len - 2;
+        n += (size_t)sprintf(h + n, ",\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}");
+        r = read_hdr(h, n, 8, 1);
+        if (len == 4096)
+            expect_ok("4096-byte number", &r);
+        else
+            expect_rule("4097-byte number", &r, WSD_EBADCKPT, "E_ST_JSON");
+        run_free(&r);
+        free(h);
+    }
+}
+
+/* Metadata values come out as JSON string literals, escapes decoded and re-encoded. */
+TEST(metadata_escapes)
+{
+    static const char hdr[] = "{\"__metadata__\":{\"k\\u00e9\":\"a\\u00e9\\n\\ud83d\\ude00\\/\"},"
+                              T("w", "U8", "[1]", "[0,1]") "}";
+    run_t r = read_hdr(hdr, sizeof(hdr) - 1, 8, 1);
+
+    expect_ok("metadata escapes", &r);
+    ASSERT_EQ(r.m->nmeta, 1);
+    ASSERT_STR_EQ(r.m->meta[0].key, "k\xc3\xa9");
+    ASSERT_STR_EQ(r.m->meta[0].value, "\"a\xc3\xa9\\n\xf0\x9f\x98\x80/\"");
+    run_free(&r);
 }
 
 TEST(ok_basic_contents)
