@@ -3,6 +3,7 @@ shape, strides, storage offset and storage sharing."""
 import torch
 
 from conftest import TORCH_DTYPES, sample
+from weightsd._torch import _untyped
 
 
 def flatten(obj, prefix=""):
@@ -85,6 +86,21 @@ def test_non_contiguous(daemon, client, tmp_path):
     sd, ref = load_both(daemon, client, tmp_path, obj)
     assert not sd["t"].is_contiguous()
     assert sd["e"].stride()[1] == 0
+    assert_same_as_torch_load(sd, ref)
+
+
+def test_sole_user_of_its_storage(daemon, client, tmp_path):
+    """A tensor alone on its storage is built from its bytes in one step (_torch._whole) unless
+    that would change its strides: a transposed or expanded one takes the general path."""
+    obj = {"dense": sample(torch.float32, (4, 6)), "t": sample(torch.float64, (3, 5)).t(),
+           "scalar": torch.tensor(7, dtype=torch.int64), "row": sample(torch.int16, (9,)),
+           "e": sample(torch.float32, (1, 3)).expand(4, 3)}
+    sd, ref = load_both(daemon, client, tmp_path, obj)
+    assert sd["t"].stride() == ref["t"].stride() == (1, 5) and not sd["t"].is_contiguous()
+    assert sd["e"].stride() == (0, 1)
+    for name, t in sd.items():
+        assert _untyped(t).nbytes() == _untyped(ref[name]).nbytes()
+        assert _untyped(t).data_ptr() == t.data_ptr()
     assert_same_as_torch_load(sd, ref)
 
 
