@@ -92,8 +92,9 @@ static void put(char *out, size_t cap, size_t *n, uint8_t byte)
 }
 
 /*
- * Decodes the checked string whose opening quote is at *pos into out[0..cap), NUL-terminating
- * it when there is room; returns the decoded length and leaves *pos past the closing quote.
+ * Decodes the checked string whose opening quote is at *pos into out[0..cap), always
+ * NUL-terminated (cut short if it needs cap bytes or more); returns the full decoded length and
+ * leaves *pos past the closing quote.
  */
 static size_t decode(const uint8_t *p, size_t *pos, char *out, size_t cap)
 {
@@ -140,8 +141,8 @@ static size_t decode(const uint8_t *p, size_t *pos, char *out, size_t cap)
             put(out, cap, &n, (uint8_t)(0x80 | (u & 0x3f)));
         }
     }
-    if (n < cap)
-        out[n] = '\0';
+    if (cap)
+        out[n < cap ? n : cap - 1] = '\0'; /* truncated, if it must be, but always a string */
     *pos = i + 1;
     return n;
 }

@@ -66,8 +66,9 @@ int jscan_ws(jscan_t *j);
 const char *jscan_kind(const jscan_t *j);
 
 /*
- * The string at the cursor, decoded, into out[0..cap) (NUL-terminated when it fits); returns
- * its decoded length, which is never more than its encoded length minus 2. Moves past it.
+ * The string at the cursor, decoded, into out[0..cap), always NUL-terminated (cut short when
+ * its length is cap or more); returns its full decoded length, which is never more than its
+ * encoded length minus 2. Moves past it.
  */
 size_t jscan_string(jscan_t *j, char *out, size_t cap);
 
