@@ -283,8 +283,8 @@ static void daemon_key(parse_state_t *ps, const char *name, const char *v)
     } else if (strcmp(name, "max-output-queue") == 0) {
         if (registry_parse_bytes(v, &c->max_outq) < 0 || c->max_outq < 4096 ||
             c->max_outq > SIZE_MAX / 2)
-            cfg_error(ps, ps->line, "max-output-queue: wants 4K or more (K, M or G suffix), "
-                                    "got '%s'", v);
+            cfg_error(ps, ps->line,
+                      "max-output-queue: wants 4K or more (K, M, G or T suffix), got '%s'", v);
     } else if (strcmp(name, "handshake-timeout") == 0) {
         if (!parse_range(v, 1, 3600000, &c->handshake_timeout_ms))
             cfg_error(ps, ps->line, "handshake-timeout: wants 1..3600000 (ms), got '%s'", v);

@@ -44,16 +44,19 @@ static const char usage_text[] =
     "                             default: /run/weightsd/weightsd.sock for root,\n"
     "                             else $XDG_RUNTIME_DIR/weightsd/weightsd.sock\n"
     "  -a, --admin-socket PATH    admin (operator) socket; default admin.sock beside it\n"
-    "      --max-connections N    connections on both sockets together (default 4096)\n"
-    "      --max-leases N         leases one connection may hold (default 1024)\n"
+    "      --max-connections N    connections on both sockets together, 1..1048576\n"
+    "                             (default 4096)\n"
+    "      --max-leases N         leases one connection may hold, 1..1048576 (default 1024)\n"
     "      --max-connections-per-uid N\n"
-    "                             connections one uid may hold (default: --max-connections)\n"
+    "                             connections one uid may hold, 1..1048576 (default:\n"
+    "                             --max-connections)\n"
     "      --max-frame BYTES      largest request frame accepted, 512..65536 (default 65536)\n"
     "      --max-fds N            fds one message may carry before the peer is dropped for fd\n"
     "                             abuse, 0..4 (default 4; no request carries fds yet)\n"
     "      --max-output-queue SIZE\n"
     "                             reply bytes queued for a peer that does not read them\n"
-    "                             before it is dropped (K/M/G suffixes; default 256M)\n"
+    "                             before it is dropped: 4K or more, K/M/G/T suffixes\n"
+    "                             (default 256M)\n"
     "      --handshake-timeout MS HELLO must arrive within MS of connecting; a started request\n"
     "                             and unread replies may not stall longer (default 5000)\n"
     "      --idle-timeout MS      close connections holding no lease and sending nothing for\n"
@@ -62,7 +65,7 @@ static const char usage_text[] =
     "                             RAM, or none; idle models are evicted (least recently used\n"
     "                             first) to make room, else the preload is refused\n"
     "                             (default: none)\n"
-    "  -l, --log-level LEVEL      err, warning, notice, info (default) or debug\n"
+    "  -l, --log-level LEVEL      error (or err), warning, notice, info (default) or debug\n"
     "  -h, --help                 show this help\n"
     "  -V, --version              show the version\n";
 
@@ -284,8 +287,10 @@ int main(int argc, char **argv)
         case 'Q':
             given |= CONFIG_CLI_MAX_OUTPUT_QUEUE;
             if (registry_parse_bytes(optarg, &outq) < 0 || outq < 4096 || outq > SIZE_MAX / 2) {
-                fprintf(stderr, "weightsd: --max-output-queue wants 4K or more (K/M/G "
-                                "suffixes), got '%s'\n", optarg);
+                fprintf(stderr,
+                        "weightsd: --max-output-queue wants 4K or more (K/M/G/T "
+                        "suffixes), got '%s'\n",
+                        optarg);
                 return 2;
             }
             opts.max_outq_bytes = (size_t)outq;

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -93,6 +94,28 @@ static int cmp_double(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* A whole number in min..max, or -1: atoi() would read a typo as 0. */
+static long parse_number(const char *s, long min, long max)
+{
+    char *end;
+    long v;
+
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < min || v > max)
+        return -1;
+    return v;
+}
+
+static void open_failed(wsd_client_t *c, const char *name, int r)
+{
+    if (strcmp(wsd_last_error(c), wsd_strerror(r)) != 0)
+        fprintf(stderr, "wsd-attach: open '%s': %s (%s)\n", name, wsd_last_error(c),
+                wsd_strerror(r));
+    else
+        fprintf(stderr, "wsd-attach: open '%s': %s\n", name, wsd_strerror(r));
+}
+
 static void print_tensor(const wsd_tensor_t *t)
 {
     unsigned nd = wsd_tensor_ndim(t);
@@ -122,6 +145,7 @@ int main(int argc, char **argv)
     };
     const char *socket_path = NULL, *name, *expect = NULL, *device = "cpu", *path = NULL;
     int tensors = 0, do_write = 0, hold = -1, repeat = 0, touch = 0, opt, r;
+    wsd_open_opts_t o = {.size = sizeof(o)};
     unsigned flags = 0;
     uint64_t sum = 1469598103934665603ull, size = 0;
     wsd_client_t *c;
@@ -141,13 +165,24 @@ int main(int argc, char **argv)
             do_write = 1;
             break;
         case 'H':
-            hold = atoi(optarg);
+            /* hold * 10 tenths of a second must fit an int. */
+            hold = (int)parse_number(optarg, 0, INT_MAX / 10);
+            if (hold < 0) {
+                fprintf(stderr, "wsd-attach: --hold wants seconds (0 = until SIGTERM), got '%s'\n",
+                        optarg);
+                return 2;
+            }
             break;
         case 'w':
             flags |= WSD_OPEN_WAIT;
             break;
         case 'R':
-            repeat = atoi(optarg);
+            repeat = (int)parse_number(optarg, 1, 10000000);
+            if (repeat < 0) {
+                fprintf(stderr, "wsd-attach: --repeat wants a count (1..10000000), got '%s'\n",
+                        optarg);
+                return 2;
+            }
             break;
         case 'D':
             device = optarg;
@@ -174,6 +209,10 @@ int main(int argc, char **argv)
         return 2;
     }
     name = argv[optind];
+    o.device = device;
+    o.flags = flags;
+    o.expect_hash = expect;
+    o.path = path;
     signal(SIGTERM, on_term);
     signal(SIGINT, on_term);
 
@@ -189,14 +228,17 @@ int main(int argc, char **argv)
         for (int i = 0; samples && i < repeat; i++) {
             double a = now_us();
 
-            r = wsd_open(c, name, device, flags, &m);
+            r = wsd_open_with(c, name, &o, &m);
             if (r < 0)
                 break;
             samples[i] = now_us() - a;
             wsd_model_free(m);
         }
         if (r < 0 || !samples) {
-            fprintf(stderr, "wsd-attach: open: %s\n", samples ? wsd_last_error(c) : "out of memory");
+            if (samples)
+                open_failed(c, name, r);
+            else
+                fprintf(stderr, "wsd-attach: out of memory\n");
             free(samples);
             wsd_close(c);
             return 1;
@@ -208,20 +250,10 @@ int main(int argc, char **argv)
         wsd_close(c);
         return 0;
     }
-    {
-        wsd_open_opts_t o = {
-            .size = sizeof(o), .device = device, .flags = flags, .expect_hash = expect,
-            .path = path};
-
-        r = wsd_open_with(c, name, &o, &m);
-    }
+    r = wsd_open_with(c, name, &o, &m);
     open_us = now_us() - t0;
     if (r < 0) {
-        if (strcmp(wsd_last_error(c), wsd_strerror(r)) != 0)
-            fprintf(stderr, "wsd-attach: open '%s': %s (%s)\n", name, wsd_last_error(c),
-                    wsd_strerror(r));
-        else
-            fprintf(stderr, "wsd-attach: open '%s': %s\n", name, wsd_strerror(r));
+        open_failed(c, name, r);
         wsd_close(c);
         return 1;
     }

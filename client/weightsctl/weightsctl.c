@@ -55,12 +55,17 @@ static const char usage_text[] =
     "      --metrics-file PATH    write that format to PATH atomically (a node_exporter\n"
     "                             textfile), once or, with --interval SECS, every SECS\n"
     "                             seconds until SIGTERM\n"
+    "  config-check FILE    check a weightsd config file and report every error as\n"
+    "                       FILE:LINE: ... (runs weightsd --check-config FILE)\n"
+    "\n"
+    "The options under a command apply to it only; given to another, they are an error.\n"
     "\n"
     "Options:\n"
     "  -s, --admin-socket PATH  admin socket (default: $WEIGHTSD_ADMIN_SOCKET, else\n"
     "                           /run/weightsd/admin.sock for root or\n"
     "                           $XDG_RUNTIME_DIR/weightsd/admin.sock)\n"
-    "  -j, --json               print the daemon's JSON answer (list, info, stats, preload)\n"
+    "  -j, --json               print the daemon's JSON answer (list, info, stats, preload,\n"
+    "                           evict, cancel)\n"
     "  -t, --timeout MS         request timeout in milliseconds (default 600000; 0 = none)\n"
     "  -h, --help               show this help\n"
     "  -V, --version            show the version\n";
@@ -348,10 +353,22 @@ static void render_stats(json_t *doc)
 static int is_counter(const char *flat)
 {
     static const char *const counters[] = {
-        "connections_total", "connections_rejected", "connections_denied", "opens_total",
-        "open_errors", "releases_total", "leases_released_on_close", "preloads_ok",
-        "preloads_failed", "protocol_violations", "budget_evictions",
+        "connections_total",
+        "connections_rejected",
+        "connections_denied",
+        "opens_total",
+        "open_errors",
+        "releases_total",
+        "leases_released_on_close",
+        "preloads_ok",
+        "preloads_failed",
+        "protocol_violations",
+        "budget_evictions",
         "page_cache_released_bytes",
+        "connections_rejected_uid",
+        "connections_emfile",
+        "connections_timed_out",
+        "connections_outq_dropped",
     };
 
     for (size_t i = 0; i < sizeof(counters) / sizeof(counters[0]); i++)
@@ -535,6 +552,37 @@ static int write_metrics_file(const char *socket_path, int timeout_ms, const cha
     return rc;
 }
 
+/* What evict did, as the daemon's "result" says: a drain frees nothing yet. */
+static void render_evict(json_t *doc)
+{
+    const char *name = jstr(doc, "name"), *result = jstr(doc, "result");
+
+    if (strcmp(result, "draining") == 0)
+        printf("draining %s: freed when its last lease goes\n", name);
+    else if (strcmp(result, "forced") == 0)
+        printf("forced %s: freed now; workers that map it keep their pages\n", name);
+    else if (strcmp(result, "evicted") == 0)
+        printf("evicted %s\n", name);
+    else
+        printf("%s: %s\n", name, result);
+}
+
+/* The command an option belongs to, for the long-only options (the others go with any). */
+static const char *option_command(int opt)
+{
+    switch (opt) {
+    case OPT_DRAIN:
+    case OPT_FORCE:
+        return "evict";
+    case OPT_PROMETHEUS:
+    case OPT_METRICS_FILE:
+    case OPT_INTERVAL:
+        return "stats";
+    default:
+        return "preload";
+    }
+}
+
 static void render_preload(json_t *doc)
 {
     json_t *warnings = json_object_get(doc, "warnings");
@@ -611,6 +659,10 @@ int main(int argc, char **argv)
         {"prometheus", no_argument, NULL, OPT_PROMETHEUS},
         {NULL, 0, NULL, 0},
     };
+    _Static_assert(sizeof(longopts) / sizeof(longopts[0]) <= 64, "one bit of given per option");
+    /* The long-only options given, one bit per longopts index. */
+    uint64_t given = 0;
+    int longidx = 0;
     wsd_preload_opts_t popts = {.size = sizeof(popts)};
     const char *devices[DEVICES_MAX];
     const char *socket_path = NULL, *cmd;
@@ -621,7 +673,10 @@ int main(int argc, char **argv)
     char *json = NULL;
 
     /* Options may follow the command ("weightsctl list --json"), as getopt permutes argv. */
-    while ((opt = getopt_long(argc, argv, "s:jt:hV", longopts, NULL)) != -1) {
+    while ((opt = getopt_long(argc, argv, "s:jt:hV", longopts, &longidx)) != -1) {
+        /* longidx is set for long options only; every long-only one is >= OPT_DTYPE. */
+        if (opt >= OPT_DTYPE)
+            given |= UINT64_C(1) << longidx;
         switch (opt) {
         case 's':
             socket_path = optarg;
@@ -725,24 +780,32 @@ int main(int argc, char **argv)
         }                                                                                          \
     } while (0)
 
-    if (prometheus && strcmp(cmd, "stats") != 0) {
-        fprintf(stderr, "%s: --prometheus goes with stats only\n", prog);
-        return 2;
-    }
     if (strcmp(cmd, "preload") == 0)
         NEED_ARGS(2);
-    else if (strcmp(cmd, "evict") == 0 || strcmp(cmd, "info") == 0 ||
-             strcmp(cmd, "cancel") == 0)
+    else if (strcmp(cmd, "evict") == 0 || strcmp(cmd, "info") == 0 || strcmp(cmd, "cancel") == 0 ||
+             strcmp(cmd, "config-check") == 0)
         NEED_ARGS(1);
     else if (strcmp(cmd, "list") == 0 || strcmp(cmd, "stats") == 0)
         NEED_ARGS(0);
-    else if (strcmp(cmd, "config-check") == 0) {
-        NEED_ARGS(1);
-        return config_check(argv[optind]);
-    } else {
+    else {
         fprintf(stderr, "%s: unknown command '%s'; see --help\n", prog, cmd);
         return 2;
     }
+    /* An option the command would ignore is a mistake worth hearing about (a misspelt
+     * command, or an option on the wrong line of a script), not something to drop. */
+    for (size_t i = 0; longopts[i].name; i++)
+        if ((given >> i & 1) && strcmp(option_command(longopts[i].val), cmd) != 0) {
+            fprintf(stderr, "%s: --%s does not apply to %s; see --help\n", prog, longopts[i].name,
+                    cmd);
+            return 2;
+        }
+    if (interval && !metrics_file) {
+        fprintf(stderr, "%s: --interval does not apply to %s without --metrics-file; see --help\n",
+                prog, cmd);
+        return 2;
+    }
+    if (strcmp(cmd, "config-check") == 0)
+        return config_check(argv[optind]);
 
     if (!socket_path)
         socket_path = wsd_default_socket(1);
@@ -776,12 +839,7 @@ int main(int argc, char **argv)
         rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, render_preload);
     } else if (strcmp(cmd, "evict") == 0) {
         r = wsd_admin_evict(c, argv[optind], evict_flags, &json);
-        if (r < 0)
-            rc = fail(cmd, r, c);
-        else if (as_json)
-            printf("%s\n", json);
-        else
-            printf("evicted %s\n", argv[optind]);
+        rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, render_evict);
     } else if (strcmp(cmd, "cancel") == 0) {
         r = wsd_admin_cancel(c, argv[optind], &json);
         if (r < 0)

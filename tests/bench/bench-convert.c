@@ -3,6 +3,7 @@
  * Prints GB/s (of source bytes) for memcpy and each conversion and the ratio to memcpy.
  *   bench-convert [MIB]   (default 512)
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +11,13 @@
 
 #include "convert.h"
 #include "weightsd.h"
+
+static const char usage_text[] =
+    "Usage: bench-convert [MIB]\n"
+    "\n"
+    "Time the --dtype conversion kernels against memcpy of the same source bytes: GB/s of\n"
+    "source bytes and the ratio to memcpy. MIB (1..65536, default 512) is the buffer size;\n"
+    "two buffers of it are allocated.\n";
 
 static double now_s(void)
 {
@@ -39,8 +47,8 @@ static double best_of(int from, int to, const void *src, void *dst, size_t n, in
 
 int main(int argc, char **argv)
 {
-    size_t mib = argc > 1 ? (size_t)atoi(argv[1]) : 512, n = mib << 20;
-    uint8_t *src = malloc(n), *dst = malloc(n);
+    size_t mib = 512, n;
+    uint8_t *src, *dst;
     static const struct {
         int from, to;
         const char *name;
@@ -53,8 +61,35 @@ int main(int argc, char **argv)
     };
     double base;
 
-    if (!src || !dst)
+    if (argc > 1 && (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0)) {
+        fputs(usage_text, stdout);
+        return 0;
+    }
+    if (argc > 2) {
+        fputs(usage_text, stderr);
+        return 2;
+    }
+    if (argc == 2) {
+        char *end;
+        unsigned long v;
+
+        errno = 0;
+        v = strtoul(argv[1], &end, 10);
+        if (errno || end == argv[1] || *end || argv[1][0] == '-' || v < 1 || v > 65536) {
+            fprintf(stderr, "bench-convert: MIB wants 1..65536, got '%s'; see --help\n", argv[1]);
+            return 2;
+        }
+        mib = v;
+    }
+    n = mib << 20;
+    src = malloc(n);
+    dst = malloc(n);
+    if (!src || !dst) {
+        fprintf(stderr, "bench-convert: cannot allocate 2 x %zu MiB\n", mib);
+        free(src);
+        free(dst);
         return 1;
+    }
     for (size_t i = 0; i < n; i++)
         src[i] = (uint8_t)(i * 2654435761u >> 13);
     memset(dst, 1, n); /* fault the destination in before timing */

@@ -385,3 +385,44 @@ def test_help_and_version():
     bad = subprocess.run([os.path.join(wsdtest.BIN, "weightsctl"), "frobnicate"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command" in bad.stderr
+    ctl = subprocess.run([os.path.join(wsdtest.BIN, "weightsctl"), "--help"],
+                         capture_output=True, text=True).stdout
+    assert "config-check FILE" in ctl and "preload,\n" in ctl and "evict, cancel)" in ctl
+    wsd = subprocess.run([os.path.join(wsdtest.BIN, "weightsd"), "--help"],
+                         capture_output=True, text=True).stdout
+    assert wsd.count("1..1048576") == 3 and "K/M/G/T" in wsd and "error (or err)" in wsd
+    for tool, args in (("bench-convert", ["--help"]), ("wsd-attach", ["--help"])):
+        p = subprocess.run([os.path.join(wsdtest.BIN, tool), *args], capture_output=True,
+                           text=True)
+        assert p.returncode == 0 and "Usage:" in p.stdout, (tool, p.stderr)
+
+
+def test_garbage_numbers_are_usage_errors():
+    # Nothing listens on this socket: a tool that got past its arguments would fail with 1.
+    for tool, args in (("bench-convert", ["lots"]), ("bench-convert", ["0"]),
+                       ("bench-convert", ["1", "2"]),
+                       ("wsd-attach", ["--socket", "/nonexistent", "--hold", "x", "m"]),
+                       ("wsd-attach", ["--socket", "/nonexistent", "--hold", "-1", "m"]),
+                       ("wsd-attach", ["--socket", "/nonexistent", "--repeat", "3x", "m"]),
+                       ("wsd-attach", ["--socket", "/nonexistent", "--repeat", "0", "m"])):
+        p = subprocess.run([os.path.join(wsdtest.BIN, tool), *args], capture_output=True,
+                           text=True, timeout=10)
+        assert p.returncode == 2 and p.stdout == "", (tool, args, p.returncode, p.stderr)
+
+
+def test_options_of_another_command_are_usage_errors():
+    # Each must fail before connecting (no daemon here): 2, one line naming option and command.
+    cases = [(["list", "--drain"], "--drain"), (["info", "m", "--force"], "--force"),
+             (["evict", "m", "--dtype", "bf16"], "--dtype"),
+             (["cancel", "m", "--cancel-on-exit"], "--cancel-on-exit"),
+             (["preload", "m", "/x", "--drain"], "--drain"),
+             (["stats", "--no-verify"], "--no-verify"), (["list", "--prometheus"], "--prometheus"),
+             (["preload", "m", "/x", "--metrics-file", "/tmp/x"], "--metrics-file"),
+             (["stats", "--interval", "5"], "--interval"),
+             (["stats", "--prometheus", "--interval", "5"], "--interval"),
+             (["config-check", "/x", "--device", "cuda:0"], "--device")]
+    for args, opt in cases:
+        p = subprocess.run([os.path.join(wsdtest.BIN, "weightsctl"), "--admin-socket",
+                            "/nonexistent", *args], capture_output=True, text=True, timeout=10)
+        assert p.returncode == 2 and opt in p.stderr and args[0] in p.stderr, (args, p.stderr)
+        assert p.stderr.count("\n") == 1, p.stderr

@@ -113,6 +113,12 @@ def test_content_hash_identity(tmp_path):
         r = subprocess.run([os.path.join(wsdtest.BIN, "wsd-attach"), "--socket", d.sock,
                             "--expect", "0" * 32, "m"], capture_output=True, text=True)
         assert r.returncode != 0 and "content hash" in r.stderr
+        # --repeat opens the same way: the hash is checked on every round.
+        assert attach(d, "m", "--repeat", "2", "--expect", hashes[-1])[-1]["repeat"] == 2
+        r = subprocess.run([os.path.join(wsdtest.BIN, "wsd-attach"), "--socket", d.sock,
+                            "--repeat", "2", "--expect", "0" * 32, "m"], capture_output=True,
+                           text=True)
+        assert r.returncode == 1 and "content hash" in r.stderr, r.stderr
         assert d.stop() == 0
     assert hashes[0] == hashes[1] and len(hashes[0]) == 32
     flipped = bytearray(data)
@@ -153,6 +159,9 @@ def test_evict_drain_and_force_with_live_holders(daemon, tmp_path):
     refused = daemon.ctl("evict", "m", check=False)
     assert refused.returncode != 0 and "2 leases" in refused.stderr
 
+    # The printed line says what happened: nothing is freed yet.
+    assert daemon.ctl("evict", "m", "--drain").stdout == \
+        "draining m: freed when its last lease goes\n"
     assert daemon.ctl_json("evict", "m", "--drain")["result"] == "draining"
     assert daemon.ctl_json("list")[0]["state"] == "draining"
     r = subprocess.run([os.path.join(wsdtest.BIN, "wsd-attach"), "--socket", daemon.sock, "m"],
@@ -182,6 +191,13 @@ assert 'memfd:weightsd:m' in maps, maps
     assert c.wait() == 0
     daemon.preload("m", path)   # the name is free again
     assert model_checksum(daemon, "m") == expect
+    c = holder(daemon, "m")
+    assert daemon.ctl("evict", "m", "--force").stdout == \
+        "forced m: freed now; workers that map it keep their pages\n"
+    c.terminate()
+    assert c.wait() == 0
+    daemon.preload("m", path)
+    assert daemon.ctl("evict", "m", "--force").stdout == "evicted m\n"  # no lease: nothing forced
 
 
 def daemon_rss_kb(d):
