@@ -397,7 +397,8 @@ def rendered_units(tmp_path):
     conf_dir.mkdir()
     text = (SYSTEMD_DIR / "weightsd.service.in").read_text()
     for k, v in {"@WSD_BINDIR@": BIN, "@WSD_SBINDIR@": BIN,
-                 "@WSD_CONFIG_DIR@": str(conf_dir)}.items():
+                 "@WSD_CONFIG_DIR@": str(conf_dir),
+                 "@WSD_DOCDIR@": "/usr/share/doc/weightsd"}.items():
         text = text.replace(k, v)
     assert "@WSD_" not in text
     units = tmp_path / "units"
@@ -429,6 +430,26 @@ def test_units_verify_and_security_threshold(tmp_path):
     assert "Type=notify" in text and "FileDescriptorName=client" in \
         (units / "weightsd.socket").read_text()
     assert "FileDescriptorName=admin" in (units / "weightsd-admin.socket").read_text()
+    # Documentation= names only what an install puts there (no man pages exist).
+    docs = [l for n in ("weightsd.service", "weightsd.socket", "weightsd-admin.socket")
+            for l in (units / n).read_text().splitlines() if l.startswith("Documentation=")]
+    assert docs == ["Documentation=file:/usr/share/doc/weightsd/README.md"], docs
+
+
+@pytest.mark.skipif(not shutil.which("cmake"), reason="cmake not installed")
+def test_installed_unit_documentation_exists(tmp_path):
+    # DESTDIR: the install's absolute paths (/etc, the systemd dirs) stay under tmp_path.
+    p = subprocess.run(["cmake", "--install", wsdtest.BUILD_DIR], capture_output=True, text=True,
+                       env={**os.environ, "DESTDIR": str(tmp_path)}, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    units = list(tmp_path.rglob("weightsd.service"))
+    assert len(units) == 1, units
+    docs = [l.split("=", 1)[1] for l in units[0].read_text().splitlines()
+            if l.startswith("Documentation=")]
+    assert docs and all(d.startswith("file:/") for d in docs), docs
+    for d in docs:
+        installed = tmp_path / d[len("file:/"):]
+        assert installed.is_file() and "# weightsd" in installed.read_text(), d
 
 
 def test_example_config_is_valid(tmp_path):
@@ -471,6 +492,11 @@ def test_stats_prometheus_text_format(tmp_path):
             assert name.split("{")[0] in types, name
         assert types["weightsd_opens_total"] == "counter" and samples["weightsd_opens_total"] == 1
         assert types["weightsd_connections_denied_total"] == "counter"
+        # every cumulative count is a counter named *_total; what is current is a gauge
+        for name in ("rejected_uid", "emfile", "timed_out", "outq_dropped"):
+            assert types[f"weightsd_connections_{name}_total"] == "counter", name
+            assert f"weightsd_connections_{name}" not in types, name
+        assert types["weightsd_connections_current"] == "gauge"
         assert types["weightsd_resident_bytes"] == "gauge"
         assert samples['weightsd_model_bytes{model="llama/8b",state="ready"}'] == 1 << 20
         assert samples['weightsd_model_leases{model="llama/8b"}'] == 0
