@@ -1,13 +1,17 @@
 """weightsd's Python client against a real daemon: safetensors state dicts, DLPack, lifetime,
 errors. torch.save fixtures live in test_torch_files.py, modules in test_load_into.py."""
 import gc
+import os
+import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import weightsd
+import wsdtest
 from conftest import ST_NAME, mapped, sample, write_st
 
 
@@ -200,12 +204,52 @@ def test_errors_map_to_classes(daemon, client, tmp_path):
     (-1000, weightsd.ProtocolError), (-1001, weightsd.VersionMismatch),
     (-1002, weightsd.NotFound), (-1004, weightsd.BadCheckpoint), (-1005, weightsd.Busy),
     (-1006, weightsd.Loading), (-1007, weightsd.DeviceUnavailable),
-    (-1015, weightsd.ConnectionClosed), (-1018, weightsd.HashMismatch), (-5, weightsd.Error),
+    (-1015, weightsd.ConnectionClosed), (-1018, weightsd.HashMismatch),
+    (-1019, weightsd.Canceled), (-5, weightsd.Error),
 ])
 def test_error_codes(code, cls):
     e = weightsd._lib.error_for(code, "daemon says so")
     assert type(e) is cls and e.code == code and e.message == "daemon says so"
     assert "daemon says so" in str(e) and str(code) in str(e)
+
+
+def test_connect_rejects_a_negative_timeout(daemon):
+    with pytest.raises(ValueError, match="timeout must be >= 0"):
+        weightsd.connect(daemon.sock, timeout=-1)
+    with weightsd.connect(daemon.sock, timeout=0) as c:  # 0 = wait forever, still allowed
+        assert not c.closed
+
+
+def test_open_waiting_on_a_cancelled_preload_raises_canceled(daemon, client, tmp_path):
+    # 1 GiB of sparse file takes about a second to copy: time to queue an open and cancel.
+    big = wsdtest.write_sparse_safetensors(tmp_path / "big.safetensors", 1 << 30)
+    ctl = [os.path.join(wsdtest.BIN, "weightsctl"), "--admin-socket", daemon.admin]
+    bg = subprocess.Popen(ctl + ["preload", "c", str(big)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 5
+    while not any(m["name"] == "c" for m in daemon.ctl_json("list")):
+        assert time.time() < deadline and bg.poll() is None, "the preload never showed up"
+        time.sleep(0.01)
+    got = []
+
+    def opener():
+        try:
+            got.append(client.open("c", wait=True))
+        except weightsd.Error as e:
+            got.append(e)
+    th = threading.Thread(target=opener)
+    th.start()
+    time.sleep(0.2)  # the open reaches the daemon and waits
+    r = daemon.ctl("cancel", "c", check=False)
+    th.join(timeout=60)
+    bg.communicate(timeout=60)
+    if r.returncode != 0:  # the preload won the race: the open got the model
+        assert "not loading" in r.stderr and isinstance(got[0], weightsd._model.Model)
+        pytest.skip("the preload finished before it could be cancelled")
+    e = got[0]
+    assert type(e) is weightsd.Canceled and e.code == -1019, repr(e)
+    assert isinstance(e, weightsd.Error) and "cancel" in e.message
+    assert daemon.ctl_json("list") == []
 
 
 def test_tensor_info_matches_the_accessors(daemon, client, tmp_path):

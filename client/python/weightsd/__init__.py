@@ -25,10 +25,10 @@ import threading
 
 from . import _lib
 from ._lib import (
-    AlreadyExists, BadCheckpoint, Busy, CheckpointIOError, ConnectionClosed, ConnectionFailed,
-    DeviceUnavailable, Error, GPUError, HashMismatch, InternalError, InvalidArgument,
-    LimitExceeded, Loading, NoLease, NotFound, OutOfMemory, PermissionDenied, ProtocolError,
-    Stale, UnsupportedDtype, VersionMismatch)
+    AlreadyExists, BadCheckpoint, Busy, Canceled, CheckpointIOError, ConnectionClosed,
+    ConnectionFailed, DeviceUnavailable, Error, GPUError, HashMismatch, InternalError,
+    InvalidArgument, LimitExceeded, Loading, NoLease, NotFound, OutOfMemory, PermissionDenied,
+    ProtocolError, Stale, UnsupportedDtype, VersionMismatch)
 from ._model import Model, free_unconsumed
 
 if "torch" in sys.modules:  # no import is added, only moved earlier
@@ -42,7 +42,8 @@ __all__ = [
     "Error", "ProtocolError", "VersionMismatch", "NotFound", "AlreadyExists", "BadCheckpoint",
     "Busy", "Loading", "DeviceUnavailable", "LimitExceeded", "PermissionDenied", "NoLease",
     "CheckpointIOError", "OutOfMemory", "GPUError", "Stale", "ConnectionClosed",
-    "InvalidArgument", "InternalError", "HashMismatch", "ConnectionFailed", "UnsupportedDtype",
+    "InvalidArgument", "InternalError", "HashMismatch", "Canceled", "ConnectionFailed",
+    "UnsupportedDtype",
 ]
 
 _OPEN_WAIT = 1
@@ -51,7 +52,8 @@ _OPEN_GPU_WRITE = 2  # WSD_OPEN_GPU_WRITE
 
 def default_socket():
     """The socket connect() uses without an argument: $WEIGHTSD_SOCKET, else the daemon's
-    default (/run/weightsd/weightsd.sock for root, $XDG_RUNTIME_DIR/weightsd/ otherwise)."""
+    default (/run/weightsd/weightsd.sock for root, $XDG_RUNTIME_DIR/weightsd/ otherwise), or
+    None when there is no default (not root, and $XDG_RUNTIME_DIR unset)."""
     path = _lib.wsd_default_socket(0)
     return path.decode() if path else None
 
@@ -66,9 +68,14 @@ def connect(path=None, timeout=None):
     """Connects to the daemon's client socket and returns a Client.
 
     path: socket path; None means $WEIGHTSD_SOCKET or the default (see default_socket()).
-    timeout: seconds to wait for each reply (None: the library default, 30 s; 0: forever).
-    Raises ConnectionFailed (socket missing, refused), VersionMismatch, ProtocolError.
+    timeout: seconds to wait for each reply (None: the library default, 30 s; 0: forever);
+    negative is a ValueError.
+    Raises ConnectionFailed (socket missing, refused), PermissionDenied (the daemon's access
+    policy refused this uid at the handshake), LimitExceeded (over its connection limits),
+    VersionMismatch, ProtocolError.
     """
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds (0 = wait forever), got {timeout!r}")
     if path is None:
         path = default_socket()
         if path is None:
@@ -81,7 +88,10 @@ def connect(path=None, timeout=None):
         raise ConnectionFailed(r, msg) if r > -1000 else _lib.error_for(r, msg)
     client = Client(ptr.value, os.fspath(path))
     if timeout is not None:
-        _lib.wsd_set_timeout(client._ptr, int(timeout * 1000))
+        r = _lib.wsd_set_timeout(client._ptr, int(timeout * 1000))
+        if r < 0:
+            client.close()
+            raise _lib.error_for(r, f"cannot set a timeout of {timeout!r} s")
     return client
 
 
@@ -176,7 +186,8 @@ class Client:
 
 
 class DLPackTensor:
-    """One tensor of an open model, exported through the DLPack protocol (CPU memory).
+    """One tensor of an open model, exported through the DLPack protocol: kDLCPU memory, or
+    kDLCUDA for a model opened on "cuda:N".
 
     Attributes mirror the manifest: name, dtype (safetensors spelling, e.g. "BF16"), shape,
     strides (elements), storage (index), storage_offset (elements). Capsules point at element 0
@@ -218,9 +229,12 @@ class DLPackTensor:
 
     def __dlpack__(self, stream=None, *, max_version=None, dl_device=None, copy=None):
         """A new "dltensor" capsule: the legacy (pre-1.0) form, which the protocol lets a
-        producer return whatever max_version asks. stream is meaningless on the CPU. Raises
-        BufferError for copy=True or another device (this export is zero-copy CPU memory),
-        UnsupportedDtype for dtypes DLPack cannot describe (BOOL with DLPack < 0.8, F8_*)."""
+        producer return whatever max_version asks. stream is ignored: on the CPU it means
+        nothing, and a GPU copy needs no wait on any stream, since the daemon synchronised its
+        upload before exporting. Raises BufferError for
+        copy=True or a dl_device other than the model's (this export is zero-copy), and
+        UnsupportedDtype for dtypes DLPack cannot describe (BOOL with DLPack < 0.8, F8_*,
+        F6_*, F4)."""
         if copy:
             raise BufferError("weightsd exports its mapping as is; copy the imported array")
         # stream needs no wait: the daemon synchronised its upload before exporting, and

@@ -13,7 +13,8 @@ __all__ = [
     "Error", "ProtocolError", "VersionMismatch", "NotFound", "AlreadyExists", "BadCheckpoint",
     "Busy", "Loading", "DeviceUnavailable", "LimitExceeded", "PermissionDenied", "NoLease",
     "CheckpointIOError", "OutOfMemory", "GPUError", "Stale", "ConnectionClosed",
-    "InvalidArgument", "InternalError", "HashMismatch", "ConnectionFailed", "UnsupportedDtype",
+    "InvalidArgument", "InternalError", "HashMismatch", "Canceled", "ConnectionFailed",
+    "UnsupportedDtype",
 ]
 
 
@@ -112,6 +113,11 @@ class HashMismatch(Error):
     """WSD_EMISMATCH."""
 
 
+class Canceled(Error):
+    """WSD_ECANCELED: the preload was cancelled (`weightsctl cancel`, or its requester left with
+    --cancel-on-exit); a wait=True open of a model still loading gets this."""
+
+
 class ConnectionFailed(Error):
     """connect() could not reach the socket (code is -errno: -ENOENT, -ECONNREFUSED, ...)."""
 
@@ -125,7 +131,7 @@ _CODE_CLASS = {
     -1004: BadCheckpoint, -1005: Busy, -1006: Loading, -1007: DeviceUnavailable,
     -1008: LimitExceeded, -1009: PermissionDenied, -1010: NoLease, -1011: CheckpointIOError,
     -1012: OutOfMemory, -1013: GPUError, -1014: Stale, -1015: ConnectionClosed,
-    -1016: InvalidArgument, -1017: InternalError, -1018: HashMismatch,
+    -1016: InvalidArgument, -1017: InternalError, -1018: HashMismatch, -1019: Canceled,
     -22: InvalidArgument, -12: OutOfMemory,
 }
 
