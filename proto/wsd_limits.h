@@ -1,7 +1,11 @@
 /*
- * limits.h - every hard limit of the wire protocol and the daemon's resources, in one place
- * (STYLE M2). Defaults here; the daemon may lower (never raise past the _MAX values) some of
- * them from its command line.
+ * wsd_limits.h - every hard limit of the wire protocol and the daemon's resources, in one place
+ * (STYLE M2): the defaults and the fixed ceilings. The daemon's command line and config file
+ * (daemon/main.c, daemon/config.c) may only lower the request frame size (--max-frame,
+ * WSD_REQUEST_MIN..WSD_REQUEST_MAX) and the fds one message may carry (--max-fds,
+ * 0..WSD_FDS_PER_FRAME_MAX). The connection, per-uid connection and per-connection lease
+ * limits (1..1048576 each), the output queue (4 KiB or more) and the handshake and idle
+ * timeouts may be set above or below their _DEFAULT values. Everything else here is fixed.
  */
 #ifndef WSD_LIMITS_H
 #define WSD_LIMITS_H

@@ -153,7 +153,9 @@ WSD_EXTERN const char *wsd_default_socket(int admin);
  * Connects to a daemon socket and performs the HELLO exchange.
  * \param[in]  path        socket path; NULL means wsd_default_socket(0).
  * \param[out] ret_client  new handle; free with wsd_close().
- * \retval 0, -errno from connect(), WSD_EVERSION, WSD_EPROTO.
+ * \retval 0, -errno from connect(), WSD_EVERSION, WSD_EPROTO; or, refused at HELLO,
+ *         WSD_EDENIED (the daemon's access policy does not admit this peer's uid/groups) or
+ *         WSD_ELIMIT (over the daemon's total or per-uid connection limit; try again later).
  */
 WSD_EXTERN WSD_MUST_CHECK int wsd_connect(const char *path, wsd_client_t **ret_client);
 
