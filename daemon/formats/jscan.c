@@ -640,3 +640,51 @@ void jscan_skip(jscan_t *j)
         }
     } while (depth > 0);
 }
+
+void jscan_enter(jscan_t *j)
+{
+    (void)jscan_ws(j);
+    j->at++; /* '{' or '[' */
+}
+
+/* Past the comma before the next member or item; false, past \p close, at the end. */
+static bool next(jscan_t *j, int close)
+{
+    int c = jscan_ws(j);
+
+    if (c == ',') {
+        j->at++;
+        c = jscan_ws(j);
+    }
+    if (c == close) {
+        j->at++;
+        return false;
+    }
+    return true;
+}
+
+bool jscan_key(jscan_t *j)
+{
+    return next(j, '}');
+}
+
+void jscan_colon(jscan_t *j)
+{
+    (void)jscan_ws(j);
+    j->at++; /* ':' */
+    (void)jscan_ws(j);
+}
+
+bool jscan_member(jscan_t *j, char *key, size_t cap, size_t *ret_len)
+{
+    if (!jscan_key(j))
+        return false;
+    *ret_len = jscan_string(j, key, cap);
+    jscan_colon(j);
+    return true;
+}
+
+bool jscan_item(jscan_t *j)
+{
+    return next(j, ']');
+}

@@ -78,4 +78,24 @@ bool jscan_uint(jscan_t *j, uint64_t *ret);
 /* Moves past the value at the cursor, whatever it is. */
 void jscan_skip(jscan_t *j);
 
+/* Steps into the object or array at the cursor, for jscan_member() or jscan_item(). */
+void jscan_enter(jscan_t *j);
+
+/*
+ * Inside an object: true with the cursor at the next member's key, a string for
+ * jscan_string(), after which jscan_colon() moves to its value; false, past the '}', at the end.
+ */
+bool jscan_key(jscan_t *j);
+void jscan_colon(jscan_t *j);
+
+/*
+ * Both at once: true with the next member's key decoded into key[0..cap) (as
+ * jscan_string() does; *ret_len its full length) and the cursor at its value, which the caller
+ * must consume before the next call; false, the cursor past the '}', when there is none.
+ */
+bool jscan_member(jscan_t *j, char *key, size_t cap, size_t *ret_len);
+
+/* Inside an array: true with the cursor at the next item (consume it), false past the ']'. */
+bool jscan_item(jscan_t *j);
+
 #endif

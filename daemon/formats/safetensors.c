@@ -68,7 +68,7 @@ static int parse_tensor(const char *name, size_t name_len, jscan_t *j, st_entry_
 {
     size_t at_dtype = 0, at_shape = 0, at_offs = 0; /* 1 + the field's offset; 0 if absent */
     const char *missing;
-    char dname[64];
+    char key[16], dname[64];
     jscan_t v = *j;
     size_t n, count;
     uint64_t offs[2] = {0, 0};
@@ -82,14 +82,8 @@ static int parse_tensor(const char *name, size_t name_len, jscan_t *j, st_entry_
     if (jscan_ws(j) != '{')
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA", "tensor '%s' is %s, expected an object",
                         SHOWN(name), jscan_kind(j));
-    j->at++;
-    while (jscan_ws(j) == '"') {
-        char key[16];
-
-        n = jscan_string(j, key, sizeof(key)); /* longer keys are none of the three */
-        (void)jscan_ws(j);
-        j->at++; /* ':' */
-        (void)jscan_ws(j);
+    jscan_enter(j);
+    while (jscan_member(j, key, sizeof(key), &n)) { /* longer keys are none of the three */
         if (n == 5 && memcmp(key, "dtype", 5) == 0)
             at_dtype = j->at + 1;
         else if (n == 5 && memcmp(key, "shape", 5) == 0)
@@ -97,10 +91,7 @@ static int parse_tensor(const char *name, size_t name_len, jscan_t *j, st_entry_
         else if (n == 12 && memcmp(key, "data_offsets", 12) == 0)
             at_offs = j->at + 1;
         jscan_skip(j);
-        if (jscan_ws(j) == ',')
-            j->at++;
     }
-    j->at++; /* '}' */
     missing = !at_dtype ? "dtype" : !at_shape ? "shape" : "data_offsets";
     if (!at_dtype || !at_shape || !at_offs)
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA", "tensor '%s' has no \"%s\" field",
@@ -123,8 +114,8 @@ static int parse_tensor(const char *name, size_t name_len, jscan_t *j, st_entry_
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
                         "tensor '%s': shape is %s, expected an array", SHOWN(name),
                         jscan_kind(&v));
-    v.at++;
-    for (count = 0; jscan_ws(&v) != ']'; count++) {
+    jscan_enter(&v);
+    for (count = 0; jscan_item(&v); count++) {
         uint64_t d;
 
         if (count >= WSD_MAX_NDIM)
@@ -133,8 +124,6 @@ static int parse_tensor(const char *name, size_t name_len, jscan_t *j, st_entry_
             e->shape[count] = (int64_t)d;
         else if (bad < 0)
             bad = (int)count;
-        if (jscan_ws(&v) == ',')
-            v.at++;
     }
     if (count > WSD_MAX_NDIM)
         return fmt_fail(err, WSD_EBADCKPT, "E_TENSOR_GEOMETRY",
@@ -148,13 +137,11 @@ static int parse_tensor(const char *name, size_t name_len, jscan_t *j, st_entry_
     v.at = at_offs - 1;
     count = 0;
     if (v.p[v.at] == '[') {
-        for (v.at++; jscan_ws(&v) != ']'; count++) {
+        for (jscan_enter(&v); jscan_item(&v); count++) {
             if (count >= 2)
                 jscan_skip(&v);
             else if (!jscan_uint(&v, &offs[count]))
                 offs_ok = false;
-            if (jscan_ws(&v) == ',')
-                v.at++;
         }
     }
     if (count != 2 || !offs_ok)
@@ -253,133 +240,82 @@ static int json_failure(const jscan_err_t *je, uint64_t hlen, fmt_err_t *err)
     }
 }
 
-/* Walks the members of the object at the cursor, calling fn(key, len, cursor at value). */
-typedef int (*member_fn)(void *ctx, const char *key, size_t len, jscan_t *j);
-
-static int for_members(jscan_t *j, char *keybuf, size_t cap, member_fn fn, void *ctx)
-{
-    int r = 0;
-
-    j->at++; /* '{' */
-    while (r == 0 && jscan_ws(j) == '"') {
-        size_t n = jscan_string(j, keybuf, cap);
-
-        (void)jscan_ws(j);
-        j->at++; /* ':' */
-        (void)jscan_ws(j);
-        r = fn(ctx, keybuf, n, j);
-        if (r == 0 && jscan_ws(j) == ',')
-            j->at++;
-    }
-    return r;
-}
-
-/* __metadata__ (its value at the cursor): null, or an object of strings. */
-struct meta_check {
-    size_t count;
-    fmt_err_t *err;
-};
-
-static int meta_count_cb(void *ctx, const char *key, size_t len, jscan_t *j)
-{
-    (void)key, (void)len;
-    ((struct meta_check *)ctx)->count++;
-    jscan_skip(j);
-    return 0;
-}
-
-static int meta_type_cb(void *ctx, const char *key, size_t len, jscan_t *j)
-{
-    (void)len;
-    if (j->p[j->at] != '"')
-        return fmt_fail(((struct meta_check *)ctx)->err, WSD_EBADCKPT, "E_ST_SCHEMA",
-                        "__metadata__ entry '%s' is %s, expected a string", SHOWN(key),
-                        jscan_kind(j));
-    jscan_skip(j);
-    return 0;
-}
-
+/*
+ * __metadata__, its value at the cursor: null, or at most MANIFEST_META_MAX entries (checked
+ * first, as the count was known before the types under jansson), each a string.
+ */
 static int parse_metadata(jscan_t j, fmt_err_t *err)
 {
-    struct meta_check mc = {.err = err};
-    char key[128];
-    int c = jscan_ws(&j);
-    jscan_t again = j;
+    char key[128], bad_key[128] = "";
+    const char *bad_kind = NULL;
+    size_t count = 0, n;
 
-    if (c == 'n')
+    if (jscan_ws(&j) == 'n')
         return 0;
-    if (c != '{')
+    if (j.p[j.at] != '{')
         return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
                         "__metadata__ is %s, expected an object of strings or null",
                         jscan_kind(&j));
-    (void)for_members(&j, key, sizeof(key), meta_count_cb, &mc);
-    if (mc.count > MANIFEST_META_MAX)
+    for (jscan_enter(&j); jscan_member(&j, key, sizeof(key), &n); count++) {
+        if (!bad_kind && j.p[j.at] != '"') {
+            bad_kind = jscan_kind(&j);
+            memcpy(bad_key, key, sizeof(key));
+        }
+        jscan_skip(&j);
+    }
+    if (count > MANIFEST_META_MAX)
         return fmt_fail(err, WSD_ELIMIT, "E_ST_SCHEMA",
-                        "__metadata__ has %zu entries, at most %u are supported", mc.count,
+                        "__metadata__ has %zu entries, at most %u are supported", count,
                         MANIFEST_META_MAX);
-    return for_members(&again, key, sizeof(key), meta_type_cb, &mc);
+    if (bad_kind)
+        return fmt_fail(err, WSD_EBADCKPT, "E_ST_SCHEMA",
+                        "__metadata__ entry '%s' is %s, expected a string", SHOWN(bad_key),
+                        bad_kind);
+    return 0;
+}
+
+/* The string at the cursor, decoded into a new allocation (NULL: no memory). */
+static char *dup_string(jscan_t *j)
+{
+    jscan_t probe = *j;
+    size_t n = jscan_string(&probe, NULL, 0);
+    char *out = malloc(n + 1);
+
+    if (out)
+        (void)jscan_string(j, out, n + 1);
+    return out;
 }
 
 /* Each entry as the manifest keeps it: the key, and the value as a JSON string literal. */
-struct meta_add {
-    manifest_t *m;
-    char *value; /* decoded value, hlen + 1 bytes */
-    size_t cap;
-    fmt_err_t *err;
-};
-
-static int meta_add_cb(void *ctx, const char *key, size_t len, jscan_t *j)
+static int add_metadata(manifest_t *m, jscan_t j, fmt_err_t *err)
 {
-    struct meta_add *ma = ctx;
-    size_t n = jscan_string(j, ma->value, ma->cap);
-    json_t *str = json_stringn(ma->value, n);
-    char *quoted = str ? json_dumps(str, JSON_ENCODE_ANY) : NULL;
-    int r;
-
-    (void)len;
-    json_decref(str);
-    if (!quoted)
-        return fmt_fail(ma->err, -ENOMEM, NULL, "out of memory");
-    r = manifest_add_meta(ma->m, key, quoted);
-    free(quoted);
-    if (r < 0)
-        return fmt_fail(ma->err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
-                        r == WSD_ELIMIT ? "E_LIMIT" : NULL,
-                        "cannot record __metadata__ entry '%s': %s", SHOWN(key),
-                        r == WSD_ELIMIT ? "more than 2^16 metadata entries" : "out of memory");
-    return 0;
-}
-
-static int add_metadata(manifest_t *m, jscan_t j, uint64_t hlen, fmt_err_t *err)
-{
-    struct meta_add ma = {.m = m, .cap = (size_t)hlen + 1, .err = err};
-    char *key;
-    int r;
+    int r = 0;
 
     if (jscan_ws(&j) != '{')
         return 0; /* null */
-    key = malloc(ma.cap);
-    ma.value = malloc(ma.cap);
-    if (!key || !ma.value)
-        r = fmt_fail(err, -ENOMEM, NULL, "out of memory");
-    else
-        r = for_members(&j, key, ma.cap, meta_add_cb, &ma);
-    free(key);
-    free(ma.value);
+    jscan_enter(&j);
+    while (r == 0 && jscan_key(&j)) {
+        char *key = dup_string(&j), *value, *quoted = NULL;
+        json_t *str = NULL;
+
+        jscan_colon(&j);
+        value = dup_string(&j);
+        if (value)
+            str = json_string(value);
+        if (str)
+            quoted = json_dumps(str, JSON_ENCODE_ANY);
+        r = key && quoted ? manifest_add_meta(m, key, quoted) : -ENOMEM;
+        if (r < 0)
+            r = fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
+                         r == WSD_ELIMIT ? "E_LIMIT" : NULL,
+                         "cannot record __metadata__ entry '%s': %s", key ? SHOWN(key) : "?",
+                         r == WSD_ELIMIT ? "more than 2^16 metadata entries" : "out of memory");
+        json_decref(str);
+        free(quoted);
+        free(value);
+        free(key);
+    }
     return r;
-}
-
-/* Where __metadata__'s value is (1 + its offset), if the header has one. */
-struct find_meta {
-    size_t at;
-};
-
-static int find_meta_cb(void *ctx, const char *key, size_t len, jscan_t *j)
-{
-    if (len == 12 && memcmp(key, "__metadata__", 12) == 0)
-        ((struct find_meta *)ctx)->at = j->at + 1; /* for_members left it at the value */
-    jscan_skip(j);
-    return 0;
 }
 
 /* Appends the validated, sorted entries; data_start = 8 + N. */
@@ -443,10 +379,9 @@ int safetensors_read(const source_t *s, uint32_t source_index, manifest_t *m, fm
     uint8_t *hdr = NULL;
     char *names = NULL, key[16];
     jscan_err_t je;
-    jscan_t j, top;
-    struct find_meta fm = {0};
+    jscan_t j, top, meta = {0}; /* meta.p set: __metadata__'s value */
     st_entry_t *ents = NULL;
-    size_t nents = 0, bad, cap, members = 0, used = 0;
+    size_t nents = 0, bad, cap, members = 0, used = 0, n;
     int r;
 
     /* Step 1. */
@@ -501,14 +436,17 @@ int safetensors_read(const source_t *s, uint32_t source_index, manifest_t *m, fm
                      s->path, jscan_kind(&j));
         goto out;
     }
+    /* __metadata__ first: its errors come before any tensor's, as under jansson. */
     top = j;
-    (void)for_members(&top, key, sizeof(key), find_meta_cb, &fm);
-    if (fm.at) {
-        r = parse_metadata((jscan_t){.p = hdr, .len = (size_t)hlen, .at = fm.at - 1}, err);
+    for (jscan_enter(&top); jscan_member(&top, key, sizeof(key), &n); jscan_skip(&top))
+        if (n == 12 && memcmp(key, "__metadata__", 12) == 0)
+            meta = top;
+    if (meta.p) {
+        r = parse_metadata(meta, err);
         if (r < 0)
             goto out;
     }
-    cap = members - (fm.at ? 1 : 0);
+    cap = members - (meta.p ? 1 : 0);
     if (cap > MANIFEST_TENSORS_MAX) {
         r = fmt_fail(err, WSD_ELIMIT, "E_ST_HEADER_TOO_LARGE",
                      "'%s': header declares %zu tensors, at most %u are supported", s->path, cap,
@@ -521,24 +459,16 @@ int safetensors_read(const source_t *s, uint32_t source_index, manifest_t *m, fm
         r = fmt_fail(err, -ENOMEM, NULL, "out of memory for %zu tensors", cap);
         goto out;
     }
-    j.at++; /* '{' */
-    while (jscan_ws(&j) == '"') {
-        char *name = names + used;
-        size_t n = jscan_string(&j, name, (size_t)hlen + 1 - used);
-
-        (void)jscan_ws(&j);
-        j.at++; /* ':' */
-        if (n == 12 && memcmp(name, "__metadata__", 12) == 0) {
+    for (jscan_enter(&j); jscan_member(&j, names + used, (size_t)hlen + 1 - used, &n);) {
+        if (n == 12 && memcmp(names + used, "__metadata__", 12) == 0) {
             jscan_skip(&j);
-        } else {
-            r = parse_tensor(name, n, &j, &ents[nents], err);
-            if (r < 0)
-                goto out;
-            nents++;
-            used += n + 1;
+            continue;
         }
-        if (jscan_ws(&j) == ',')
-            j.at++;
+        r = parse_tensor(names + used, n, &j, &ents[nents], err);
+        if (r < 0)
+            goto out;
+        nents++;
+        used += n + 1;
     }
 
     /* Step 6: full coverage of the byte buffer, no gaps, overlaps or aliases. */
@@ -579,8 +509,8 @@ int safetensors_read(const source_t *s, uint32_t source_index, manifest_t *m, fm
     r = fill_manifest(s, source_index, m, ents, nents, data_start, err);
     if (r < 0)
         goto out;
-    if (fm.at)
-        r = add_metadata(m, (jscan_t){.p = hdr, .len = (size_t)hlen, .at = fm.at - 1}, hlen, err);
+    if (meta.p)
+        r = add_metadata(m, meta, err);
 
 out:
     free(ents);
