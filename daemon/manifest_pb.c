@@ -14,83 +14,119 @@
 #include "wsd_limits.h"
 #include "wire.h"
 
-int manifest_pb_encode(const manifest_t *m, uint64_t map_size, const char *hash, uint8_t **ret,
-                       size_t *ret_len)
-{
-    Weightsd__V1__Manifest pb = WEIGHTSD__V1__MANIFEST__INIT;
-    Weightsd__V1__StorageInfo *st = NULL, **stp = NULL;
-    Weightsd__V1__TensorInfo *ti = NULL, **tip = NULL;
-    Weightsd__V1__MetaEntry *me = NULL, **mep = NULL;
-    uint8_t *buf = NULL;
-    size_t len;
-    int r = -ENOMEM;
+/* A manifest as protobuf-c structs that point into it (nothing is copied). */
+typedef struct pb_view {
+    Weightsd__V1__Manifest pb;
+    Weightsd__V1__StorageInfo *st, **stp;
+    Weightsd__V1__TensorInfo *ti, **tip;
+    Weightsd__V1__MetaEntry *me, **mep;
+} pb_view_t;
 
-    st = calloc(m->nstorages + 1, sizeof(*st));
-    stp = calloc(m->nstorages + 1, sizeof(*stp));
-    ti = calloc(m->ntensors + 1, sizeof(*ti));
-    tip = calloc(m->ntensors + 1, sizeof(*tip));
-    me = calloc(m->nmeta + 1, sizeof(*me));
-    mep = calloc(m->nmeta + 1, sizeof(*mep));
-    if (!st || !stp || !ti || !tip || !me || !mep)
-        goto out;
+static void view_free(pb_view_t *v)
+{
+    free(v->st);
+    free(v->stp);
+    free(v->ti);
+    free(v->tip);
+    free(v->me);
+    free(v->mep);
+}
+
+static int view_build(pb_view_t *v, const manifest_t *m, uint64_t map_size, const char *hash)
+{
+    *v = (pb_view_t){.pb = WEIGHTSD__V1__MANIFEST__INIT};
+    v->st = calloc(m->nstorages + 1, sizeof(*v->st));
+    v->stp = calloc(m->nstorages + 1, sizeof(*v->stp));
+    v->ti = calloc(m->ntensors + 1, sizeof(*v->ti));
+    v->tip = calloc(m->ntensors + 1, sizeof(*v->tip));
+    v->me = calloc(m->nmeta + 1, sizeof(*v->me));
+    v->mep = calloc(m->nmeta + 1, sizeof(*v->mep));
+    if (!v->st || !v->stp || !v->ti || !v->tip || !v->me || !v->mep) {
+        view_free(v);
+        return -ENOMEM;
+    }
     for (size_t i = 0; i < m->nstorages; i++) {
-        weightsd__v1__storage_info__init(&st[i]);
-        st[i].offset = m->storages[i].arena_offset;
-        st[i].nbytes = m->storages[i].nbytes;
-        st[i].key = m->storages[i].key;
-        stp[i] = &st[i];
+        weightsd__v1__storage_info__init(&v->st[i]);
+        v->st[i].offset = m->storages[i].arena_offset;
+        v->st[i].nbytes = m->storages[i].nbytes;
+        v->st[i].key = m->storages[i].key;
+        v->stp[i] = &v->st[i];
     }
     for (size_t i = 0; i < m->ntensors; i++) {
         const mf_tensor_t *t = &m->tensors[i];
+        Weightsd__V1__TensorInfo *ti = &v->ti[i];
 
-        weightsd__v1__tensor_info__init(&ti[i]);
-        ti[i].name = t->name;
-        ti[i].dtype = (uint32_t)t->dtype;
-        ti[i].n_shape = t->ndim;
-        ti[i].shape = (int64_t *)(uintptr_t)t->shape;
-        ti[i].n_stride = t->ndim;
-        ti[i].stride = (int64_t *)(uintptr_t)t->stride;
-        ti[i].storage = t->storage;
-        ti[i].storage_offset = t->storage_offset;
-        ti[i].nbytes = t->nbytes;
-        tip[i] = &ti[i];
+        weightsd__v1__tensor_info__init(ti);
+        ti->name = t->name;
+        ti->dtype = (uint32_t)t->dtype;
+        ti->n_shape = t->ndim;
+        ti->shape = (int64_t *)(uintptr_t)t->shape;
+        ti->n_stride = t->ndim;
+        ti->stride = (int64_t *)(uintptr_t)t->stride;
+        ti->storage = t->storage;
+        ti->storage_offset = t->storage_offset;
+        ti->nbytes = t->nbytes;
+        v->tip[i] = ti;
     }
     for (size_t i = 0; i < m->nmeta; i++) {
-        weightsd__v1__meta_entry__init(&me[i]);
-        me[i].key = m->meta[i].key;
-        me[i].value = m->meta[i].value;
-        mep[i] = &me[i];
+        weightsd__v1__meta_entry__init(&v->me[i]);
+        v->me[i].key = m->meta[i].key;
+        v->me[i].value = m->meta[i].value;
+        v->mep[i] = &v->me[i];
     }
-    pb.n_storages = m->nstorages;
-    pb.storages = stp;
-    pb.n_tensors = m->ntensors;
-    pb.tensors = tip;
-    pb.n_meta = m->nmeta;
-    pb.meta = mep;
-    pb.map_size = map_size;
-    pb.content_hash = (char *)(uintptr_t)(hash ? hash : "");
+    v->pb.n_storages = m->nstorages;
+    v->pb.storages = v->stp;
+    v->pb.n_tensors = m->ntensors;
+    v->pb.tensors = v->tip;
+    v->pb.n_meta = m->nmeta;
+    v->pb.meta = v->mep;
+    v->pb.map_size = map_size;
+    v->pb.content_hash = (char *)(uintptr_t)(hash ? hash : "");
+    return 0;
+}
 
-    len = weightsd__v1__manifest__get_packed_size(&pb);
-    /* Leave room for the frame around it; a larger manifest could never be sent. */
-    if (len > WSD_FRAME_MAX - 64) {
-        r = WSD_ELIMIT;
-        goto out;
+int manifest_pb_size(const manifest_t *m, uint64_t map_size, size_t hash_len, size_t *ret_len)
+{
+    char hash[MANIFEST_PB_HASH_MAX + 1];
+    pb_view_t v;
+    size_t len;
+
+    if (hash_len > MANIFEST_PB_HASH_MAX)
+        return -EINVAL;
+    memset(hash, 'x', hash_len);
+    hash[hash_len] = '\0';
+    if (view_build(&v, m, map_size, hash) < 0)
+        return -ENOMEM;
+    len = weightsd__v1__manifest__get_packed_size(&v.pb);
+    view_free(&v);
+    *ret_len = len;
+    return len > MANIFEST_PB_MAX ? WSD_ELIMIT : 0;
+}
+
+int manifest_pb_encode(const manifest_t *m, uint64_t map_size, const char *hash, uint8_t **ret,
+                       size_t *ret_len)
+{
+    pb_view_t v;
+    uint8_t *buf;
+    size_t len;
+
+    if (view_build(&v, m, map_size, hash) < 0)
+        return -ENOMEM;
+    len = weightsd__v1__manifest__get_packed_size(&v.pb);
+    if (len > MANIFEST_PB_MAX) {
+        view_free(&v);
+        return WSD_ELIMIT;
     }
     buf = malloc(len ? len : 1);
-    if (!buf)
-        goto out;
-    (void)weightsd__v1__manifest__pack(&pb, buf);
+    if (!buf) {
+        view_free(&v);
+        return -ENOMEM;
+    }
+    (void)weightsd__v1__manifest__pack(&v.pb, buf);
+    view_free(&v);
     *ret = buf;
     *ret_len = len;
-    r = 0;
-out:
-    free(st);
-    free(stp);
-    free(ti);
-    free(tip);
-    free(me);
-    free(mep);
-    return r;
+    return 0;
 }
 
 static size_t put_varint(uint8_t *p, uint64_t v)

@@ -10,8 +10,24 @@
 
 #include "gpu.h"
 #include "manifest.h"
+#include "wsd_limits.h"
 
-/* Packs \p m (with arena offsets set) as a weightsd.v1.Manifest into a malloc'ed buffer. */
+/* The largest packed Manifest: room is left for the frame around it, so a larger one could
+ * never be sent. */
+#define MANIFEST_PB_MAX (WSD_FRAME_MAX - 64u)
+#define MANIFEST_PB_HASH_MAX 64u /* bytes of content hash manifest_pb_size() can stand in for */
+
+/*
+ * The packed size of \p m (arena offsets set) with a content hash of \p hash_len bytes, in
+ * *ret_len, so a manifest too large to send is refused before the copy rather than after it.
+ * \retval 0, WSD_ELIMIT (over MANIFEST_PB_MAX; *ret_len still set), -ENOMEM, -EINVAL.
+ */
+int manifest_pb_size(const manifest_t *m, uint64_t map_size, size_t hash_len, size_t *ret_len);
+
+/*
+ * Packs \p m (with arena offsets set) as a weightsd.v1.Manifest into a malloc'ed buffer.
+ * \retval 0, WSD_ELIMIT (over MANIFEST_PB_MAX), -ENOMEM.
+ */
 int manifest_pb_encode(const manifest_t *m, uint64_t map_size, const char *hash, uint8_t **ret,
                        size_t *ret_len);
 

@@ -296,6 +296,27 @@ static void close_sources(preload_work_t *w)
     w->nsources = 0;
 }
 
+/*
+ * A manifest too large for any reply is refused here, before the budget is reserved and a byte
+ * is copied, not by manifest_pb_encode() after the copy. map_size is taken at its widest (the
+ * arena may grow to whole huge pages), so the bound is exact to within eleven bytes.
+ */
+static int check_manifest_size(preload_work_t *w)
+{
+    size_t len = 0;
+    int r = manifest_pb_size(w->mf, UINT64_MAX, sizeof(w->arena.hash) - 1, &len);
+
+    if (r == -ENOMEM)
+        return fmt_fail(&w->err, WSD_ENOMEM, NULL, "out of memory sizing the manifest of %zu "
+                        "tensors", w->mf->ntensors);
+    if (r < 0)
+        return fmt_fail(&w->err, WSD_ELIMIT, "E_LIMIT",
+                        "the manifest of %zu tensors and %zu metadata entries packs to %zu bytes; "
+                        "a reply carries at most %u (names are most of it)",
+                        w->mf->ntensors, w->mf->nmeta, len, MANIFEST_PB_MAX);
+    return 0;
+}
+
 /* Phase 1, on the thread pool: parse, retype, lay out. Touches only the work item (and the
  * model's path, immutable). */
 static void preload_parse_cb(uv_work_t *req)
@@ -322,7 +343,10 @@ static void preload_parse_cb(uv_work_t *req)
     if (r == 0 && w->dtype >= 0)
         r = convert_manifest(w->mf, w->dtype, &w->err);
     if (r == 0)
-        r = host_layout(w->mf, &size, &w->err);
+        r = w->share_file ? host_share_layout(w->mf, &w->sources[0], &w->err)
+                          : host_layout(w->mf, &size, &w->err);
+    if (r == 0)
+        r = check_manifest_size(w);
     if (r == 0 && !ck_align_u64(size, 4096, &w->need))
         r = fmt_fail(&w->err, WSD_ENOMEM, "E_BUDGET", "model size overflows");
     if (w->share_file)

@@ -432,17 +432,30 @@ fail:
     return r;
 }
 
+int host_share_layout(manifest_t *m, const source_t *src, fmt_err_t *err)
+{
+    for (size_t i = 0; i < m->nstorages; i++) {
+        const mf_storage_t *s = &m->storages[i];
+
+        if (s->source != 0 || s->dtype != s->src_dtype)
+            return fmt_fail(err, WSD_EINTERNAL, NULL, "file sharing of a converted or sharded "
+                                                      "model");
+        if (s->src_offset > src->size || s->nbytes > src->size - s->src_offset)
+            return fmt_fail(err, WSD_EINTERNAL, NULL, "storage '%s' lies past the end of '%s'",
+                            s->key, src->path);
+        m->storages[i].arena_offset = s->src_offset;
+    }
+    return 0;
+}
+
 int host_share_file(manifest_t *m, const source_t *src, bool verify_crc,
                     host_progress_t *progress, host_arena_t *ret, fmt_err_t *err)
 {
     int fd, r;
 
-    for (size_t i = 0; i < m->nstorages; i++) {
-        if (m->storages[i].source != 0 || m->storages[i].dtype != m->storages[i].src_dtype)
-            return fmt_fail(err, WSD_EINTERNAL, NULL, "file sharing of a converted or sharded "
-                                                      "model");
-        m->storages[i].arena_offset = m->storages[i].src_offset;
-    }
+    r = host_share_layout(m, src, err);
+    if (r < 0)
+        return r;
     /* The page cache is this mode's tier: src's policy is KEEP (the registry sees to it). */
     r = run_copy(m, src, NULL, verify_crc, progress, ret->hash, sizeof(ret->hash),
                  &ret->cache_released, err);

@@ -54,6 +54,9 @@ int host_build(const char *label, manifest_t *m, const source_t *sources, size_t
                bool verify_crc, int hugepages, host_progress_t *progress, host_arena_t *ret,
                fmt_err_t *err);
 
+/* File share mode's layout: each storage's arena_offset is its offset in \p src. */
+int host_share_layout(manifest_t *m, const source_t *src, fmt_err_t *err);
+
 /*
  * File share mode: serves the checkpoint file itself. Storages keep their file offsets as
  * arena offsets, every byte is read once to verify CRC-32s and compute the content hash (nothing

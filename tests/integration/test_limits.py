@@ -297,3 +297,25 @@ def test_reload_raises_the_total_and_the_per_uid_default_follows(started, tmp_pa
     assert wait_for(third_admitted)
     a.close()
     b.close()
+
+
+def test_manifest_too_large_to_send_is_refused_before_the_copy(started, tmp_path):
+    """9000 tensors with 4000-byte names make a manifest of about 72 MB, more than one 64 MiB
+    reply can carry. The preload must say so from the parse, before it reserves budget or copies:
+    with a budget smaller than the data, the refusal is E_LIMIT, not E_BUDGET."""
+    n, width = 9000, 4000
+    tensors = [(f"{i:08d}".ljust(width, "x"), "F32", [256], bytes(1024)) for i in range(n)]
+    path = write_safetensors(tmp_path / "wide.safetensors", tensors)
+    d = started("--memory-budget", "1M")
+    p = d.ctl("preload", "wide", str(path), check=False)
+    assert p.returncode != 0
+    assert "E_LIMIT" in p.stderr and "E_BUDGET" not in p.stderr, p.stderr
+    assert f"manifest of {n} tensors" in p.stderr and str(64 * 2**20 - 64) in p.stderr, p.stderr
+    p = d.ctl("preload", "wide", str(path), "--share", "file", check=False)
+    assert p.returncode != 0 and "E_LIMIT" in p.stderr and "manifest" in p.stderr, p.stderr
+    # The same model with short names fits the reply and reaches the budget check as before.
+    short = [(f"t{i}", "F32", [256], bytes(1024)) for i in range(n)]
+    p = d.ctl("preload", "short", str(write_safetensors(tmp_path / "short.safetensors", short)),
+              check=False)
+    assert p.returncode != 0 and "E_BUDGET" in p.stderr, p.stderr
+    assert d.ctl_json("list") == []

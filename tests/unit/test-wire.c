@@ -292,6 +292,74 @@ TEST(open_reply_matches_protobuf_c)
     manifest_free(m);
 }
 
+/* manifest_pb_size() is what the preload checks before copying: it must agree with the encoder,
+ * and its widest map_size must bound every real one. */
+TEST(manifest_size_matches_encode)
+{
+    static const uint64_t sizes[] = {0, 64, 1ull << 31, 1ull << 45};
+    manifest_t *m = manifest_new();
+    char name[MANIFEST_NAME_MAX + 1];
+    size_t len, bound;
+
+    ASSERT(m);
+    memset(name, 'n', sizeof(name) - 1);
+    name[sizeof(name) - 1] = '\0';
+    for (unsigned i = 0; i < 40; i++) {
+        mf_tensor_t t = {.dtype = WSD_DTYPE_F32, .ndim = 1, .shape = {i}, .stride = {1}};
+
+        snprintf(name, 16, "%08u", i); /* a long name, unique in its first bytes */
+        name[8] = 'n';
+        t.name = wire_str(name);
+        t.storage = i;
+        ASSERT_EQ(manifest_add_storage(m, name, 0, 4096ull * i, 4ull * i, WSD_DTYPE_F32, NULL), 0);
+        m->storages[i].arena_offset = 4096ull * i;
+        ASSERT_EQ(manifest_add_tensor(m, &t), 0);
+    }
+    ASSERT_EQ(manifest_add_meta(m, "format", "pt"), 0);
+    ASSERT_EQ(manifest_pb_size(m, UINT64_MAX, 32, &bound), 0);
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        uint8_t *pb;
+        size_t plen;
+
+        ASSERT_EQ(manifest_pb_size(m, sizes[i], 32, &len), 0);
+        ASSERT_EQ(manifest_pb_encode(m, sizes[i], "0123456789abcdef0123456789abcdef", &pb, &plen), 0);
+        ASSERT_EQ(len, plen);
+        ASSERT(plen <= bound && bound - plen <= 11); /* a tag and ten varint bytes */
+        free(pb);
+    }
+    ASSERT_EQ(manifest_pb_size(m, 0, MANIFEST_PB_HASH_MAX + 1, &len), -EINVAL);
+    manifest_free(m);
+}
+
+/* Past MANIFEST_PB_MAX both refuse, and the size says by how much. */
+TEST(manifest_too_large_to_send)
+{
+    manifest_t *m = manifest_new();
+    char name[MANIFEST_NAME_MAX + 1];
+    size_t len = 0, n = 0;
+    uint8_t *pb = NULL;
+
+    ASSERT(m);
+    memset(name, 'w', sizeof(name) - 1);
+    name[sizeof(name) - 1] = '\0';
+    /* Each tensor costs its name twice (tensor and storage key): 8 KiB and a little. */
+    for (; n < MANIFEST_PB_MAX / (2 * MANIFEST_NAME_MAX) + 1; n++) {
+        mf_tensor_t t = {.dtype = WSD_DTYPE_U8, .ndim = 1, .shape = {1}, .stride = {1}};
+
+        snprintf(name, 16, "%08zu", n);
+        name[8] = 'w';
+        t.name = wire_str(name);
+        t.storage = (uint32_t)n;
+        ASSERT_EQ(manifest_add_storage(m, name, 0, n, 1, WSD_DTYPE_U8, NULL), 0);
+        ASSERT_EQ(manifest_add_tensor(m, &t), 0);
+    }
+    ASSERT_EQ(manifest_pb_size(m, 1 << 20, 32, &len), WSD_ELIMIT);
+    ASSERT(len > MANIFEST_PB_MAX && len < MANIFEST_PB_MAX + (1u << 20));
+    ASSERT_EQ(manifest_pb_encode(m, 1 << 20, "h", &pb, &len), WSD_ELIMIT);
+    ASSERT(pb == NULL);
+    manifest_free(m);
+}
+
 int main(int argc, char **argv)
 {
     return test_main(argc, argv);
