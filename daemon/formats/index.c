@@ -24,6 +24,7 @@
 
 #include "checked.h"
 #include "fmt.h"
+#include "jscan.h"
 #include "strhash.h"
 
 _Static_assert(MANIFEST_TENSORS_MAX == 1u << 20 && MANIFEST_STORAGES_MAX == 1u << 20,
@@ -39,8 +40,8 @@ typedef enum index_kind {
 
 /* One weight_map member. */
 typedef struct idx_entry {
-    const char *name;  /* tensor name; owned by the parsed json_t */
-    const char *shard; /* shard file name as written; owned by the parsed json_t */
+    const char *name;  /* tensor name; in the index_doc_t's string arena */
+    const char *shard; /* shard file name as written; in the same arena */
     uint32_t shard_ix; /* position in the sorted shard list */
 } idx_entry_t;
 
@@ -131,14 +132,52 @@ static int check_shard_name(const char *shard, index_kind_t kind, fmt_err_t *err
     return 0;
 }
 
-/* Reads the whole index file, capped, and parses it as strict JSON. */
-static int load_json(const char *path, json_t **ret, fmt_err_t *err)
+/*
+ * The index file, checked by jscan (the safetensors header's scanner, FORMATS.md §5.3: strict
+ * JSON, no key repeated at any level), with cursors on the two members it is read for. No
+ * document tree: a 64 MiB weight_map costs the file and one arena of its decoded names.
+ */
+typedef struct index_doc {
+    uint8_t *text;
+    size_t len;
+    jscan_t map;  /* at weight_map's value; .p NULL when absent */
+    jscan_t meta; /* at metadata's value; .p NULL when absent */
+} index_doc_t;
+
+static void doc_free(index_doc_t *d)
+{
+    free(d->text);
+    *d = (index_doc_t){0};
+}
+
+static int json_fail(fmt_err_t *err, const char *path, const jscan_err_t *je)
+{
+    switch (je->kind) {
+    case JSCAN_DUP:
+        return fmt_fail(err, WSD_EBADCKPT, "E_IDX_JSON", "'%s' repeats a key (%s), at byte %zu",
+                        path, je->msg, je->at);
+    case JSCAN_LIMIT:
+        return fmt_fail(err, WSD_ELIMIT, "E_IDX_JSON", "'%s' has %s, at byte %zu", path, je->msg,
+                        je->at);
+    case JSCAN_NOMEM:
+        return fmt_fail(err, -ENOMEM, NULL, "out of memory checking '%s'", path);
+    default:
+        return fmt_fail(err, WSD_EBADCKPT, "E_IDX_JSON", "'%s' is not valid JSON: %s, at byte %zu",
+                        path, je->msg, je->at);
+    }
+}
+
+/* Reads the whole index file, capped, checks it and finds weight_map and metadata. */
+static int load_doc(const char *path, index_doc_t *d, fmt_err_t *err)
 {
     source_t s = {.fd = -1};
-    json_error_t je;
-    char *buf = NULL;
+    jscan_err_t je;
+    jscan_t top;
+    char key[16];
+    size_t n, bad;
     int r;
 
+    *d = (index_doc_t){0};
     r = source_open(path, &s, err);
     if (r < 0)
         return r;
@@ -147,24 +186,52 @@ static int load_json(const char *path, json_t **ret, fmt_err_t *err)
                      path, (unsigned long long)s.size, INDEX_FILE_MAX);
         goto out;
     }
-    buf = malloc(s.size ? (size_t)s.size : 1);
-    if (!buf) {
+    d->len = (size_t)s.size;
+    d->text = malloc(d->len ? d->len : 1);
+    if (!d->text) {
         r = fmt_fail(err, -ENOMEM, NULL, "out of memory");
         goto out;
     }
-    r = source_pread(&s, buf, (size_t)s.size, 0, err);
+    r = source_pread(&s, d->text, d->len, 0, err);
     if (r < 0)
         goto out;
-    /* Duplicate keys are refused at every level, weight_map included (§5.3). */
-    *ret = json_loadb(buf, (size_t)s.size, JSON_REJECT_DUPLICATES, &je);
-    if (!*ret) {
-        bool dup = json_error_code(&je) == json_error_duplicate_key || strstr(je.text, "duplicate");
-
-        r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_JSON", "'%s' %s: %s, at byte %d", path,
-                     dup ? "repeats a key" : "is not valid JSON", je.text, je.position);
+    bad = jscan_utf8(d->text, d->len);
+    if (bad < d->len) {
+        r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_JSON", "'%s' is not valid UTF-8, at byte %zu",
+                     path, bad);
+        goto out;
     }
+    /* Duplicate keys are refused at every level, weight_map included (§5.3). */
+    r = jscan_check(d->text, d->len, &n, &je);
+    if (r < 0) {
+        r = json_fail(err, path, &je);
+        goto out;
+    }
+    top = (jscan_t){.p = d->text, .len = d->len};
+    if (jscan_ws(&top) != '{') {
+        r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_SCHEMA", "'%s': the index is %s, not a JSON object",
+                     path, jscan_kind(&top));
+        goto out;
+    }
+    for (jscan_enter(&top); jscan_member(&top, key, sizeof(key), &n); jscan_skip(&top)) {
+        if (n == 10 && memcmp(key, "weight_map", 10) == 0)
+            d->map = top;
+        else if (n == 8 && memcmp(key, "metadata", 8) == 0)
+            d->meta = top;
+    }
+    if (!d->map.p || jscan_ws(&d->map) != '{') {
+        r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_SCHEMA", "'%s': %s", path,
+                     d->map.p ? "weight_map is not an object" : "no weight_map");
+        goto out;
+    }
+    if (d->meta.p && jscan_ws(&d->meta) != '{') {
+        r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_SCHEMA", "'%s': metadata is not an object", path);
+        goto out;
+    }
+    r = 0;
 out:
-    free(buf);
+    if (r < 0)
+        doc_free(d);
     source_close(&s);
     return r;
 }
@@ -185,18 +252,25 @@ static int cmp_entry_shard(const void *a, const void *b)
 
 /*
  * weight_map -> entries, plus the sorted distinct shard names (transformers' order, §5.2).
- * Everything it returns points into \p map.
+ * Every name is decoded into *ret_strings, one arena as long as the file (a decoded string is
+ * at least a byte shorter than its encoding, quotes included), which the rest point into.
  */
-static int parse_weight_map(json_t *map, index_kind_t kind, idx_entry_t **ret_ents, size_t *ret_n,
-                            const char ***ret_shards, size_t *ret_nshards, fmt_err_t *err)
+static int parse_weight_map(const index_doc_t *d, index_kind_t kind, idx_entry_t **ret_ents,
+                            size_t *ret_n, const char ***ret_shards, size_t *ret_nshards,
+                            char **ret_strings, fmt_err_t *err)
 {
-    size_t n = json_object_size(map), nshards = 0, i = 0;
+    size_t n = 0, nshards = 0, i = 0, used = 0;
     idx_entry_t *ents = NULL;
     const char **shards = NULL;
-    const char *key;
-    json_t *v;
+    char *arena = NULL;
+    jscan_t j = d->map;
     int r = 0;
 
+    for (jscan_enter(&j); jscan_key(&j); jscan_skip(&j)) {
+        jscan_skip(&j);
+        jscan_colon(&j);
+        n++;
+    }
     if (n == 0)
         return fmt_fail(err, WSD_EBADCKPT, "E_IDX_SCHEMA", "weight_map names no tensors");
     if (n > MANIFEST_TENSORS_MAX)
@@ -205,23 +279,30 @@ static int parse_weight_map(json_t *map, index_kind_t kind, idx_entry_t **ret_en
                         MANIFEST_TENSORS_MAX);
     ents = calloc(n, sizeof(*ents));
     shards = calloc(n, sizeof(*shards));
-    if (!ents || !shards) {
+    arena = malloc(d->len + 1);
+    if (!ents || !shards || !arena) {
         r = fmt_fail(err, -ENOMEM, NULL, "out of memory for %zu weight_map entries", n);
         goto fail;
     }
-    json_object_foreach (map, key, v) {
-        if (!json_is_string(v)) {
+    j = d->map;
+    for (jscan_enter(&j); jscan_key(&j); i++) {
+        char *name = arena + used;
+
+        used += jscan_string(&j, name, d->len + 1 - used) + 1;
+        jscan_colon(&j);
+        if (jscan_ws(&j) != '"') {
             r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_SCHEMA",
-                         "weight_map entry '%s' is not a string naming a shard", SHOWN(key));
+                         "weight_map entry '%s' is %s, not a string naming a shard", SHOWN(name),
+                         jscan_kind(&j));
             goto fail;
         }
-        r = check_shard_name(json_string_value(v), kind, err);
+        ents[i].name = name;
+        ents[i].shard = arena + used;
+        used += jscan_string(&j, arena + used, d->len + 1 - used) + 1;
+        r = check_shard_name(ents[i].shard, kind, err);
         if (r < 0)
             goto fail;
-        ents[i].name = key;
-        ents[i].shard = json_string_value(v);
         shards[i] = ents[i].shard;
-        i++;
     }
     qsort(shards, n, sizeof(*shards), cmp_str);
     for (i = 0; i < n; i++)
@@ -243,11 +324,13 @@ static int parse_weight_map(json_t *map, index_kind_t kind, idx_entry_t **ret_en
     *ret_n = n;
     *ret_shards = shards;
     *ret_nshards = nshards;
+    *ret_strings = arena;
     return 0;
 
 fail:
     free(ents);
     free(shards);
+    free(arena);
     return r;
 }
 
@@ -452,53 +535,73 @@ static int shard_fail(fmt_err_t *err, const fmt_err_t *serr, const char *shard, 
 }
 
 /* Checks metadata.total_size against the bytes actually served; warnings only (§5.3). */
-static void check_total_size(manifest_t *m, const json_t *meta, uint64_t total, const char *path)
+static void check_total_size(manifest_t *m, jscan_t meta, uint64_t total, const char *path)
 {
-    const json_t *ts;
+    char key[16];
+    uint64_t ts;
+    size_t n;
 
-    if (!meta) {
+    if (!meta.p) {
         fmt_warn(m, "W_METADATA_FORMAT", "'%s' has no \"metadata\"; total_size not checked", path);
         return;
     }
-    ts = json_object_get(meta, "total_size");
-    if (!ts) {
-        fmt_warn(m, "W_METADATA_FORMAT", "'%s': metadata has no total_size", path);
+    for (jscan_enter(&meta); jscan_member(&meta, key, sizeof(key), &n); jscan_skip(&meta)) {
+        if (n != 10 || memcmp(key, "total_size", 10) != 0)
+            continue;
+        if (!jscan_uint(&meta, &ts))
+            fmt_warn(m, "W_METADATA_FORMAT",
+                     "'%s': metadata.total_size is not a non-negative integer", path);
+        else if (ts != total)
+            fmt_warn(m, "W_TOTAL_SIZE",
+                     "'%s': metadata.total_size is %llu but the listed tensors hold %llu bytes",
+                     path, (unsigned long long)ts, (unsigned long long)total);
         return;
     }
-    if (!json_is_integer(ts) || json_integer_value(ts) < 0) {
-        fmt_warn(m, "W_METADATA_FORMAT", "'%s': metadata.total_size is not a non-negative integer",
-                 path);
-        return;
-    }
-    if ((uint64_t)json_integer_value(ts) != total)
-        fmt_warn(m, "W_TOTAL_SIZE",
-                 "'%s': metadata.total_size is %lld but the listed tensors hold %llu bytes", path,
-                 (long long)json_integer_value(ts), (unsigned long long)total);
+    fmt_warn(m, "W_METADATA_FORMAT", "'%s': metadata has no total_size", path);
 }
 
-/* The index's own metadata, kept as JSON renderings under "metadata.<key>". */
-static int add_index_meta(manifest_t *m, json_t *meta, fmt_err_t *err)
+/*
+ * The index's own metadata, kept as compact JSON renderings under "metadata.<key>". Each value
+ * alone goes through jansson, which renders it; it is a slice jscan_check() already accepted.
+ */
+static int add_index_meta(manifest_t *m, jscan_t meta, fmt_err_t *err)
 {
-    const char *key;
-    json_t *v;
-
-    json_object_foreach (meta, key, v) {
-        char *val = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
-        size_t n = strlen(key) + sizeof("metadata.");
-        char *k = malloc(n);
+    for (jscan_enter(&meta); jscan_key(&meta);) {
+        char *key = jscan_strdup(&meta), *val = NULL, *k = NULL;
+        json_error_t je;
+        json_t *v;
+        size_t at;
         int r = -ENOMEM;
 
+        if (!key)
+            return fmt_fail(err, -ENOMEM, NULL, "out of memory");
+        jscan_colon(&meta);
+        at = meta.at;
+        jscan_skip(&meta);
+        v = json_loadb((const char *)meta.p + at, meta.at - at, JSON_DECODE_ANY, &je);
+        if (!v) { /* jscan's dialect is within jansson's; this is a safety net */
+            r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_JSON", "index metadata '%s' at byte %zu: %s",
+                         SHOWN(key), at, je.text);
+            free(key);
+            return r;
+        }
+        val = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+        k = malloc(strlen(key) + sizeof("metadata."));
         if (val && k) {
-            snprintf(k, n, "metadata.%s", key);
+            snprintf(k, strlen(key) + sizeof("metadata."), "metadata.%s", key);
             r = manifest_add_meta(m, k, val);
         }
+        if (r < 0)
+            r = fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
+                         r == WSD_ELIMIT ? "E_LIMIT" : NULL, "cannot record index metadata '%s': %s",
+                         SHOWN(key),
+                         r == WSD_ELIMIT ? "more than 2^16 metadata entries" : "out of memory");
+        json_decref(v);
         free(val);
         free(k);
+        free(key);
         if (r < 0)
-            return fmt_fail(err, r == WSD_ELIMIT ? WSD_ELIMIT : -ENOMEM,
-                            r == WSD_ELIMIT ? "E_LIMIT" : NULL, "cannot record index metadata '%s': %s",
-                            SHOWN(key),
-                            r == WSD_ELIMIT ? "more than 2^16 metadata entries" : "out of memory");
+            return r;
     }
     return 0;
 }
@@ -507,7 +610,8 @@ int index_load(const char *path, const fmt_opts_t *opts, manifest_t **ret_m, sou
                size_t *ret_nsources, fmt_err_t *err)
 {
     index_kind_t kind = INDEX_SAFETENSORS; /* set by the name check; gcc cannot see it */
-    json_t *root = NULL, *map, *meta;
+    index_doc_t doc = {0};
+    char *strings = NULL;
     idx_entry_t *ents = NULL;
     const char **shards = NULL;
     size_t nents = 0, nshards = 0, nopen = 0, next = 0;
@@ -527,26 +631,10 @@ int index_load(const char *path, const fmt_opts_t *opts, manifest_t **ret_m, sou
     r = index_kind_of(path, &kind, err);
     if (r < 0)
         return r;
-    r = load_json(path, &root, err);
+    r = load_doc(path, &doc, err);
     if (r < 0)
         return r;
-    if (!json_is_object(root)) {
-        r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_SCHEMA", "'%s': the index is not a JSON object",
-                     path);
-        goto out;
-    }
-    map = json_object_get(root, "weight_map");
-    if (!json_is_object(map)) {
-        r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_SCHEMA", "'%s': %s", path,
-                     map ? "weight_map is not an object" : "no weight_map");
-        goto out;
-    }
-    meta = json_object_get(root, "metadata");
-    if (meta && !json_is_object(meta)) {
-        r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_SCHEMA", "'%s': metadata is not an object", path);
-        goto out;
-    }
-    r = parse_weight_map(map, kind, &ents, &nents, &shards, &nshards, err);
+    r = parse_weight_map(&doc, kind, &ents, &nents, &shards, &nshards, &strings, err);
     if (r < 0)
         goto out;
 
@@ -615,9 +703,9 @@ int index_load(const char *path, const fmt_opts_t *opts, manifest_t **ret_m, sou
         part = manifest_free(part);
     }
 
-    check_total_size(m, meta, total, path);
-    if (meta) {
-        r = add_index_meta(m, meta, err);
+    check_total_size(m, doc.meta, total, path);
+    if (doc.meta.p) {
+        r = add_index_meta(m, doc.meta, err);
         if (r < 0)
             goto out;
     }
@@ -642,6 +730,7 @@ out:
     free(dir);
     free(ents);
     free(shards);
-    json_decref(root);
+    free(strings);
+    doc_free(&doc);
     return r;
 }

@@ -588,6 +588,17 @@ size_t jscan_string(jscan_t *j, char *out, size_t cap)
     return decode(j->p, &j->at, out, cap);
 }
 
+char *jscan_strdup(jscan_t *j)
+{
+    jscan_t probe = *j;
+    size_t n = jscan_string(&probe, NULL, 0);
+    char *out = malloc(n + 1);
+
+    if (out)
+        (void)jscan_string(j, out, n + 1);
+    return out;
+}
+
 bool jscan_uint(jscan_t *j, uint64_t *ret)
 {
     bool real;

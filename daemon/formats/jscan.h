@@ -72,6 +72,9 @@ const char *jscan_kind(const jscan_t *j);
  */
 size_t jscan_string(jscan_t *j, char *out, size_t cap);
 
+/* The string at the cursor, decoded into a new allocation (NULL: no memory); moves past it. */
+char *jscan_strdup(jscan_t *j);
+
 /* True if the value at the cursor is an integer >= 0 (*ret its value); moves past it. */
 bool jscan_uint(jscan_t *j, uint64_t *ret);
 

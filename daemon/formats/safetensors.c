@@ -274,18 +274,6 @@ static int parse_metadata(jscan_t j, fmt_err_t *err)
     return 0;
 }
 
-/* The string at the cursor, decoded into a new allocation (NULL: no memory). */
-static char *dup_string(jscan_t *j)
-{
-    jscan_t probe = *j;
-    size_t n = jscan_string(&probe, NULL, 0);
-    char *out = malloc(n + 1);
-
-    if (out)
-        (void)jscan_string(j, out, n + 1);
-    return out;
-}
-
 /* Each entry as the manifest keeps it: the key, and the value as a JSON string literal. */
 static int add_metadata(manifest_t *m, jscan_t j, fmt_err_t *err)
 {
@@ -295,11 +283,11 @@ static int add_metadata(manifest_t *m, jscan_t j, fmt_err_t *err)
         return 0; /* null */
     jscan_enter(&j);
     while (r == 0 && jscan_key(&j)) {
-        char *key = dup_string(&j), *value, *quoted = NULL;
+        char *key = jscan_strdup(&j), *value, *quoted = NULL;
         json_t *str = NULL;
 
         jscan_colon(&j);
-        value = dup_string(&j);
+        value = jscan_strdup(&j);
         if (value)
             str = json_string(value);
         if (str)

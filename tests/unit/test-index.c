@@ -401,7 +401,88 @@ static const struct doc_case {
     {"truncated", "{\"weight_map\":{\"embed.weight\":\"" SHARD1, WSD_EBADCKPT, "E_IDX_JSON"},
     {"non-utf8", "{\"weight_map\":{\"\xff\":\"" SHARD1 "\"}}", WSD_EBADCKPT, "E_IDX_JSON"},
     {"empty file", "", WSD_EBADCKPT, "E_IDX_JSON"},
+    /* The safetensors header's dialect (jscan.h), the same for the index. */
+    {"escaped NUL in a name", "{\"weight_map\":{\"embed\\u0000x\":\"" SHARD1 "\"}}", WSD_EBADCKPT,
+     "E_IDX_JSON"},
+    {"lone surrogate", "{\"weight_map\":{\"\\ud800\":\"" SHARD1 "\"}}", WSD_EBADCKPT, "E_IDX_JSON"},
+    {"minus zero", "{\"metadata\":{\"total_size\":-0}," WEIGHT_MAP "}", WSD_EBADCKPT, "E_IDX_JSON"},
+    {"int64 overflow", "{\"metadata\":{\"total_size\":9223372036854775808}," WEIGHT_MAP "}",
+     WSD_EBADCKPT, "E_IDX_JSON"},
+    {"raw control character", "{\"weight_map\":{\"a\tb\":\"" SHARD1 "\"}}", WSD_EBADCKPT,
+     "E_IDX_JSON"},
+    {"weight_map an array", "{\"weight_map\":[\"" SHARD1 "\"]}", WSD_EBADCKPT, "E_IDX_SCHEMA"},
+    {"metadata a string", "{\"metadata\":\"x\"," WEIGHT_MAP "}", WSD_EBADCKPT, "E_IDX_SCHEMA"},
+    {"no weight_map", "{\"metadata\":{}}", WSD_EBADCKPT, "E_IDX_SCHEMA"},
+    {"weight_map empty", "{\"weight_map\":{}}", WSD_EBADCKPT, "E_IDX_SCHEMA"},
 };
+
+/* Nesting past 128 levels (serde's limit, jscan's) is refused wherever it is, metadata too. */
+TEST(deep_metadata)
+{
+    char doc[1024], *p = doc;
+    ld_t l;
+
+    write_sharded();
+    for (int depth = 128; depth <= 129; depth++) {
+        p = doc + sprintf(doc, "{\"metadata\":{\"deep\":");
+        for (int i = 0; i < depth - 2; i++)
+            *p++ = '[';
+        for (int i = 0; i < depth - 2; i++)
+            *p++ = ']';
+        sprintf(p, "}," WEIGHT_MAP "}");
+        l = load(st_put_str(INDEX, doc));
+        if (depth == 128) {
+            expect_ok("128 deep", &l);
+            ASSERT_EQ(strlen(meta(l.m, "metadata.deep")), 2 * 126);
+        } else {
+            expect_rule("129 deep", &l, WSD_EBADCKPT, "E_IDX_JSON");
+            ASSERT_STR_CONTAINS(l.err.msg, "128");
+        }
+        ld_free(&l);
+    }
+}
+
+/* Names are matched decoded: an escaped weight_map key finds its tensor; metadata values are
+ * kept as compact JSON whatever their spacing; messages name what is wrong and where. */
+TEST(decoded_names_and_messages)
+{
+    ld_t l;
+
+    write_sharded();
+    l = load(st_put_str(INDEX, "{ \"metadata\" : { \"total_size\" : 28 , \"list\" : [ 1 , "
+                               "{ \"k\" : \"v\\u00e9\" } ] } , \"weight_map\" : {"
+                               "\"embed\\u002eweight\":\"" SHARD1 "\",\"lm_head.bias\":"
+                               "\"model-00002-of-00002\\u002esafetensors\",\"norm.weight\":\"" SHARD2
+                               "\"}}"));
+    expect_ok("escaped names", &l);
+    ASSERT_EQ(l.m->ntensors, 3);
+    ASSERT_EQ(l.nsrc, 2);
+    ASSERT_STR_EQ(l.m->tensors[0].name, "embed.weight");
+    ASSERT_EQ(l.m->nwarnings, 0);
+    ASSERT_STR_EQ(meta(l.m, "metadata.list"), "[1,{\"k\":\"v\xc3\xa9\"}]");
+    ld_free(&l);
+
+    l = load(st_put_str(INDEX, "{\"weight_map\":{\"embed.weight\":\"" SHARD1 "\",\"x\":7}}"));
+    expect_rule("number shard", &l, WSD_EBADCKPT, "E_IDX_SCHEMA");
+    ASSERT_STR_CONTAINS(l.err.msg, "'x' is an integer, not a string");
+    ld_free(&l);
+
+    l = load(st_put_str(INDEX, "{\"weight_map\":{\"a\xc3\":\"" SHARD1 "\"}}"));
+    expect_rule("bad utf-8", &l, WSD_EBADCKPT, "E_IDX_JSON");
+    ASSERT_STR_CONTAINS(l.err.msg, "not valid UTF-8, at byte 17");
+    ld_free(&l);
+
+    l = load(st_put_str(INDEX, "{\"weight_map\":{\"a\":\"" SHARD1 "\"},}"));
+    expect_rule("trailing comma", &l, WSD_EBADCKPT, "E_IDX_JSON");
+    ASSERT_STR_CONTAINS(l.err.msg, "is not valid JSON");
+    ASSERT_STR_CONTAINS(l.err.msg, "string key expected, at byte 55");
+    ld_free(&l);
+
+    l = load(st_put_str(INDEX, "[1]"));
+    expect_rule("array", &l, WSD_EBADCKPT, "E_IDX_SCHEMA");
+    ASSERT_STR_CONTAINS(l.err.msg, "the index is an array, not a JSON object");
+    ld_free(&l);
+}
 
 TEST(bad_index_documents)
 {
