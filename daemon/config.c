@@ -260,8 +260,8 @@ static void daemon_key(parse_state_t *ps, const char *name, const char *v)
         c->log_level = log_level_from_name(v);
         if (c->log_level < 0) {
             c->log_level = -1;
-            cfg_error(ps, ps->line, "log-level: '%s' is not err, warning, notice, info or debug",
-                      v);
+            cfg_error(ps, ps->line,
+                      "log-level: '%s' is not error (or err), warning, notice, info or debug", v);
         }
     } else if (strcmp(name, "max-connections") == 0) {
         if (!parse_count(v, 1u << 20, &c->max_connections))

@@ -2,6 +2,7 @@
 errors. torch.save fixtures live in test_torch_files.py, modules in test_load_into.py."""
 import gc
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -218,6 +219,36 @@ def test_connect_rejects_a_negative_timeout(daemon):
         weightsd.connect(daemon.sock, timeout=-1)
     with weightsd.connect(daemon.sock, timeout=0) as c:  # 0 = wait forever, still allowed
         assert not c.closed
+    for bad in (float("nan"), float("inf"), 2**31 / 1000):
+        with pytest.raises(ValueError, match="timeout must be"):
+            weightsd.connect(daemon.sock, timeout=bad)
+
+
+def test_a_sub_millisecond_timeout_is_not_forever(daemon, tmp_path):
+    """0.4 ms used to round down to 0 ms, which the C library takes as "wait forever": with the
+    daemon stopped, the open below would never have returned."""
+    path = wsdtest.write_safetensors(tmp_path / "m.safetensors", [("a", "F32", [1], bytes(4))])
+    daemon.ctl("preload", "m", str(path))
+    c = weightsd.connect(daemon.sock, timeout=0.0004)
+    got = []
+
+    def opener():
+        try:
+            got.append(c.open("m"))
+        except weightsd.Error as e:
+            got.append(e)
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        th = threading.Thread(target=opener)
+        th.start()
+        th.join(5)
+        finished = not th.is_alive()
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    th.join(10)
+    c.close()
+    assert finished, "an open with a 0.4 ms timeout waited on a stopped daemon for 5 s"
+    assert isinstance(got[0], weightsd.Error) and "tim" in str(got[0]).lower(), got
 
 
 def test_open_waiting_on_a_cancelled_preload_raises_canceled(daemon, client, tmp_path):

@@ -148,7 +148,7 @@ TEST(log_level_names_match_the_command_line)
         config_free(c);
     }
     ASSERT_EQ(load("[daemon]\nlog-level = loud\n", &c), -EINVAL);
-    ASSERT_STR_CONTAINS(reported, "log-level: 'loud' is not err, warning, notice, info or debug");
+    ASSERT_STR_CONTAINS(reported, "log-level: 'loud' is not error (or err), warning, notice, info or debug");
 }
 
 static const char every_cli_key[] = "[daemon]\n"

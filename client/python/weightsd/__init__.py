@@ -19,6 +19,7 @@ state_dict() does not pay for it.)
 """
 import ctypes
 import importlib
+import math
 import os
 import sys
 import threading
@@ -64,18 +65,29 @@ def library_version():
     return (v >> 16, (v >> 8) & 0xFF, v & 0xFF)
 
 
+_TIMEOUT_MS_MAX = 2**31 - 1  # wsd_set_timeout() takes an int of milliseconds
+
+
 def connect(path=None, timeout=None):
     """Connects to the daemon's client socket and returns a Client.
 
     path: socket path; None means $WEIGHTSD_SOCKET or the default (see default_socket()).
-    timeout: seconds to wait for each reply (None: the library default, 30 s; 0: forever);
-    negative is a ValueError.
+    timeout: seconds to wait for each reply (None: the library default, 30 s; 0: forever),
+    rounded up to whole milliseconds; negative, NaN, infinite or over 2147483 s (the C int of
+    milliseconds) is a ValueError.
     Raises ConnectionFailed (socket missing, refused), PermissionDenied (the daemon's access
     policy refused this uid at the handshake), LimitExceeded (over its connection limits),
     VersionMismatch, ProtocolError.
     """
-    if timeout is not None and timeout < 0:
-        raise ValueError(f"timeout must be >= 0 seconds (0 = wait forever), got {timeout!r}")
+    timeout_ms = None
+    if timeout is not None:
+        if not timeout >= 0 or timeout == math.inf:  # NaN fails the first test
+            raise ValueError(f"timeout must be >= 0 seconds (0 = wait forever), got {timeout!r}")
+        # Rounded up: a timeout under 1 ms must not become 0, which means forever.
+        timeout_ms = math.ceil(timeout * 1000)
+        if timeout_ms > _TIMEOUT_MS_MAX:
+            raise ValueError(f"timeout must be at most {_TIMEOUT_MS_MAX // 1000} s "
+                             f"(0 = wait forever), got {timeout!r}")
     if path is None:
         path = default_socket()
         if path is None:
@@ -87,8 +99,8 @@ def connect(path=None, timeout=None):
         msg = f"cannot connect to weightsd at '{path}'"
         raise ConnectionFailed(r, msg) if r > -1000 else _lib.error_for(r, msg)
     client = Client(ptr.value, os.fspath(path))
-    if timeout is not None:
-        r = _lib.wsd_set_timeout(client._ptr, int(timeout * 1000))
+    if timeout_ms is not None:
+        r = _lib.wsd_set_timeout(client._ptr, timeout_ms)
         if r < 0:
             client.close()
             raise _lib.error_for(r, f"cannot set a timeout of {timeout!r} s")
