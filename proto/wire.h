@@ -74,7 +74,8 @@ void wire_frame_done(wire_frame_t *f);
 int wire_encode(const wire_msg_t *msg, size_t nfds, uint8_t **ret_buf, size_t *ret_len);
 
 /*
- * Decodes a payload with a counting allocator capped at \p mem_cap bytes (STYLE M6).
+ * Decodes a payload into one arena capped at \p mem_cap bytes (STYLE M6); wire_msg_free()
+ * frees it whole, so parts of a message cannot outlive it.
  * \retval 0 and *ret, -EBADMSG (malformed, or over the cap), or -ENOMEM (malloc failed).
  */
 int wire_decode(const uint8_t *payload, size_t len, size_t mem_cap, wire_msg_t **ret);
