@@ -69,6 +69,27 @@ def test_unsupported_dtype_names_tensor(daemon, client, tmp_path):
     assert daemon.wait_leases("u", 0) == 0  # the failed attempt gave its lease back
 
 
+@pytest.mark.parametrize("collecting", [True, False])
+def test_state_dict_leaves_the_collector_as_it_found_it(daemon, client, tmp_path, collecting):
+    """state_dict() pauses the cyclic collector for its loop (many tensors): on return, and on
+    an error half-way, it is back in the state the caller had, enabled or not."""
+    import wsdtest
+    wsdtest.write_safetensors(str(tmp_path / "f4.safetensors"),
+                              [("ok", "F32", [1], b"\0\0\0\0"), ("packed", "F4", [2], b"\x21")])
+    daemon.preload("ok", write_st(tmp_path / "ok.safetensors", {"w": sample(torch.float32, (4,))}))
+    daemon.preload("f4", tmp_path / "f4.safetensors")
+    was = gc.isenabled()
+    (gc.enable if collecting else gc.disable)()
+    try:
+        assert torch.equal(client.state_dict("ok")["w"], sample(torch.float32, (4,)))
+        assert gc.isenabled() == collecting
+        with pytest.raises(weightsd.UnsupportedDtype, match=r"'packed'.*F4"):
+            client.state_dict("f4")  # torch has no 4-bit float
+        assert gc.isenabled() == collecting
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
 def test_dlpack_numpy_and_torch(daemon, client, tmp_path):
     path, want = st_fixture(tmp_path)
     daemon.preload("m", path)
