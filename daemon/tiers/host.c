@@ -4,7 +4,9 @@
  * Order matters (RELIABILITY I4): the arena is filled through a writable shared mapping, which
  * must be gone before F_SEAL_WRITE can be added; only then does the fd leave this file. Bytes come
  * from the checkpoint with pread() straight into the mapping (one copy, no bounce buffer), so a
- * checkpoint truncated under us is a read error, never SIGBUS in the daemon.
+ * checkpoint truncated under us is a read error, never SIGBUS in the daemon. Small storages that
+ * lie close together in the file are the exception: one pread() into a bounce buffer serves a
+ * run of them (a checkpoint of 10^6 tiny tensors would otherwise be 10^6 system calls).
  */
 #include "host.h"
 
@@ -33,6 +35,8 @@
 
 #define HOST_SEALS   (F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
 #define COPY_CHUNK   (8u << 20) /* a multiple of every itemsize */
+#define RUN_SPAN     (1u << 20) /* the most source bytes one batched read covers */
+#define RUN_GAP      4096u      /* the most unused bytes it reads between two storages */
 
 int host_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err)
 {
@@ -147,7 +151,9 @@ static int arena_alloc(const char *label, uint64_t size, int mode, int *ret_fd,
  * The copy is split into chunks of at most COPY_CHUNK source bytes (a whole number of elements)
  * that any of a few threads may take, so one huge tensor is copied as fast as many small ones.
  * Per-chunk CRC-32s are joined with crc32_combine() and per-chunk hashes hashed in order, so
- * the results do not depend on which thread did what.
+ * the results do not depend on which thread did what. Threads take runs of chunks: one chunk, or
+ * several whole small storages of one source that one read of at most RUN_SPAN bytes covers
+ * (chunks and hashes stay the same either way, so the content hash does not depend on it).
  */
 typedef struct chunk {
     uint32_t storage;
@@ -157,6 +163,11 @@ typedef struct chunk {
     uint64_t hash;     /* XXH3-64 of the served bytes */
 } chunk_t;
 
+typedef struct run {
+    size_t first, n;   /* chunks [first, first + n) */
+    uint64_t off, len; /* the source bytes one read covers (n > 1) */
+} run_t;
+
 typedef struct copy_job {
     manifest_t *m;
     const source_t *sources;
@@ -164,7 +175,9 @@ typedef struct copy_job {
     bool verify_crc;
     chunk_t *chunks;
     size_t nchunks;
-    atomic_size_t next;     /* next chunk to take */
+    run_t *runs;
+    size_t nruns;
+    atomic_size_t next;     /* next run to take */
     atomic_bool failed;     /* stop taking chunks */
     _Atomic uint64_t released; /* source bytes dropped from the page cache after their copy */
     pthread_mutex_t lock;   /* guards err */
@@ -172,35 +185,83 @@ typedef struct copy_job {
     host_progress_t *progress; /* may be NULL */
 } copy_job_t;
 
+static void job_fail(copy_job_t *job, const fmt_err_t *err)
+{
+    pthread_mutex_lock(&job->lock);
+    (void)fmt_fail(job->err, err->code, NULL, "%s", err->msg);
+    pthread_mutex_unlock(&job->lock);
+}
+
+/* The work on one chunk's source bytes, read into \p raw: CRC, conversion, hash. \p raw is the
+ * destination itself where nothing is converted and the bytes were read in place. */
+static void finish_chunk(copy_job_t *job, chunk_t *c, const uint8_t *raw)
+{
+    const mf_storage_t *s = &job->m->storages[c->storage];
+    bool convert = s->dtype != s->src_dtype;
+    unsigned in = wsd_dtype_bits(s->src_dtype) / 8, out = wsd_dtype_bits(s->dtype) / 8;
+    uint64_t dst_off = convert ? c->off / in * out : c->off;
+    uint64_t out_len = convert ? c->len / in * out : c->len;
+    /* Without a map (file share mode, which never converts) bytes are only checked and hashed. */
+    uint8_t *dst = job->map ? job->map + s->arena_offset + dst_off : NULL;
+
+    if (job->verify_crc && s->has_crc)
+        c->crc = (uint32_t)crc32(0L, raw, (uInt)c->len);
+    if (convert)
+        convert_run(s->src_dtype, s->dtype, raw, dst, (size_t)(c->len / in));
+    else if (dst && dst != raw)
+        memcpy(dst, raw, (size_t)c->len);
+    c->hash = XXH3_64bits(dst ? dst : raw, (size_t)out_len);
+}
+
 static int copy_chunk(copy_job_t *job, chunk_t *c, uint8_t *bounce)
 {
     const mf_storage_t *s = &job->m->storages[c->storage];
     const source_t *src = &job->sources[s->source];
     fmt_err_t err = {0};
     bool convert = s->dtype != s->src_dtype;
-    unsigned in = wsd_dtype_bits(s->src_dtype) / 8, out = wsd_dtype_bits(s->dtype) / 8;
-    uint64_t dst_off = convert ? c->off / in * out : c->off;
-    /* Without a map (file share mode) the bytes are only read, checked and hashed. */
-    uint8_t *dst = job->map ? job->map + s->arena_offset + dst_off : bounce;
-    uint8_t *raw = convert || !job->map ? bounce : dst;
-    uint64_t out_len = convert ? c->len / in * out : c->len;
+    uint8_t *raw = convert || !job->map ? bounce : job->map + s->arena_offset + c->off;
     int r;
 
     r = source_pread(src, raw, (size_t)c->len, s->src_offset + c->off, &err);
     if (r < 0) {
-        pthread_mutex_lock(&job->lock);
-        (void)fmt_fail(job->err, err.code, NULL, "%s", err.msg);
-        pthread_mutex_unlock(&job->lock);
+        job_fail(job, &err);
         return r;
     }
     /* The bytes are ours now; the file's cached pages would be a second copy of them. */
     atomic_fetch_add(&job->released, source_release(src, s->src_offset + c->off, c->len));
-    if (job->verify_crc && s->has_crc)
-        c->crc = (uint32_t)crc32(0L, raw, (uInt)c->len);
-    if (convert)
-        convert_run(s->src_dtype, s->dtype, raw, dst, (size_t)(c->len / in));
-    c->hash = XXH3_64bits(dst, (size_t)out_len);
+    finish_chunk(job, c, raw);
     return 0;
+}
+
+/* A run of whole small storages: one read into \p bounce, then each from there. */
+static int copy_run(copy_job_t *job, const run_t *run, uint8_t *bounce)
+{
+    const source_t *src;
+    fmt_err_t err = {0};
+    int r;
+
+    if (run->n == 1)
+        return copy_chunk(job, &job->chunks[run->first], bounce);
+    src = &job->sources[job->m->storages[job->chunks[run->first].storage].source];
+    r = source_pread(src, bounce, (size_t)run->len, run->off, &err);
+    if (r < 0) {
+        job_fail(job, &err);
+        return r;
+    }
+    atomic_fetch_add(&job->released, source_release(src, run->off, run->len));
+    for (size_t k = run->first; k < run->first + run->n; k++) {
+        chunk_t *c = &job->chunks[k];
+
+        finish_chunk(job, c, bounce + (job->m->storages[c->storage].src_offset - run->off));
+    }
+    return 0;
+}
+
+static bool run_needs_bounce(const copy_job_t *job, const run_t *run)
+{
+    const mf_storage_t *s = &job->m->storages[job->chunks[run->first].storage];
+
+    return run->n > 1 || !job->map || s->dtype != s->src_dtype;
 }
 
 static void *copy_thread(void *arg)
@@ -210,9 +271,10 @@ static void *copy_thread(void *arg)
 
     for (;;) {
         size_t i = atomic_fetch_add(&job->next, 1);
-        chunk_t *c;
+        const run_t *run;
+        uint64_t len = 0;
 
-        if (i >= job->nchunks || atomic_load(&job->failed))
+        if (i >= job->nruns || atomic_load(&job->failed))
             break;
         if (job->progress && atomic_load(&job->progress->cancel)) {
             pthread_mutex_lock(&job->lock);
@@ -221,10 +283,8 @@ static void *copy_thread(void *arg)
             atomic_store(&job->failed, true);
             break;
         }
-        c = &job->chunks[i];
-        if ((!job->map ||
-             job->m->storages[c->storage].dtype != job->m->storages[c->storage].src_dtype) &&
-            !bounce) {
+        run = &job->runs[i];
+        if (run_needs_bounce(job, run) && !bounce) {
             bounce = malloc(COPY_CHUNK);
             if (!bounce) {
                 pthread_mutex_lock(&job->lock);
@@ -234,10 +294,14 @@ static void *copy_thread(void *arg)
                 break;
             }
         }
-        if (copy_chunk(job, c, bounce) < 0)
+        if (copy_run(job, run, bounce) < 0) {
             atomic_store(&job->failed, true);
-        else if (job->progress)
-            atomic_fetch_add(&job->progress->done, c->len);
+            continue;
+        }
+        for (size_t k = run->first; k < run->first + run->n; k++)
+            len += job->chunks[k].len;
+        if (job->progress)
+            atomic_fetch_add(&job->progress->done, len);
     }
     free(bounce);
     return NULL;
@@ -267,15 +331,53 @@ static int make_chunks(const manifest_t *m, chunk_t **ret, size_t *ret_n, fmt_er
     return 0;
 }
 
-static unsigned copy_threads(size_t nchunks)
+/* Groups the chunks into runs: a chunk that is a whole storage of at most RUN_SPAN bytes joins
+ * the run before it when that run is of such chunks too, its bytes come from the same source
+ * after the run's, at most RUN_GAP bytes on, and the run then spans at most RUN_SPAN bytes. */
+static int make_runs(copy_job_t *job, fmt_err_t *err)
+{
+    const manifest_t *m = job->m;
+    run_t *r = calloc(job->nchunks ? job->nchunks : 1, sizeof(*r));
+    size_t n = 0;
+    bool open = false; /* runs[n - 1] may take more */
+
+    if (!r)
+        return fmt_fail(err, WSD_ENOMEM, NULL, "out of memory planning the copy");
+    for (size_t i = 0; i < job->nchunks; i++) {
+        const chunk_t *c = &job->chunks[i];
+        const mf_storage_t *s = &m->storages[c->storage];
+        uint64_t start = s->src_offset + c->off;
+        bool small = c->off == 0 && c->len == s->src_nbytes && c->len <= RUN_SPAN;
+
+        if (open && small) {
+            run_t *last = &r[n - 1];
+            const mf_storage_t *ls = &m->storages[job->chunks[last->first].storage];
+            uint64_t end = last->off + last->len;
+
+            if (ls->source == s->source && start >= end && start - end <= RUN_GAP &&
+                start + c->len - last->off <= RUN_SPAN) {
+                last->n++;
+                last->len = start + c->len - last->off;
+                continue;
+            }
+        }
+        r[n++] = (run_t){.first = i, .n = 1, .off = start, .len = c->len};
+        open = small;
+    }
+    job->runs = r;
+    job->nruns = n;
+    return 0;
+}
+
+static unsigned copy_threads(size_t nruns)
 {
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     unsigned n = cpus > 0 ? (unsigned)cpus : 1;
 
     if (n > HOST_COPY_THREADS_MAX)
         n = HOST_COPY_THREADS_MAX;
-    if (n > nchunks)
-        n = nchunks ? (unsigned)nchunks : 1;
+    if (n > nruns)
+        n = nruns ? (unsigned)nruns : 1;
     return n;
 }
 
@@ -284,7 +386,7 @@ static unsigned copy_threads(size_t nchunks)
 static int copy_all(copy_job_t *job, char *ret_hash, size_t hashlen)
 {
     const manifest_t *m = job->m;
-    unsigned nthreads = copy_threads(job->nchunks);
+    unsigned nthreads = copy_threads(job->nruns);
     pthread_t tids[HOST_COPY_THREADS_MAX];
     unsigned started = 0;
     XXH3_state_t *st;
@@ -350,6 +452,8 @@ static int run_copy(manifest_t *m, const source_t *sources, uint8_t *map, bool v
     atomic_init(&job.released, 0);
     pthread_mutex_init(&job.lock, NULL);
     r = make_chunks(m, &job.chunks, &job.nchunks, err);
+    if (r == 0)
+        r = make_runs(&job, err);
     if (r == 0 && progress) {
         uint64_t total = 0;
 
@@ -360,6 +464,7 @@ static int run_copy(manifest_t *m, const source_t *sources, uint8_t *map, bool v
     if (r == 0)
         r = copy_all(&job, hash, hashlen);
     *released = atomic_load(&job.released);
+    free(job.runs);
     free(job.chunks);
     pthread_mutex_destroy(&job.lock);
     return r;

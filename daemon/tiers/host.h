@@ -41,13 +41,13 @@ int host_layout(manifest_t *m, uint64_t *ret_size, fmt_err_t *err);
 
 /*
  * Sets every storage's arena_offset, then creates the memfd named after \p label, copies each
- * storage from its source with pread() (verifying zip CRC-32s when \p verify_crc, converting
- * where a storage's dtype differs from its src_dtype), hashes what it wrote, checks that no
- * source changed meanwhile, and seals. \p hugepages (HOST_HUGEPAGES_*) picks the page size; the
- * arena may then be larger than the layout (whole 2 MiB pages). Each source's page-cache pages
- * are released as its source_cache_policy() says, chunk by chunk as they are copied, so a
- * preload never holds the model twice (ret->cache_released counts them). On failure nothing is
- * left behind.
+ * storage from its source with pread() (small neighbouring ones in one read; verifying zip
+ * CRC-32s when \p verify_crc, converting where a storage's dtype differs from its src_dtype),
+ * hashes what it wrote, checks that no source changed meanwhile, and seals. \p hugepages
+ * (HOST_HUGEPAGES_*) picks the page size; the arena may then be larger than the layout (whole
+ * 2 MiB pages). Each source's page-cache pages are released as its source_cache_policy() says,
+ * read by read as they are copied, so a preload never holds the model twice
+ * (ret->cache_released counts them). On failure nothing is left behind.
  * \retval 0 or a WSD_E* code with \p err filled.
  */
 int host_build(const char *label, manifest_t *m, const source_t *sources, size_t nsources,

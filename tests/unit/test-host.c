@@ -13,6 +13,7 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "convert.h"
 #include "host.h"
 
 static char tmpl[] = "/tmp/wsd-test-host-XXXXXX";
@@ -209,6 +210,141 @@ TEST(progress_counts_and_cancel_stops)
     ASSERT_EQ(a.fd, -1);
     source_close(&src);
     manifest_free(m);
+}
+
+/*
+ * Small storages close together in a file are read in runs (one pread for many); the arena and
+ * the content hash must not depend on it. The same 40 storages, from two files each, are built
+ * once packed (storage after storage: runs form, except where the file order goes backwards or
+ * the second file starts) and once spread (4 KiB + 1 of filler after each: no runs), as stored
+ * and converted to BF16, and must come out byte for byte and hash for hash the same.
+ */
+#define RUN_STORAGES 40
+
+static uint64_t run_size(size_t i)
+{
+    static const uint64_t sizes[] = {4, 64, 8, 300, 4096, 20, 1u << 12, 124};
+
+    return i == 13 ? (2u << 20) + 8 : sizes[i % 8]; /* one storage over the 1 MiB span */
+}
+
+static uint8_t run_byte(size_t i, uint64_t k)
+{
+    return (uint8_t)(i * 37 + k * 11 + (k >> 8) + 5);
+}
+
+/* Storages 0..19 come from source 0, 20..39 from source 1; the file order of 6 and 7 is
+ * swapped. Source 1 starts with as many bytes of filler as source 0 holds, so a run that
+ * crossed from one source to the other would find its bytes at the offsets it expects. */
+static manifest_t *run_model(const char *dir, const char *tag, uint64_t gap, source_t src[2])
+{
+    manifest_t *m = manifest_new();
+    uint64_t off[RUN_STORAGES], end[2] = {0, 0};
+    fmt_err_t err = {0};
+
+    for (size_t f = 0; f < 2; f++) {
+        char path[128];
+        int fd;
+
+        snprintf(path, sizeof(path), "%s/%s%zu", dir, tag, f);
+        fd = open(path, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
+        ASSERT(fd >= 0);
+        if (f == 1) {
+            uint8_t *fill = calloc(1, end[0]);
+
+            ASSERT_EQ(write(fd, fill, end[0]), (ssize_t)end[0]);
+            free(fill);
+            end[1] = end[0];
+        }
+        for (size_t j = f * 20; j < f * 20 + 20; j++) {
+            size_t i = j == 6 ? 7 : j == 7 ? 6 : j; /* the storage j-th in the file */
+            uint64_t n = run_size(i);
+            uint8_t *b = malloc(n + gap);
+
+            for (uint64_t k = 0; k < n; k++)
+                b[k] = run_byte(i, k);
+            memset(b + n, 0xee, gap);
+            off[i] = end[f];
+            ASSERT_EQ(pwrite(fd, b, n + gap, (off_t)end[f]), (ssize_t)(n + gap));
+            end[f] += n + gap;
+            free(b);
+        }
+        close(fd);
+        ASSERT_EQ(source_open(path, &src[f], &err), 0);
+    }
+    for (size_t i = 0; i < RUN_STORAGES; i++) {
+        char key[16];
+        mf_tensor_t t = {.dtype = WSD_DTYPE_F32, .ndim = 1, .shape = {(int64_t)run_size(i) / 4},
+                         .stride = {1}, .storage = (uint32_t)i};
+
+        snprintf(key, sizeof(key), "s%zu", i);
+        ASSERT_EQ(manifest_add_storage(m, key, i < 20 ? 0 : 1, off[i], run_size(i), WSD_DTYPE_F32,
+                                       NULL), 0);
+        t.name = key;
+        ASSERT_EQ(manifest_add_tensor(m, &t), 0);
+    }
+    return m;
+}
+
+TEST(small_storages_read_in_runs_same_bytes_and_hash)
+{
+    char *dir = mkdtemp(tmpl);
+
+    ASSERT(dir);
+    for (int to = 0; to < 2; to++) { /* as stored, then --dtype bf16 */
+        source_t src[2][2];
+        manifest_t *m[2];
+        host_arena_t a[2];
+        uint8_t *map[2];
+        fmt_err_t err = {0};
+
+        for (int spread = 0; spread < 2; spread++) {
+            m[spread] = run_model(dir, spread ? "spread" : "packed", spread ? 4097 : 0,
+                                  src[spread]);
+            if (to)
+                ASSERT_EQ(convert_manifest(m[spread], WSD_DTYPE_BF16, &err), 0);
+            ASSERT_EQ(host_build("t", m[spread], src[spread], 2, true, HOST_HUGEPAGES_NEVER,
+                                 NULL, &a[spread], &err), 0);
+            map[spread] = mmap(NULL, a[spread].size, PROT_READ, MAP_PRIVATE, a[spread].fd, 0);
+            ASSERT(map[spread] != MAP_FAILED);
+        }
+        ASSERT_STR_EQ(a[0].hash, a[1].hash);
+        ASSERT_UINT_EQ(a[0].size, a[1].size);
+        for (size_t i = 0; i < RUN_STORAGES; i++) {
+            const mf_storage_t *s = &m[0]->storages[i];
+            const uint8_t *got = map[0] + s->arena_offset;
+
+            ASSERT_UINT_EQ(s->arena_offset, m[1]->storages[i].arena_offset);
+            ASSERT(memcmp(got, map[1] + s->arena_offset, s->nbytes) == 0);
+            for (uint64_t k = 0; k < s->nbytes; k++) {
+                /* BF16: the converter's rounding of the F32 the file's 4 bytes make. */
+                uint8_t want = run_byte(i, k);
+
+                if (to) {
+                    uint64_t e = k / 2;
+                    uint32_t bits = 0;
+                    float f;
+                    uint16_t h;
+
+                    for (int b = 0; b < 4; b++)
+                        bits |= (uint32_t)run_byte(i, e * 4 + (uint64_t)b) << (8 * b);
+                    memcpy(&f, &bits, sizeof(f));
+                    h = convert_f32_to_bf16(f);
+                    want = (uint8_t)(k % 2 ? h >> 8 : h);
+                }
+                if (got[k] != want)
+                    TEST_FAIL("storage %zu byte %llu: %02x, want %02x", i, (unsigned long long)k,
+                              got[k], want);
+            }
+        }
+        for (int spread = 0; spread < 2; spread++) {
+            munmap(map[spread], a[spread].size);
+            host_arena_close(&a[spread]);
+            source_close(&src[spread][0]);
+            source_close(&src[spread][1]);
+            manifest_free(m[spread]);
+        }
+    }
 }
 
 TEST(empty_model)
