@@ -559,9 +559,14 @@ static size_t number_end(const jscan_t *j, size_t i, bool *ret_real)
 {
     bool real = false;
 
-    for (; i < j->len && (is_digit(j->p[i]) || (j->p[i] && strchr("-+.eE", j->p[i]))); i++)
-        if (j->p[i] == '.' || j->p[i] == 'e' || j->p[i] == 'E')
+    for (; i < j->len; i++) {
+        char c = j->p[i];
+
+        if (c == '.' || c == 'e' || c == 'E')
             real = true;
+        else if (!is_digit(c) && c != '-' && c != '+')
+            break;
+    }
     *ret_real = real;
     return i;
 }

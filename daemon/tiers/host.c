@@ -421,12 +421,16 @@ static int copy_all(copy_job_t *job, char *ret_hash, size_t hashlen)
         const mf_storage_t *s = &m->storages[i];
         uint32_t crc = (uint32_t)crc32(0L, Z_NULL, 0);
 
+        bool check = job->verify_crc && s->has_crc;
+
         XXH3_128bits_update(st, &s->nbytes, sizeof(s->nbytes));
         for (; k < job->nchunks && job->chunks[k].storage == i; k++) {
-            crc = (uint32_t)crc32_combine(crc, job->chunks[k].crc, (z_off_t)job->chunks[k].len);
+            if (check)
+                crc = (uint32_t)crc32_combine(crc, job->chunks[k].crc,
+                                              (z_off_t)job->chunks[k].len);
             XXH3_128bits_update(st, &job->chunks[k].hash, sizeof(job->chunks[k].hash));
         }
-        if (r == 0 && job->verify_crc && s->has_crc && crc != s->crc32)
+        if (r == 0 && check && crc != s->crc32)
             r = fmt_fail(job->err, WSD_EBADCKPT, "E_ZIP_CRC",
                          "record '%s' at offset %llu: CRC-32 %08x, central directory says %08x",
                          s->key, (unsigned long long)s->src_offset, crc, s->crc32);
