@@ -215,17 +215,17 @@ TEST(progress_counts_and_cancel_stops)
 /*
  * Small storages close together in a file are read in runs (one pread for many); the arena and
  * the content hash must not depend on it. The same 40 storages, from two files each, are built
- * once packed (storage after storage: runs form, except where the file order goes backwards or
- * the second file starts) and once spread (4 KiB + 1 of filler after each: no runs), as stored
+ * once packed (storage after storage: runs form, broken where the file order goes backwards,
+ * at a storage over 16 KiB and where the second file starts) and once spread (4 KiB + 1 of filler after each: no runs), as stored
  * and converted to BF16, and must come out byte for byte and hash for hash the same.
  */
 #define RUN_STORAGES 40
 
 static uint64_t run_size(size_t i)
 {
-    static const uint64_t sizes[] = {4, 64, 8, 300, 4096, 20, 1u << 12, 124};
+    static const uint64_t sizes[] = {4, 64, 8, 300, 4096, 20, 1u << 16, 124};
 
-    return i == 13 ? (2u << 20) + 8 : sizes[i % 8]; /* one storage over the 1 MiB span */
+    return i == 13 ? (2u << 20) + 8 : sizes[i % 8]; /* 64 KiB ones and one over 1 MiB */
 }
 
 static uint8_t run_byte(size_t i, uint64_t k)
