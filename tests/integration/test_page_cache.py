@@ -140,14 +140,19 @@ def test_many_small_tensors_from_a_cold_file_come_from_disk_once(daemon, tmp_pat
     """auto drops each read's pages as the copy goes. With one read per storage, a page of many
     tiny ones was dropped after the first and read from disk again for each next one (timed by
     hand: 2^20 one-element tensors, 81 s instead of 2 s). Storages lying close together are
-    read in runs, so the file comes from disk about once, and still nothing stays cached."""
+    read in runs, so the file comes from disk about once, and still nothing stays cached. The
+    zip local headers are read through a window too (one read of 30-odd bytes per record
+    before)."""
     g = torch.Generator().manual_seed(5)
     path = tmp_path / "many.pth"
     torch.save({f"t{i}": torch.randn(3, generator=g) for i in range(5000)}, path)
     make_cold(path)
     before = proc_io(daemon.pid)
     daemon.preload("m", path)
-    from_disk = proc_io(daemon.pid)["read_bytes"] - before["read_bytes"]
+    after = proc_io(daemon.pid)
+    # Local headers through a window, tensor bytes in runs: about 100 read calls, not 10^4.
+    assert after["syscr"] - before["syscr"] < 500
+    from_disk = after["read_bytes"] - before["read_bytes"]
     if from_disk == 0:
         pytest.skip("this filesystem's reads are not counted as block I/O")
     assert from_disk <= 2 * os.path.getsize(path), (from_disk, os.path.getsize(path))
