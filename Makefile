@@ -46,7 +46,7 @@ COVERAGE_MIN  ?= 90
 COVERAGE_GATE := daemon/formats/fmt.c daemon/formats/index.c daemon/formats/manifest.c \
                  daemon/formats/pickle.c daemon/formats/safetensors.c daemon/formats/source.c \
                  daemon/formats/torch.c daemon/formats/zip.c daemon/formats/jscan.c \
-                 daemon/formats/strhash.c proto/wire.c proto/fdpass.c
+                 proto/strhash.c proto/wire.c proto/fdpass.c
 coverage: deps
 	cmake -S . -B build-cov -DWSD_COVERAGE=ON -DWSD_FAULT_INJECTION=ON -DCMAKE_BUILD_TYPE=Debug
 	cmake --build build-cov -j $(JOBS)

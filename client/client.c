@@ -30,6 +30,7 @@
 #include "extent.h"
 #include "fdpass.h"
 #include "gpu.h"
+#include "strhash.h"
 #include "wsd_limits.h"
 #include "wire.h"
 
@@ -79,6 +80,7 @@ struct wsd_model {
     uint64_t map_size;
     wsd_tensor_t *tensors;
     size_t ntensors;
+    char *names;              /* every tensor's name, NUL-terminated, one after another */
     struct wsd_storage *storages;
     size_t nstorages;
     uint32_t *index;          /* open-addressing table of tensor indices by name, size index_cap */
@@ -351,6 +353,13 @@ WSD_EXTERN const char *wsd_last_error(const wsd_client_t *c)
 static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf, const uint64_t *offsets,
                        char *msg, size_t msglen)
 {
+    size_t names_len = 0;
+    char *next;
+
+    /* The names fit in the frame they came in (at most WSD_FRAME_MAX bytes): no overflow. */
+    for (size_t i = 0; i < mf->n_tensors; i++)
+        names_len += strlen(mf->tensors[i]->name) + 1;
+    m->names = next = malloc(names_len ? names_len : 1);
     m->nstorages = mf->n_storages;
     m->storages = calloc(mf->n_storages ? mf->n_storages : 1, sizeof(*m->storages));
     m->ntensors = mf->n_tensors;
@@ -359,7 +368,7 @@ static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf, const u
     while (m->index_cap < mf->n_tensors * 2)
         m->index_cap *= 2;
     m->index = malloc(m->index_cap * sizeof(*m->index));
-    if (!m->storages || !m->tensors || !m->index)
+    if (!m->names || !m->storages || !m->tensors || !m->index)
         return -ENOMEM;
     memset(m->index, 0xff, m->index_cap * sizeof(*m->index));
 
@@ -384,8 +393,7 @@ static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf, const u
         const Weightsd__V1__TensorInfo *ti = mf->tensors[i];
         wsd_tensor_t *t = &m->tensors[i];
         unsigned bits = wsd_dtype_bits((int)ti->dtype);
-        uint64_t h = 1469598103934665603ull;
-        size_t slot;
+        size_t len = strlen(ti->name), slot;
         int r;
 
         if (ti->storage >= m->nstorages) {
@@ -399,9 +407,8 @@ static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf, const u
         if (r < 0)
             return r;
         t->model = m;
-        t->name = strdup(ti->name);
-        if (!t->name)
-            return -ENOMEM;
+        t->name = memcpy(next, ti->name, len + 1);
+        next += len + 1;
         t->dtype = (int)ti->dtype;
         t->ndim = (unsigned)ti->n_shape;
         if (t->ndim) { /* a 0-dim tensor arrives with NULL arrays */
@@ -416,9 +423,9 @@ static int model_build(wsd_model_t *m, const Weightsd__V1__Manifest *mf, const u
                       : (char *)m->storages[ti->storage].data +
                             (bits % 8 ? 0 : ti->storage_offset * (bits / 8));
 
-        for (const char *p = t->name; *p; p++)
-            h = (h ^ (uint8_t)*p) * 1099511628211ull;
-        slot = (size_t)h & (m->index_cap - 1);
+        /* Keyed: the names come from a checkpoint, and names chosen to share a slot would
+         * make this loop, and every later lookup, walk all the earlier ones (strhash.h). */
+        slot = (size_t)strhash(t->name, len) & (m->index_cap - 1);
         while (m->index[slot] != UINT32_MAX)
             slot = (slot + 1) & (m->index_cap - 1);
         m->index[slot] = (uint32_t)i;
@@ -650,8 +657,7 @@ WSD_EXTERN void wsd_model_free(wsd_model_t *m)
         (void)munmap(m->base, m->map_size);
     if (m->client)
         (void)wsd_model_release(m);
-    for (size_t i = 0; m->tensors && i < m->ntensors; i++)
-        free(m->tensors[i].name);
+    free(m->names);
     free(m->tensors);
     free(m->storages);
     free(m->index);
@@ -703,14 +709,11 @@ WSD_EXTERN const wsd_tensor_t *wsd_model_tensor(const wsd_model_t *m, size_t i)
 
 WSD_EXTERN const wsd_tensor_t *wsd_model_find(const wsd_model_t *m, const char *name)
 {
-    uint64_t h = 1469598103934665603ull;
     size_t slot;
 
     if (!m || !name)
         return NULL;
-    for (const char *p = name; *p; p++)
-        h = (h ^ (uint8_t)*p) * 1099511628211ull;
-    slot = (size_t)h & (m->index_cap - 1);
+    slot = (size_t)strhash(name, strlen(name)) & (m->index_cap - 1);
     while (m->index[slot] != UINT32_MAX) {
         const wsd_tensor_t *t = &m->tensors[m->index[slot]];
 

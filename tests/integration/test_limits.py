@@ -319,3 +319,52 @@ def test_manifest_too_large_to_send_is_refused_before_the_copy(started, tmp_path
               check=False)
     assert p.returncode != 0 and "E_BUDGET" in p.stderr, p.stderr
     assert d.ctl_json("list") == []
+
+
+def fnv_multicollision(bits, steps, prefix=b"w."):
+    """2^steps distinct alphanumeric names whose FNV-1a 64 hashes agree in the low `bits` bits
+    (the construction of test-strhash.c): FNV-1a's low bits depend only on the low bits of its
+    state, so at each step two 3-byte blocks that meet there can be chained, and every choice of
+    one block per step ends in the same low bits."""
+    mask, prime = (1 << bits) - 1, 1099511628211
+    alnum = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+    def step(h, block):
+        for b in block:
+            h = ((h ^ b) * prime) & mask
+        return h
+
+    h = step(1469598103934665603 & mask, prefix)
+    pairs = []
+    for _ in range(steps):
+        seen = {}
+        for x in range(len(alnum) ** 3):
+            block = bytes((alnum[x % 62], alnum[x // 62 % 62], alnum[x // 3844]))
+            v = step(h, block)
+            if v in seen:
+                pairs.append((seen[v], block))
+                h = v
+                break
+            seen[v] = block
+    names = [prefix]
+    for a, b in pairs:
+        names = [n + a for n in names] + [n + b for n in names]
+    return [n.decode() for n in names]
+
+
+def test_names_chosen_to_collide_do_not_slow_the_client(started, tmp_path):
+    """libweightsd indexes a model's tensor names in an open-addressed table at open. With the
+    FNV-1a it used before, 2^18 names built to share the low 19 bits (the table's size for
+    them) made every insert walk all the earlier ones: about 3.4 * 10^10 probes per worker's
+    open. Keyed SipHash, like the daemon's tables, leaves nothing to aim at; the open must
+    take well under a second, so the timeout is generous."""
+    names = fnv_multicollision(19, 18)
+    assert len(set(names)) == 1 << 18
+    path = write_safetensors(tmp_path / "flood.safetensors",
+                             [(n, "F32", [1], struct.pack("<f", i)) for i, n in enumerate(names)])
+    d = started()
+    d.preload("flood", path)
+    t0 = time.monotonic()
+    out = attach(d, "flood", timeout=30)[-1]
+    assert out["tensors"] == 1 << 18, out
+    print(f"open of 2^18 colliding names: {time.monotonic() - t0:.2f} s")
