@@ -744,9 +744,15 @@ void gpu_release(gpu_export_t *e)
     if (e->kind == GPU_HANDLE_POSIX_FD && e->fd >= 0)
         (void)close(e->fd);
     if (a && e->kind == GPU_HANDLE_POSIX_FD) {
-        /* Importers' mappings hold their own references: memory goes with the last unmap. */
-        CUresult cr = drv.MemRelease(a->handle);
+        /* Importers' mappings hold their own references: memory goes with the last unmap.
+         * This runs on the loop thread (evict, model free), which the upload never made the
+         * device's current one; cuda.h does not say cuMemRelease needs a context, but code
+         * that called the VMM release calls without one has seen them fail, so make it so. */
+        CUresult cr;
 
+        if (cudaSetDevice(e->device) != cudaSuccess)
+            (void)cudaGetLastError();
+        cr = drv.MemRelease(a->handle);
         if (cr != CUDA_SUCCESS)
             log_warning("cuda:%d: cuMemRelease failed: %s, ignoring", e->device, cu_str(cr));
     } else if (a && e->kind == GPU_HANDLE_LEGACY_IPC && a->dptr) {

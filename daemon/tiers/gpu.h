@@ -8,7 +8,9 @@
  * call fails with -EOPNOTSUPP and says so). Nothing outside gpu-cuda.c includes a CUDA header.
  *
  * Threading: gpu_probe() and gpu_upload() block (driver initialisation, copies) and belong on
- * the thread pool (STYLE M7); both are thread-safe. gpu_release() is cheap and may run anywhere.
+ * the thread pool (STYLE M7); both are thread-safe. gpu_release() may run on any thread; it is
+ * cheap for a VMM export, but for a legacy IPC copy cudaFree() waits for the device to be idle,
+ * so it may stall its thread behind work in flight there (another model's upload).
  */
 #ifndef WSD_GPU_H
 #define WSD_GPU_H
