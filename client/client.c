@@ -481,12 +481,14 @@ static int open_gpu(wsd_client_t *c, wsd_model_t *m, const char *name,
                     unsigned flags)
 {
     bool writable = (flags & WSD_OPEN_GPU_WRITE) != 0;
-    char key[WSD_MODEL_NAME_MAX + 160], msg[512];
+    char key[WSD__GPU_KEY_MAX], msg[512];
     const char *hash = mf->content_hash ? mf->content_hash : "";
     uint64_t base = 0;
     int device = atoi(gpu->device + 5), r;
 
-    snprintf(key, sizeof(key), "%s\n%s\n%s\n%s", name, hash, gpu->device, writable ? "rw" : "ro");
+    if (wsd__gpu_key(key, sizeof(key), name, hash, gpu->device, writable, gpu->handle,
+                     gpu->ipc_handle.data, gpu->ipc_handle.len) < 0)
+        hash = ""; /* cannot happen with the wire's limits; then simply not shared */
     r = wsd__gpu_import(*hash ? key : NULL, device, gpu->device_uuid.data, gpu->device_uuid.len,
                         gpu->handle, fd, gpu->ipc_handle.data, gpu->ipc_handle.len, gpu->size,
                         writable, &m->gpu, &device, &base, msg, sizeof(msg));

@@ -271,6 +271,23 @@ static int local_ordinal(int device, const uint8_t *uuid, int *ret, char *msg, s
     return WSD_EGPU;
 }
 
+int wsd__gpu_key(char *buf, size_t len, const char *name, const char *hash, const char *device,
+                 bool writable, unsigned handle, const uint8_t *ipc, size_t ipc_len)
+{
+    int n = snprintf(buf, len, "%s\n%s\n%s\n%s", name, hash, device, writable ? "rw" : "ro");
+
+    if (n < 0 || (size_t)n >= len)
+        return -ENOSPC;
+    for (size_t i = 0; handle == WSD__GPU_HANDLE_LEGACY_IPC && i < ipc_len; i++) {
+        int k = snprintf(buf + n, len - (size_t)n, "%s%02x", i ? "" : "\n", ipc[i]);
+
+        if (k < 0 || (size_t)k >= len - (size_t)n)
+            return -ENOSPC;
+        n += k;
+    }
+    return n;
+}
+
 int wsd__gpu_import(const char *key, int device, const uint8_t *uuid, size_t uuid_len,
                     unsigned handle, int fd, const uint8_t *ipc, size_t ipc_len, uint64_t size,
                     bool writable, wsd__gpu_t **ret, int *ret_device, uint64_t *ret_base,
