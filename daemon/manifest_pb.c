@@ -151,6 +151,15 @@ static size_t varint_len(uint64_t v)
     return n;
 }
 
+size_t manifest_pb_gpu_field_max(size_t nstorages)
+{
+    /* device "cuda:63" (2 + 7), handle (2 + 5), ipc_handle (2 + 64), size (1 + 10), uuid
+     * (2 + 16), offsets as a packed run (1 + 10 + 10 each) or one tag each (11 each). */
+    size_t body = 9 + 7 + 66 + 11 + 18 + 11 + 11 * nstorages;
+
+    return 2 + varint_len(body) + body;
+}
+
 int manifest_pb_gpu_export(const gpu_export_t *e, uint8_t **ret, size_t *ret_len)
 {
     Weightsd__V1__GpuExport pb = WEIGHTSD__V1__GPU_EXPORT__INIT;

@@ -38,6 +38,13 @@ int manifest_pb_encode(const manifest_t *m, uint64_t map_size, const char *hash,
 int manifest_pb_open_reply(uint64_t id, uint64_t lease, const uint8_t *manifest, size_t len,
                            size_t nfds, uint8_t **ret, size_t *ret_len);
 
+/*
+ * The most bytes OpenReply.gpu (its tag, length and a GpuExport of \p nstorages offsets on any
+ * device, with every optional field) can add to an open's reply: a preload for a device must
+ * leave that much room beside its manifest, or every open on the device would be too large.
+ */
+size_t manifest_pb_gpu_field_max(size_t nstorages);
+
 /* Packs \p e as a weightsd.v1.GpuExport into a malloc'ed buffer. \retval 0 or -ENOMEM. */
 int manifest_pb_gpu_export(const gpu_export_t *e, uint8_t **ret, size_t *ret_len);
 

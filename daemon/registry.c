@@ -303,17 +303,24 @@ static void close_sources(preload_work_t *w)
  */
 static int check_manifest_size(preload_work_t *w)
 {
-    size_t len = 0;
+    size_t len = 0, room = MANIFEST_PB_MAX;
     int r = manifest_pb_size(w->mf, UINT64_MAX, sizeof(w->arena.hash) - 1, &len);
 
+    /* An open on a device carries the GPU export beside the manifest. */
+    if (w->ndevices) {
+        size_t gpu = manifest_pb_gpu_field_max(w->mf->nstorages);
+
+        room = gpu < room ? room - gpu : 0;
+    }
     if (r == -ENOMEM)
         return fmt_fail(&w->err, WSD_ENOMEM, NULL, "out of memory sizing the manifest of %zu "
                         "tensors", w->mf->ntensors);
-    if (r < 0)
+    if (r < 0 || len > room)
         return fmt_fail(&w->err, WSD_ELIMIT, "E_LIMIT",
                         "the manifest of %zu tensors and %zu metadata entries packs to %zu bytes; "
-                        "a reply carries at most %u (names are most of it)",
-                        w->mf->ntensors, w->mf->nmeta, len, MANIFEST_PB_MAX);
+                        "a reply carries at most %zu%s (names are most of it)",
+                        w->mf->ntensors, w->mf->nmeta, len, room,
+                        w->ndevices ? " beside the GPU export of its storage offsets" : "");
     return 0;
 }
 

@@ -362,6 +362,33 @@ TEST(manifest_too_large_to_send)
     manifest_free(m);
 }
 
+/* The room a preload for a device leaves beside its manifest bounds the real GpuExport field,
+ * at its widest (every optional field, offsets that take ten varint bytes, the last device),
+ * and is not far off it. */
+TEST(gpu_field_max_bounds_the_export)
+{
+    static const size_t counts[] = {0, 1, 127, 128, 5000};
+
+    for (size_t k = 0; k < sizeof(counts) / sizeof(counts[0]); k++) {
+        size_t n = counts[k], len, field;
+        uint64_t *off = calloc(n ? n : 1, sizeof(*off));
+        gpu_export_t e = {.device = GPU_DEVICES_MAX - 1, .kind = GPU_HANDLE_LEGACY_IPC,
+                          .size = UINT64_MAX, .has_uuid = true, .offsets = off, .noffsets = n};
+        uint8_t *pb;
+
+        ASSERT(off);
+        for (size_t i = 0; i < n; i++)
+            off[i] = UINT64_MAX - i;
+        memset(e.ipc, 0xab, sizeof(e.ipc));
+        ASSERT_EQ(manifest_pb_gpu_export(&e, &pb, &len), 0);
+        field = 2 + (len < 128 ? 1 : len < 16384 ? 2 : 3) + len; /* tag 20, length, body */
+        ASSERT_LE(field, manifest_pb_gpu_field_max(n));
+        ASSERT_LE(manifest_pb_gpu_field_max(n) - field, 32 + n); /* packed: 10 bytes, not 11 */
+        free(pb);
+        free(off);
+    }
+}
+
 /* wire_decode()'s arena: a reply of 20000 tensors spans many blocks (the first is 4 KiB, each
  * next twice the last), every field comes back intact, the cap still counts every byte handed
  * out, and wire_msg_free() gives it all back (ASan and valgrind check that part). */
