@@ -146,26 +146,36 @@ void fdstore_attach(fdstore_t *fs, registry_t *r)
     r->hook_data = fs;
 }
 
-/* Rebuilds a manifest from its wire form (arena offsets included). */
+/* Rebuilds a manifest from its wire form (arena offsets included). A storage's dtype is that
+ * of the first tensor on it (U8 for one no tensor uses), found in one pass over the tensors. */
 static manifest_t *manifest_from_pb(const Weightsd__V1__Manifest *pb)
 {
     manifest_t *m = manifest_new();
+    int *dtype = calloc(pb->n_storages ? pb->n_storages : 1, sizeof(*dtype));
 
-    if (!m)
-        return NULL;
+    if (!m || !dtype) {
+        free(dtype);
+        return manifest_free(m);
+    }
+    for (size_t i = 0; i < pb->n_storages; i++)
+        dtype[i] = -1;
+    for (size_t k = 0; k < pb->n_tensors; k++) {
+        uint32_t si = pb->tensors[k]->storage;
+
+        if (si < pb->n_storages && dtype[si] < 0)
+            dtype[si] = (int)pb->tensors[k]->dtype;
+    }
     for (size_t i = 0; i < pb->n_storages; i++) {
         const Weightsd__V1__StorageInfo *s = pb->storages[i];
-        int dtype = WSD_DTYPE_U8;
 
-        for (size_t k = 0; k < pb->n_tensors; k++)
-            if (pb->tensors[k]->storage == i) {
-                dtype = (int)pb->tensors[k]->dtype;
-                break;
-            }
-        if (manifest_add_storage(m, s->key, 0, s->offset, s->nbytes, dtype, NULL) < 0)
+        if (manifest_add_storage(m, s->key, 0, s->offset, s->nbytes,
+                                 dtype[i] < 0 ? WSD_DTYPE_U8 : dtype[i], NULL) < 0) {
+            free(dtype);
             return manifest_free(m);
+        }
         m->storages[i].arena_offset = s->offset;
     }
+    free(dtype);
     for (size_t i = 0; i < pb->n_tensors; i++) {
         const Weightsd__V1__TensorInfo *t = pb->tensors[i];
         mf_tensor_t mt = {.name = t->name, .dtype = (int)t->dtype, .ndim = (uint32_t)t->n_shape,

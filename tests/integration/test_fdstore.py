@@ -79,3 +79,52 @@ def test_kill9_restart_readopts_without_reading_checkpoint(tmp_path):
         for lst in store.fds.values():
             for fd in lst:
                 os.close(fd)
+
+
+def test_readoption_of_many_tensors_is_linear(tmp_path):
+    """Re-adoption rebuilds the manifest from its stored wire form. It used to find each
+    storage's dtype by scanning the tensors from the first: quadratic, and for 10^5 tensors
+    (a mixture-of-experts checkpoint) a restart took 9 s to answer READY; for the 2 * 10^5
+    here, about four times that, more than the 20 s the test allows (a preload of them takes a
+    fraction of a second). Dtypes must still come back
+    per storage, as the GPU tier and info see them."""
+    import json
+    import time
+    tmp = str(tmp_path)
+    store = FdStore(os.path.join(tmp, "notify.sock"))
+    n = 200000
+    kinds = [("F32", 4), ("I64", 8), ("BF16", 2)]
+    path = write_safetensors(tmp_path / "moe.safetensors",
+                             [(f"e{i}", kinds[i % 3][0], [1], bytes(kinds[i % 3][1]))
+                              for i in range(n)])
+    proc = store.start(tmp)
+    try:
+        wait_ready(store, proc)
+        out = ctl_json(tmp, "preload", "moe", str(path))
+        store.pump(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        raise
+    store.messages.clear()
+    t0 = time.monotonic()
+    proc = store.start(tmp)
+    try:
+        wait_ready(store, proc, timeout=20)
+        took = time.monotonic() - t0
+        info = ctl_json(tmp, "info", "moe")
+        assert info["hash"] == out["hash"] and info["ntensors"] == n
+        assert [t["dtype"] for t in info["tensors"][:6]] == ["F32", "I64", "BF16"] * 2
+        assert json.loads(subprocess.run(
+            [os.path.join(BIN, "wsd-attach"), "--socket", os.path.join(tmp, "c.sock"), "moe"],
+            capture_output=True, text=True, check=True).stdout.splitlines()[-1])["tensors"] == n
+        print(f"re-adoption of {n} tensors: READY after {took:.2f} s")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for lst in store.fds.values():
+            for fd in lst:
+                os.close(fd)
