@@ -228,3 +228,61 @@ def test_meta_device():
         lin = nn.Linear(4, 4)
     assert a.is_meta and lin.weight.is_meta and b.device.type == "cpu"
     assert not torch.ones(1).is_meta  # and it ends with the block
+
+
+def test_unexpected_keys_as_this_torch_reports_them(daemon, client, tmp_path):
+    """Which odd keys count as unexpected changed in torch 2.4 (a dotted key needs a child
+    module of that name; before, a parameter or buffer of that name also let it pass). The
+    checks before the assign must report what the installed torch reports."""
+    sd = dict(reference(8).state_dict())
+    sd["blocks.0.weight.bad"] = torch.ones(2)  # dotted, under a parameter
+    sd["scale.x"] = torch.ones(2)              # dotted, under a buffer
+    sd["embed"] = torch.ones(2)                # a bare key naming a child module
+    checkpoint(daemon, tmp_path, sd, "safetensors")
+    want = SomeModule(8).load_state_dict(sd, strict=False)
+    model = meta_module(SomeModule, 8)
+    got = weightsd.load_into(model, "m", client=client, strict=False)
+    assert sorted(got.unexpected_keys) == sorted(want.unexpected_keys)
+    assert got.missing_keys == want.missing_keys == []
+    assert _torch._DOTTED_NEEDS_CHILD == (want.unexpected_keys != [])
+
+
+def test_native_branch_under_torch_2_1_assign_semantics(daemon, client, tmp_path, monkeypatch):
+    """The torch >= 2.1 branch cannot run on this torch, so it runs here against a stand-in
+    for torch 2.1 and 2.2's assign=True, following their _load_from_state_dict: a tensor put
+    into a Parameter slot is wrapped as Parameter(t), requires_grad=True, unless it is a
+    Parameter already. load_into must hand it Parameters that keep the module's
+    requires_grad (frozen stays frozen; an integer Parameter cannot require grad at all),
+    one per view, so tied names stay tied."""
+    class WithCount(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tied = Tied()
+            self.steps = nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)
+
+    def assign_21(module, sd, strict=True, assign=False):
+        assert assign
+        for mname, mod in module.named_modules():
+            pre = mname + "." if mname else ""
+            for name in list(mod._parameters) + list(mod._buffers):
+                if pre + name not in sd:
+                    continue
+                inp = sd[pre + name]
+                if name in mod._parameters and not isinstance(inp, nn.Parameter):
+                    inp = nn.Parameter(inp)  # 2.1/2.2: requires_grad=True
+                setattr(mod, name, inp)
+        return nn.modules.module._IncompatibleKeys([], [])
+
+    torch.manual_seed(2)
+    ref = WithCount()
+    ref.steps.data.copy_(torch.tensor([4, 5, 6]))
+    checkpoint(daemon, tmp_path, ref.state_dict(), "torch")
+    model = meta_module(WithCount)
+    model.tied.embed.weight.requires_grad_(False)
+    monkeypatch.setattr(_torch, "HAS_ASSIGN", True)
+    monkeypatch.setattr(nn.Module, "load_state_dict", assign_21)
+    weightsd.load_into(model, "m", client=client)
+    assert model.tied.head.weight is model.tied.embed.weight
+    assert not model.tied.embed.weight.requires_grad
+    assert isinstance(model.steps, nn.Parameter) and model.steps.tolist() == [4, 5, 6]
+    assert torch.equal(model.tied.embed.weight, ref.tied.embed.weight)

@@ -158,3 +158,25 @@ def test_dlpack_path_equals_torch_load(daemon, client, tmp_path, monkeypatch):
         raise AssertionError("from_dlpack's failure was swallowed")
     gc.collect()
     assert daemon.leases("m") == 0 and _model.pinned_count() == 0
+
+
+def test_state_dict_inside_a_device_context(daemon, client, tmp_path):
+    """A worker may ask for the state dict inside `with weightsd.meta_device():` (where it
+    builds its module) or with another default device. Tensors must still be the host
+    mapping's: torch.empty follows the context, and on torch 1.13 any TorchFunctionMode made
+    _storage() return the TypedStorage wrapper, so every tensor on a shared storage failed
+    with "does not fit its storage"."""
+    import weightsd
+    base = sample(torch.float64, (6, 10))
+    emb = sample(torch.float32, (10, 6))
+    obj = {"base": base, "row2": base[2], "t": emb.t(), "embed": emb, "lm_head": emb,
+           "alone": sample(torch.int16, (7,)), "empty": torch.zeros(0, 3)}
+    path = tmp_path / "ckpt.pth"
+    torch.save(obj, path)
+    daemon.preload_json("m", path)
+    ref = flatten(torch.load(path))
+    with weightsd.meta_device():
+        sd = client.state_dict("m")
+        assert torch.empty(1).is_meta  # the context is in force here
+    assert all(t.device.type == "cpu" for t in sd.values())
+    assert_same_as_torch_load(sd, ref)

@@ -25,7 +25,11 @@ _DTYPE_ATTR = {
 }
 _DTYPES = {code: getattr(torch, attr, None) if attr else None
            for code, attr in _DTYPE_ATTR.items()}
-_ITEMSIZE = {dt: torch.empty(0, dtype=dt).element_size() for dt in _DTYPES.values() if dt}
+# dtype.itemsize where torch has it (>= 2.1); else an empty CPU tensor, never on the default
+# device, which may be CUDA (set_default_device) and would start CUDA at import.
+_ITEMSIZE = {dt: getattr(dt, "itemsize", None)
+             or torch.empty(0, dtype=dt, device="cpu").element_size()
+             for dt in _DTYPES.values() if dt}
 
 HAS_DEVICE_CONTEXT = hasattr(torch.device, "__enter__")
 HAS_ASSIGN = "assign" in inspect.signature(nn.Module.load_state_dict).parameters
@@ -35,7 +39,10 @@ if hasattr(torch.Tensor, "untyped_storage"):
         return t.untyped_storage()
 elif hasattr(torch.Tensor, "_storage"):  # torch 1.13: the untyped storage, without a wrapper
     def _untyped(t):
-        return t._storage()
+        # Under a TorchFunctionMode (meta_device()'s fallback, or the caller's) 1.13 dispatches
+        # _storage() as Tensor.storage and hands back the TypedStorage wrapper.
+        s = t._storage()
+        return s.untyped() if isinstance(s, torch.TypedStorage) else s
 else:
     def _untyped(t):
         return t.storage().untyped()
@@ -54,7 +61,7 @@ def _storage(info, mapping):
     """An UntypedStorage over the storage `info` (a TensorInfo) lies in, keeping the model
     alive. `mapping` is model.mapping(), taken once per state_dict."""
     if info.storage_nbytes == 0:  # frombuffer refuses empty buffers; nothing to share anyway
-        return _untyped(torch.empty(0, dtype=torch.uint8))
+        return _untyped(torch.empty(0, dtype=torch.uint8, device="cpu"))
     base, view = mapping
     off = info.storage_data - base  # the library checked the extent against the mapping
     return _untyped(torch.frombuffer(view[off:off + info.storage_nbytes], dtype=torch.uint8))
@@ -107,7 +114,9 @@ def _views(model, make_storage, device, make_whole=None):
     out = {}
     empty = torch.empty
     dtypes = _DTYPES
-    on = {} if device is None else {"device": device}
+    # Explicit even for the host: torch.empty follows set_default_device() and a device
+    # context (meta_device()), and set_() refuses a CPU storage for a tensor made elsewhere.
+    on = {"device": "cpu" if device is None else device}
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -215,6 +224,21 @@ def meta_device():
 _EXTRA_STATE = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 
 
+def _dotted_needs_child():
+    """Whether this torch calls a dotted key unexpected unless its first part is a child module
+    (torch >= 2.4, PR 124385; before, a local parameter or buffer of that name also passed),
+    asked of torch itself so the checks before an assign report what torch would."""
+    m = nn.Module()
+    m.register_buffer("w", torch.empty(0, device="meta"))
+    unexpected = []
+    m._load_from_state_dict({"w.x": torch.empty(0, device="meta")}, "", {}, True, [],
+                            unexpected, [])
+    return unexpected == ["w.x"]
+
+
+_DOTTED_NEEDS_CHILD = _dotted_needs_child()
+
+
 def _has_extra_state(mod):
     return getattr(type(mod), "set_extra_state", nn.Module.set_extra_state) \
         is not nn.Module.set_extra_state
@@ -256,11 +280,11 @@ def _visit(mod, local_sd, prefix, acc):
             msgs.append(f"dtype mismatch for {key}: copying a param with dtype {inp.dtype} "
                         f"from checkpoint, the dtype in current model is {param.dtype}.")
             continue
-        plan.append((mod, name, inp))
+        plan.append((mod, name, inp, key))
     extra_key = prefix + _EXTRA_STATE
     if _has_extra_state(mod):
         if extra_key in local_sd:
-            plan.append((mod, None, local_sd[extra_key]))
+            plan.append((mod, None, local_sd[extra_key], extra_key))
         else:
             missing.append(extra_key)
     elif extra_key in local_sd:
@@ -273,7 +297,11 @@ def _visit(mod, local_sd, prefix, acc):
         if not key.startswith(prefix) or key == extra_key:
             continue
         first, dot, _ = key[n:].partition(".")
-        if first not in mod._modules and first not in local:
+        if _DOTTED_NEEDS_CHILD:  # torch >= 2.4: "a.b" needs child a, "a" a local tensor
+            odd = first not in mod._modules if dot else first not in local
+        else:
+            odd = first not in mod._modules and first not in local
+        if odd:
             unexpected.append(key)
         if dot:
             by_child.setdefault(first, {})[key] = value
@@ -293,7 +321,7 @@ def _assign(plan):
     """The assign=True of torch >= 2.1 for torch 1.13, except that names on one view end up on
     one Parameter (or buffer) object, so tied weights stay tied."""
     made = {}
-    for mod, name, inp in plan:
+    for mod, name, inp, _ in plan:
         if name is None:
             mod.set_extra_state(inp)
             continue
@@ -318,7 +346,7 @@ def _retie(module):
     seen = {}
     for mod in module.modules():
         for name, p in list(mod._parameters.items()):
-            vk = None if p is None or p.is_meta else _view_key(p)
+            vk = None if p is None or p.is_meta or nn.parameter.is_lazy(p) else _view_key(p)
             if vk is None:
                 continue
             first = seen.setdefault(vk, p)
@@ -378,6 +406,24 @@ def load_into(module, name, client=None, strict=True, prefix="", device="cpu", d
             type(module).__name__, "\n\t".join(msgs)))
 
     if HAS_ASSIGN:
+        # torch 2.1 and 2.2 wrap an assigned tensor in Parameter(t), requires_grad=True (2.3
+        # keeps the module's, PR 121157), which also fails for integer Parameters after other
+        # names were assigned. Handed Parameters made here, one per view with the module's
+        # requires_grad, every torch >= 2.1 assigns them as they are: tied names stay tied.
+        sd = dict(sd)
+        made = {}
+        for mod, pname, inp, key in plan:
+            if pname is None or pname not in mod._parameters:
+                continue
+            vk = _view_key(inp)
+            p = made.get(vk) if vk is not None else None
+            if p is None:
+                p = inp if isinstance(inp, nn.Parameter) else \
+                    nn.Parameter(inp, requires_grad=mod._parameters[pname].requires_grad)
+                if vk is not None:
+                    made[vk] = p
+            sd[key] = p
+        plan = made = p = inp = None
         result = module.load_state_dict(sd, strict=strict, assign=True)
         _retie(module)
         return result
