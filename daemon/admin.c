@@ -204,10 +204,45 @@ static json_t *devices_json(const model_t *m)
     return a;
 }
 
+/* The tensor list of `info`, from the packed manifest (a ready model keeps no other). NULL
+ * when it cannot be decoded (out of memory). */
+static json_t *tensors_json(const model_t *m)
+{
+    Weightsd__V1__Manifest *pb;
+    json_t *a = json_array();
+
+    if (!a || !m->manifest_pb)
+        return a;
+    pb = weightsd__v1__manifest__unpack(NULL, m->manifest_pb_len, m->manifest_pb);
+    if (!pb) {
+        json_decref(a);
+        return NULL;
+    }
+    for (size_t i = 0; i < pb->n_tensors; i++) {
+        const Weightsd__V1__TensorInfo *t = pb->tensors[i];
+
+        json_array_append_new(
+            a, json_pack("{s:s, s:s, s:o, s:o, s:I, s:I, s:I}", "name", t->name, "dtype",
+                         wsd_dtype_name((int)t->dtype), "shape",
+                         int_array(t->shape, (uint32_t)t->n_shape), "stride",
+                         int_array(t->stride, (uint32_t)t->n_stride), "nbytes",
+                         (json_int_t)t->nbytes, "storage", (json_int_t)t->storage,
+                         "storage_offset", (json_int_t)t->storage_offset));
+    }
+    weightsd__v1__manifest__free_unpacked(pb, NULL);
+    return a;
+}
+
 static json_t *info_json(const server_t *s, const model_t *m)
 {
     json_t *doc = summary_json(m);
-    json_t *tensors = json_array(), *meta = json_object();
+    json_t *tensors = tensors_json(m), *meta = json_object();
+
+    if (!tensors) {
+        json_decref(doc);
+        json_decref(meta);
+        return NULL;
+    }
 
     json_object_set_new(doc, "source", json_string(m->source));
     json_object_set_new(doc, "format", json_string(m->mf ? m->mf->format : ""));
@@ -228,22 +263,12 @@ static json_t *info_json(const server_t *s, const model_t *m)
                                                    : json_null());
     json_object_set_new(doc, "holders", holders_json(s, m));
     json_object_set_new(doc, "warnings", warnings_json(m));
-    for (size_t i = 0; m->mf && i < m->mf->ntensors; i++) {
-        const mf_tensor_t *t = &m->mf->tensors[i];
-
-        json_array_append_new(
-            tensors, json_pack("{s:s, s:s, s:o, s:o, s:I, s:I, s:I}", "name", t->name, "dtype",
-                               wsd_dtype_name(t->dtype), "shape", int_array(t->shape, t->ndim),
-                               "stride", int_array(t->stride, t->ndim), "nbytes",
-                               (json_int_t)t->nbytes, "storage", (json_int_t)t->storage,
-                               "storage_offset", (json_int_t)t->storage_offset));
-    }
     for (size_t i = 0; m->mf && i < m->mf->nmeta; i++) {
         json_t *v = json_loads(m->mf->meta[i].value, JSON_DECODE_ANY, NULL);
 
         json_object_set_new(meta, m->mf->meta[i].key, v ? v : json_string(m->mf->meta[i].value));
     }
-    json_object_set_new(doc, "ntensors", json_integer((json_int_t)(m->mf ? m->mf->ntensors : 0)));
+    json_object_set_new(doc, "ntensors", json_integer((json_int_t)m->ntensors));
     json_object_set_new(doc, "tensors", tensors);
     json_object_set_new(doc, "metadata", meta);
     return doc;
@@ -260,7 +285,7 @@ static void preload_done_cb(void *data, model_t *m, int status, const char *msg)
 
             json_object_set_new(doc, "source", json_string(m->source));
             json_object_set_new(doc, "format", json_string(m->mf->format));
-            json_object_set_new(doc, "ntensors", json_integer((json_int_t)m->mf->ntensors));
+            json_object_set_new(doc, "ntensors", json_integer((json_int_t)m->ntensors));
             json_object_set_new(doc, "load_ms", json_integer((json_int_t)m->load_ms));
             json_object_set_new(doc, "hash", json_string(m->hash));
             json_object_set_new(doc, "warnings", warnings_json(m));

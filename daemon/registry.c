@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -254,6 +255,9 @@ void model_lease_put(model_t *m)
     model_unref(m);
 }
 
+/* Tensor count from which a finished preload returns the freed heap to the system. */
+#define TRIM_TENSORS 65536u
+
 /* A preload's phases as Progress frames name them. */
 enum { PHASE_PARSE, PHASE_COPY, PHASE_UPLOAD };
 
@@ -480,6 +484,10 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
                  m->dtype >= 0 ? wsd_dtype_name(m->dtype) : "", (unsigned long long)ms, m->hash);
         for (size_t i = 0; i < m->mf->nwarnings; i++)
             log_warning("model '%s': %s", m->name, m->mf->warnings[i]);
+        /* From here the packed manifest is the model's tensor table (opens send it, info
+         * decodes it); the parsed one would only hold some 300 bytes per tensor more. */
+        m->ntensors = m->mf->ntensors;
+        manifest_drop_tables(m->mf);
         for (size_t i = 0; i < m->ngpu; i++)
             log_info("model '%s' on cuda:%d: %llu bytes, %s, uploaded in %llu ms (copy %llu ms)",
                      m->name, m->gpu[i].device, (unsigned long long)m->gpu[i].size,
@@ -490,6 +498,11 @@ static void preload_copied_cb(uv_work_t *req, int uvstatus)
         if (r->on_ready)
             r->on_ready(r->hook_data, m);
         w->cb(w->data, m, 0, NULL);
+        /* A large model's parse left hundreds of MB free in the pool threads' heaps: give
+         * them back (2^20 tensors: 147 MB resident after the preload without this, 48 MB
+         * with it), after the answer so it does not wait for this. */
+        if (m->ntensors >= TRIM_TENSORS)
+            (void)malloc_trim(0);
     } else {
         r->preloads_failed++;
         log_error("preload of '%s' from '%s' failed: %s", m->name, m->source, w->err.msg);
@@ -842,6 +855,7 @@ int registry_adopt(registry_t *r, const char *name, const char *source, const ch
     m->dtype = dtype;
     for (size_t i = 0; i < mf->nstorages; i++)
         m->bytes += mf->storages[i].nbytes;
+    m->ntensors = mf->ntensors;
     m->state = MODEL_READY;
     m->last_used_ms = uv_now(r->loop);
     m->refs = 1;
@@ -852,6 +866,7 @@ int registry_adopt(registry_t *r, const char *name, const char *source, const ch
     r->resident_bytes += model_resident(m);
     log_info("re-adopted '%s' from the fd store: %zu tensors, %llu bytes, hash %s", name,
              mf->ntensors, (unsigned long long)m->bytes, m->hash);
+    manifest_drop_tables(mf);
     return 0;
 }
 

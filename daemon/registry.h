@@ -49,7 +49,9 @@ struct model {
     bool listed;              /* in the registry's list (false once evicted) */
     unsigned refs;            /* 1 while listed + 1 per lease + 1 per running preload */
     unsigned leases;          /* live leases on this model */
-    manifest_t *mf;           /* NULL until ready */
+    manifest_t *mf;           /* NULL until ready; then its format, metadata and warnings
+                               * only: tensors and storages live on in manifest_pb */
+    size_t ntensors;          /* tensors served, once ready */
     host_arena_t arena;       /* sealed memfd; fd -1 until ready or after eviction */
     uint8_t *manifest_pb;     /* packed weightsd.v1.Manifest, built once at preload */
     size_t manifest_pb_len;

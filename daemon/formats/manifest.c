@@ -17,22 +17,31 @@ manifest_t *manifest_new(void)
     return calloc(1, sizeof(manifest_t));
 }
 
-manifest_t *manifest_free(manifest_t *m)
+void manifest_drop_tables(manifest_t *m)
 {
-    if (!m)
-        return NULL;
     for (size_t i = 0; i < m->nstorages; i++)
         free(m->storages[i].key);
     for (size_t i = 0; i < m->ntensors; i++)
         free(m->tensors[i].name);
+    free(m->storages);
+    free(m->tensors);
+    m->storages = NULL;
+    m->tensors = NULL;
+    m->nstorages = m->storages_cap = 0;
+    m->ntensors = m->tensors_cap = 0;
+}
+
+manifest_t *manifest_free(manifest_t *m)
+{
+    if (!m)
+        return NULL;
+    manifest_drop_tables(m);
     for (size_t i = 0; i < m->nmeta; i++) {
         free(m->meta[i].key);
         free(m->meta[i].value);
     }
     for (size_t i = 0; i < m->nwarnings; i++)
         free(m->warnings[i]);
-    free(m->storages);
-    free(m->tensors);
     free(m->meta);
     free(m);
     return NULL;

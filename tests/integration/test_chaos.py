@@ -14,7 +14,7 @@ import time
 import pytest
 
 import wsdtest
-from wsdtest import Daemon, attach, write_safetensors
+from wsdtest import Daemon, attach, sanitized, write_safetensors
 from rawproto import Conn, hello, open_req
 
 PY = "/usr/bin/python3"
@@ -45,13 +45,6 @@ def wait_for(pred, timeout=5.0):
             return True
         time.sleep(0.02)
     return pred()
-
-
-def sanitized(pid):
-    """ASan's quarantine and TSan's shadow keep freed memory resident: RSS says nothing there."""
-    with open(f"/proc/{pid}/exe", "rb") as f:
-        exe = f.read()
-    return b"__asan_init" in exe or b"__tsan_init" in exe
 
 
 class Baseline:
