@@ -261,6 +261,18 @@ void conn_send_msg(conn_t *c, const wire_msg_t *msg)
     size_t len;
     int r = wire_encode(msg, 0, &buf, &len);
 
+    /* A reply too large for one frame (info of a model with 10^6 tensors) is the request's
+     * error, told to the peer, not a reason to drop its connection. */
+    if (r == -EMSGSIZE && msg->body_case != WEIGHTSD__V1__FRAME__BODY_ERROR) {
+        size_t size = weightsd__v1__frame__get_packed_size(msg);
+
+        log_warning("connection %llu: a reply of %zu bytes is over the %u-byte frame limit",
+                    (unsigned long long)c->id, size, WSD_FRAME_MAX);
+        conn_send_error(c, msg->id, WSD_ELIMIT,
+                        "E_LIMIT: the reply would be %zu bytes, more than one frame carries "
+                        "(%u)", size, WSD_FRAME_MAX);
+        return;
+    }
     if (r < 0) {
         log_error("cannot encode reply: %s", strerror(-r));
         conn_close(c, "encode failure");

@@ -2,6 +2,7 @@
 gets a typed Error where one can be sent, is disconnected, is counted in stats, and the daemon's
 fds and lease table are back where they were (RELIABILITY I6, I8, I9, I10).
 """
+import json
 import os
 import signal
 import socket
@@ -368,3 +369,23 @@ def test_names_chosen_to_collide_do_not_slow_the_client(started, tmp_path):
     out = attach(d, "flood", timeout=30)[-1]
     assert out["tensors"] == 1 << 18, out
     print(f"open of 2^18 colliding names: {time.monotonic() - t0:.2f} s")
+
+
+def test_a_reply_too_large_for_a_frame_is_an_error_not_a_hangup(started, tmp_path):
+    """info lists every tensor: for 700000 of them its JSON is over the 64 MiB a frame
+    carries. The daemon used to log "cannot encode reply" and close the connection, and
+    weightsctl could only say "connection closed"; the request now fails with E_LIMIT and
+    the size, and the connection serves the next request."""
+    n = 700000
+    path = tmp_path / "many.safetensors"
+    hdr = json.dumps({f"t{i}": {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]}
+                      for i in range(n)}, separators=(",", ":")).encode()
+    hdr += b" " * (-len(hdr) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hdr)) + hdr + bytes(n))
+    d = started()
+    d.preload("many", str(path))
+    p = d.ctl("info", "many", check=False)
+    assert p.returncode != 0, p.stdout[:200]
+    assert "E_LIMIT" in p.stderr and "more than one frame carries (67108864)" in p.stderr, p.stderr
+    assert d.ctl_json("list")[0]["name"] == "many"  # the daemon and its admin socket serve on
