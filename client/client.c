@@ -936,17 +936,26 @@ WSD_EXTERN int wsd_admin_list(wsd_client_t *c, char **ret_json)
     return admin_call(c, &req, ret_json);
 }
 
-WSD_EXTERN int wsd_admin_info(wsd_client_t *c, const char *name, char **ret_json)
+WSD_EXTERN int wsd_admin_info_page(wsd_client_t *c, const char *name, uint64_t offset,
+                                   uint64_t limit, unsigned flags, char **ret_json)
 {
     Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
     Weightsd__V1__InfoRequest i = WEIGHTSD__V1__INFO_REQUEST__INIT;
 
-    if (!name)
+    if (!name || (flags & ~WSD_INFO_NO_TENSORS))
         return -EINVAL;
     i.name = wire_str(name);
+    i.tensor_offset = offset;
+    i.tensor_limit = limit;
+    i.no_tensors = (flags & WSD_INFO_NO_TENSORS) != 0;
     req.body_case = WEIGHTSD__V1__FRAME__BODY_INFO;
     req.info = &i;
     return admin_call(c, &req, ret_json);
+}
+
+WSD_EXTERN int wsd_admin_info(wsd_client_t *c, const char *name, char **ret_json)
+{
+    return wsd_admin_info_page(c, name, 0, 0, 0, ret_json);
 }
 
 WSD_EXTERN int wsd_admin_stats(wsd_client_t *c, char **ret_json)

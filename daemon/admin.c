@@ -4,6 +4,7 @@
  * Error frames like everywhere else.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +12,7 @@
 #include <jansson.h>
 
 #include "convert.h"
+#include "info.h"
 #include "log.h"
 #include "server.h"
 
@@ -62,11 +64,22 @@ static void preload_tick_cb(uv_timer_t *t)
     }
 }
 
-/* Sends \p doc (stolen) as an AdminReply. */
-static void send_json(conn_t *c, uint64_t id, json_t *doc)
+/* Sends the JSON \p text (the caller's still) as an AdminReply. */
+static void send_text(conn_t *c, uint64_t id, char *text)
 {
     Weightsd__V1__Frame out = WEIGHTSD__V1__FRAME__INIT;
     Weightsd__V1__AdminReply ar = WEIGHTSD__V1__ADMIN_REPLY__INIT;
+
+    ar.json = text;
+    out.id = id;
+    out.body_case = WEIGHTSD__V1__FRAME__BODY_ADMIN_REPLY;
+    out.admin_reply = &ar;
+    conn_send_msg(c, &out);
+}
+
+/* Sends \p doc (stolen), dumped, as an AdminReply. */
+static void send_json(conn_t *c, uint64_t id, json_t *doc)
+{
     char *text = doc ? json_dumps(doc, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
 
     json_decref(doc);
@@ -74,21 +87,8 @@ static void send_json(conn_t *c, uint64_t id, json_t *doc)
         conn_send_error(c, id, -ENOMEM, "out of memory building the reply");
         return;
     }
-    ar.json = text;
-    out.id = id;
-    out.body_case = WEIGHTSD__V1__FRAME__BODY_ADMIN_REPLY;
-    out.admin_reply = &ar;
-    conn_send_msg(c, &out);
+    send_text(c, id, text);
     free(text);
-}
-
-static json_t *int_array(const int64_t *v, uint32_t n)
-{
-    json_t *a = json_array();
-
-    for (uint32_t i = 0; i < n; i++)
-        json_array_append_new(a, json_integer(v[i]));
-    return a;
 }
 
 static json_t *warnings_json(const model_t *m)
@@ -204,45 +204,11 @@ static json_t *devices_json(const model_t *m)
     return a;
 }
 
-/* The tensor list of `info`, from the packed manifest (a ready model keeps no other). NULL
- * when it cannot be decoded (out of memory). */
-static json_t *tensors_json(const model_t *m)
-{
-    Weightsd__V1__Manifest *pb;
-    json_t *a = json_array();
-
-    if (!a || !m->manifest_pb)
-        return a;
-    pb = weightsd__v1__manifest__unpack(NULL, m->manifest_pb_len, m->manifest_pb);
-    if (!pb) {
-        json_decref(a);
-        return NULL;
-    }
-    for (size_t i = 0; i < pb->n_tensors; i++) {
-        const Weightsd__V1__TensorInfo *t = pb->tensors[i];
-
-        json_array_append_new(
-            a, json_pack("{s:s, s:s, s:o, s:o, s:I, s:I, s:I}", "name", t->name, "dtype",
-                         wsd_dtype_name((int)t->dtype), "shape",
-                         int_array(t->shape, (uint32_t)t->n_shape), "stride",
-                         int_array(t->stride, (uint32_t)t->n_stride), "nbytes",
-                         (json_int_t)t->nbytes, "storage", (json_int_t)t->storage,
-                         "storage_offset", (json_int_t)t->storage_offset));
-    }
-    weightsd__v1__manifest__free_unpacked(pb, NULL);
-    return a;
-}
-
+/* Everything `info` says but the tensor list. */
 static json_t *info_json(const server_t *s, const model_t *m)
 {
     json_t *doc = summary_json(m);
-    json_t *tensors = tensors_json(m), *meta = json_object();
-
-    if (!tensors) {
-        json_decref(doc);
-        json_decref(meta);
-        return NULL;
-    }
+    json_t *meta = json_object();
 
     json_object_set_new(doc, "source", json_string(m->source));
     json_object_set_new(doc, "format", json_string(m->mf ? m->mf->format : ""));
@@ -269,9 +235,73 @@ static json_t *info_json(const server_t *s, const model_t *m)
         json_object_set_new(meta, m->mf->meta[i].key, v ? v : json_string(m->mf->meta[i].value));
     }
     json_object_set_new(doc, "ntensors", json_integer((json_int_t)m->ntensors));
-    json_object_set_new(doc, "tensors", tensors);
     json_object_set_new(doc, "metadata", meta);
     return doc;
+}
+
+/*
+ * The info document with "tensor_offset" and "tensors" (a page of the list, see InfoRequest)
+ * appended as text: \p text holds the rest of the document, dumped, and is extended in place.
+ * Sends the error itself and returns -1 when the page cannot be given.
+ */
+static int info_append_tensors(conn_t *c, uint64_t id, model_t *m,
+                               const Weightsd__V1__InfoRequest *req, info_text_t *text)
+{
+    static const uint8_t none[1]; /* a loading model: no manifest yet, no tensors */
+    /* What the list may take of one frame: the rest of the document, its closing brace and
+     * the frame's own fields (id, tags, lengths: under 64 bytes) come first. */
+    const size_t reserved = 64u + 1u;
+    uint64_t count = 0;
+    size_t room, budget;
+    char head[64];
+    int r, k;
+
+    /* The dumped object's closing brace gives way to the two members. */
+    info_text_cut(text, text->len - 1);
+    k = snprintf(head, sizeof(head), ",\"tensor_offset\":%" PRIu64 ",\"tensors\":",
+                 req->tensor_offset);
+    r = info_text_put(text, head, (size_t)k);
+    room = text->len + reserved < WSD_FRAME_MAX ? WSD_FRAME_MAX - reserved - text->len : 0;
+    budget = req->tensor_limit && room > WSD_INFO_PAGE_BYTES ? WSD_INFO_PAGE_BYTES : room;
+    if (r == 0 && budget > 2) /* "[]" */
+        r = info_tensors_json(m->manifest_pb ? m->manifest_pb : none,
+                              m->manifest_pb ? m->manifest_pb_len : 0, req->tensor_offset,
+                              req->tensor_limit, budget, text, &count,
+                              m->manifest_pb ? &m->info_seek : NULL);
+    else if (r == 0)
+        r = WSD_ELIMIT;
+    if (r == 0)
+        r = info_text_put(text, "}", 1);
+    switch (r) {
+    case 0:
+        return 0;
+    case WSD_EINVAL:
+        conn_send_error(c, id, r, "tensor offset %" PRIu64 " is past the %zu tensors of '%s'",
+                        req->tensor_offset, m->ntensors, m->name);
+        return -1;
+    case WSD_ELIMIT:
+        if (req->tensor_limit) {
+            conn_send_error(c, id, r,
+                            "E_LIMIT: the info of '%s' without its tensors is %zu bytes, too "
+                            "much to send a page of them beside it in one reply (%u bytes)",
+                            m->name, text->len, WSD_FRAME_MAX);
+            return -1;
+        }
+        conn_send_error(c, id, r,
+                        "E_LIMIT: the %zu tensors of '%s' from %" PRIu64 " on are more than "
+                        "one reply carries (%u bytes); ask for pages (InfoRequest.tensor_limit, "
+                        "as weightsctl info does)",
+                        m->ntensors, m->name, req->tensor_offset, WSD_FRAME_MAX);
+        return -1;
+    case -ENOMEM:
+        conn_send_error(c, id, r, "out of memory building the reply");
+        return -1;
+    default:
+        log_error("model '%s': its packed manifest does not decode (%s)", m->name,
+                  strerror(-r));
+        conn_send_error(c, id, WSD_EINTERNAL, "the manifest of '%s' does not decode", m->name);
+        return -1;
+    }
 }
 
 static void preload_done_cb(void *data, model_t *m, int status, const char *msg)
@@ -449,13 +479,26 @@ static void handle_list(conn_t *c, uint64_t id)
 static void handle_info(conn_t *c, uint64_t id, const Weightsd__V1__InfoRequest *req)
 {
     model_t *m = registry_find(c->srv->reg, req->name ? req->name : "");
+    info_text_t text = {0};
+    json_t *doc;
 
     if (!m) {
         conn_send_error(c, id, WSD_ENOTFOUND, "no model named '%s'", req->name ? req->name : "");
         return;
     }
     (void)model_check_stale(m);
-    send_json(c, id, info_json(c->srv, m));
+    doc = info_json(c->srv, m);
+    text.p = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
+    json_decref(doc);
+    if (!text.p) {
+        conn_send_error(c, id, -ENOMEM, "out of memory building the reply");
+        return;
+    }
+    text.len = strlen(text.p);
+    text.cap = text.len + 1;
+    if (req->no_tensors || info_append_tensors(c, id, m, req, &text) == 0)
+        send_text(c, id, text.p);
+    free(text.p);
 }
 
 static void handle_stats(conn_t *c, uint64_t id)

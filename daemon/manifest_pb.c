@@ -248,3 +248,56 @@ int manifest_pb_open_reply_gpu(uint64_t id, uint64_t lease, const uint8_t *manif
     *ret_len = (size_t)(p - buf);
     return 0;
 }
+
+/* One varint at *p (at most 10 bytes, before end); advances *p. -EBADMSG if cut or too long. */
+static int get_varint(const uint8_t **p, const uint8_t *end, uint64_t *ret)
+{
+    uint64_t v = 0;
+
+    for (unsigned shift = 0; shift < 64 && *p < end; shift += 7) {
+        uint8_t b = *(*p)++;
+
+        v |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *ret = v;
+            return 0;
+        }
+    }
+    return -EBADMSG;
+}
+
+int manifest_pb_next_tensor(manifest_pb_cursor_t *c, const uint8_t **ret, size_t *ret_len)
+{
+    while (c->p < c->end) {
+        uint64_t key, n;
+
+        if (get_varint(&c->p, c->end, &key) < 0)
+            return -EBADMSG;
+        switch (key & 7) {
+        case 0: /* varint */
+            if (get_varint(&c->p, c->end, &n) < 0)
+                return -EBADMSG;
+            break;
+        case 1: /* fixed64 */
+        case 5: /* fixed32 */
+            n = (key & 7) == 1 ? 8 : 4;
+            if ((uint64_t)(c->end - c->p) < n)
+                return -EBADMSG;
+            c->p += n;
+            break;
+        case 2: /* length-delimited */
+            if (get_varint(&c->p, c->end, &n) < 0 || n > (uint64_t)(c->end - c->p))
+                return -EBADMSG;
+            c->p += n;
+            if (key >> 3 == 2) { /* Manifest.tensors */
+                *ret = c->p - n;
+                *ret_len = (size_t)n;
+                return 1;
+            }
+            break;
+        default: /* groups: never written by a proto3 encoder */
+            return -EBADMSG;
+        }
+    }
+    return 0;
+}

@@ -56,4 +56,18 @@ int manifest_pb_open_reply_gpu(uint64_t id, uint64_t lease, const uint8_t *manif
                                const uint8_t *gpu, size_t gpu_len, size_t nfds, uint8_t **ret,
                                size_t *ret_len);
 
+/* A walk over the packed TensorInfo messages of a packed Manifest, without unpacking the rest
+ * (info lists a page of a model's 10^6 tensors). Start with {.p = pb, .end = pb + len}. */
+typedef struct manifest_pb_cursor {
+    const uint8_t *p, *end;
+} manifest_pb_cursor_t;
+
+/*
+ * The next Manifest.tensors entry at or after the cursor: its packed bytes in *ret and
+ * *ret_len (inside the Manifest's buffer), the cursor moved past it.
+ * \retval 1 (one found), 0 (no more), -EBADMSG (not a well-formed message; the cursor is then
+ *         left anywhere).
+ */
+int manifest_pb_next_tensor(manifest_pb_cursor_t *c, const uint8_t **ret, size_t *ret_len);
+
 #endif /* WSD_MANIFEST_PB_H */

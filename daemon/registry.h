@@ -17,6 +17,7 @@
 #include "policy.h"
 #include "gpu.h"
 #include "host.h"
+#include "info.h"
 
 typedef enum model_state {
     MODEL_LOADING,
@@ -55,6 +56,7 @@ struct model {
     host_arena_t arena;       /* sealed memfd; fd -1 until ready or after eviction */
     uint8_t *manifest_pb;     /* packed weightsd.v1.Manifest, built once at preload */
     size_t manifest_pb_len;
+    info_seek_t info_seek;    /* where info's last page of manifest_pb ended */
     uint64_t bytes;           /* tensor-storage bytes (sum over storages) */
     uint64_t load_ms;         /* preload duration */
     uint64_t opens;           /* opens served */

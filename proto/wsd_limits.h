@@ -54,6 +54,11 @@
 #define WSD_SWEEP_MIN_MS                50u
 #define WSD_SWEEP_MAX_MS                1000u
 
+/* The most JSON text one page of info's tensor list may take (InfoRequest.tensor_limit > 0): a
+ * page of short names is tensor_limit long, one of 4096-byte names stops earlier, and no page
+ * holds the event loop for more than a few tens of milliseconds. */
+#define WSD_INFO_PAGE_BYTES (8u * 1024u * 1024u)
+
 /* Names and paths the daemon accepts in requests. */
 #define WSD_MODEL_NAME_MAX 128u
 #define WSD_PATH_MAX       4096u

@@ -335,7 +335,21 @@ WSD_EXTERN WSD_MUST_CHECK int wsd_admin_evict(wsd_client_t *c, const char *name,
 /** Cancels the preload of \p name (state loading). \retval 0, WSD_ENOTFOUND, WSD_EBUSY. */
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_cancel(wsd_client_t *c, const char *name, char **ret_json);
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_list(wsd_client_t *c, char **ret_json);
+/** One model, with every tensor in one reply: WSD_ELIMIT when the list passes the 64 MiB one
+ * reply carries (about 5 * 10^5 tensors); wsd_admin_info_page() reads any model. */
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_info(wsd_client_t *c, const char *name, char **ret_json);
+/* Flags for wsd_admin_info_page(). */
+#define WSD_INFO_NO_TENSORS (1u << 0) /* the summary alone: no "tensors" in the document */
+/**
+ * One model, with a page of its tensors: the document's "tensors" holds those from \p offset
+ * on (its "tensor_offset"), at most \p limit of them (0: all, as wsd_admin_info()) and fewer
+ * where the page would pass 8 MiB of JSON, but never none while any remain. Read a model
+ * whole by asking again at offset + the page's length until "ntensors".
+ * \retval 0, WSD_ENOTFOUND, WSD_EINVAL (\p offset past the last tensor), WSD_ELIMIT, ...
+ */
+WSD_EXTERN WSD_MUST_CHECK int wsd_admin_info_page(wsd_client_t *c, const char *name,
+                                                  uint64_t offset, uint64_t limit,
+                                                  unsigned flags, char **ret_json);
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_stats(wsd_client_t *c, char **ret_json);
 
 /*

@@ -49,7 +49,9 @@ static const char usage_text[] =
     "      --drain                refuse new opens, free when the last lease goes\n"
     "      --force                free now; mapped workers keep their pages\n"
     "  list                 models with state, bytes and lease count\n"
-    "  info NAME            one model: source, tensors, metadata\n"
+    "  info NAME            one model: source, tensors, metadata (read in pages of up to\n"
+    "                       16384 tensors, so any model can be listed)\n"
+    "      --no-tensors           the summary alone, without the tensor list\n"
     "  stats                daemon counters\n"
     "      --prometheus           in the Prometheus text format\n"
     "      --metrics-file PATH    write that format to PATH atomically (a node_exporter\n"
@@ -85,6 +87,7 @@ enum {
     OPT_METRICS_FILE,
     OPT_INTERVAL,
     OPT_PAGE_CACHE,
+    OPT_NO_TENSORS,
 };
 
 /* --device may be given once per GPU (and for cpu); more than this is surely a mistake. */
@@ -230,9 +233,9 @@ static void print_shape(json_t *arr)
     putchar(')');
 }
 
-static void print_info(json_t *doc)
+/* Everything of info but the tensor lines, which come page by page (run_info). */
+static void print_info_head(json_t *doc)
 {
-    json_t *tensors = json_object_get(doc, "tensors");
     json_t *meta = json_object_get(doc, "metadata");
     json_t *warnings = json_object_get(doc, "warnings");
     const char *key;
@@ -292,15 +295,118 @@ static void print_info(json_t *doc)
             free(s);
         }
     }
-    printf("tensors:  %zu\n", json_array_size(tensors));
-    json_array_foreach(tensors, i, v)
-    {
-        printf("  %-40s %-8s ", jstr(v, "name"), jstr(v, "dtype"));
-        print_shape(json_object_get(v, "shape"));
-        printf(" stride ");
-        print_shape(json_object_get(v, "stride"));
-        printf(" %" PRIu64 " B\n", jint(v, "nbytes"));
+    printf("tensors:  %" PRIu64 "\n", jint(doc, "ntensors"));
+}
+
+static void print_tensor(json_t *v)
+{
+    printf("  %-40s %-8s ", jstr(v, "name"), jstr(v, "dtype"));
+    print_shape(json_object_get(v, "shape"));
+    printf(" stride ");
+    print_shape(json_object_get(v, "stride"));
+    printf(" %" PRIu64 " B\n", jint(v, "nbytes"));
+}
+
+/* Tensors asked for per info request; the daemon cuts a page of long names shorter. */
+#define INFO_PAGE_TENSORS 16384u
+
+/*
+ * info reads the tensor list in pages (wsd_admin_info_page), so a model of any size can be
+ * listed and no one request holds the daemon long. Each page is printed as it comes, so memory
+ * stays that of one page; with --json the pages make one document, as the daemon would send
+ * for a model small enough, less the page's "tensor_offset". The model is the same one
+ * throughout, or the listing fails: each page must show the first page's hash and count.
+ */
+static int run_info(wsd_client_t *c, const char *name, int as_json, int no_tensors)
+{
+    json_t *first_hash = NULL;
+    uint64_t offset = 0, total = 0;
+    int rc = 0;
+
+    for (;;) {
+        char *json = NULL, *head;
+        json_error_t jerr;
+        json_t *doc, *tensors, *v;
+        size_t n, i;
+        int r = wsd_admin_info_page(c, name, offset, INFO_PAGE_TENSORS,
+                                    no_tensors ? WSD_INFO_NO_TENSORS : 0, &json);
+
+        if (r < 0) {
+            rc = fail("info", r, c);
+            break;
+        }
+        if (offset == 0 && as_json && no_tensors) {
+            printf("%s\n", json);
+            free(json);
+            break;
+        }
+        doc = json_loads(json, 0, &jerr);
+        free(json);
+        tensors = doc ? json_object_get(doc, "tensors") : NULL;
+        if (!doc || (!no_tensors && !json_is_array(tensors))) {
+            fprintf(stderr, "%s: info: daemon sent an invalid document: %s\n", prog,
+                    doc ? "no tensor list" : jerr.text);
+            json_decref(doc);
+            rc = 1;
+            break;
+        }
+        if (offset == 0) {
+            total = jint(doc, "ntensors");
+            first_hash = json_incref(json_object_get(doc, "hash"));
+            json_incref(tensors);
+            json_object_del(doc, "tensors");
+            json_object_del(doc, "tensor_offset");
+            if (!as_json)
+                print_info_head(doc);
+            else {
+                /* The summary's closing brace gives way to the tensor list. */
+                head = json_dumps(doc, JSON_COMPACT);
+                if (!head) {
+                    fprintf(stderr, "%s: info: out of memory\n", prog);
+                    json_decref(tensors);
+                    json_decref(doc);
+                    rc = 1;
+                    break;
+                }
+                head[strlen(head) - 1] = '\0';
+                printf("%s,\"tensors\":[", head);
+                free(head);
+            }
+            json_decref(doc);
+            doc = tensors; /* this page's, released with it below */
+        } else if (jint(doc, "ntensors") != total ||
+                   !json_equal(json_object_get(doc, "hash"), first_hash)) {
+            /* The JSON printed so far is left unterminated: nothing should parse it. */
+            fflush(stdout);
+            fprintf(stderr,
+                    "%s: info: '%s' changed while it was being listed (preloaded again "
+                    "under that name); run info again\n",
+                    prog, name);
+            json_decref(doc);
+            rc = 1;
+            break;
+        }
+        n = json_array_size(tensors);
+        json_array_foreach(tensors, i, v)
+        {
+            if (!as_json) {
+                print_tensor(v);
+                continue;
+            }
+            head = json_dumps(v, JSON_COMPACT);
+            printf("%s%s", offset + i ? "," : "", head ? head : "null");
+            free(head);
+        }
+        json_decref(doc);
+        offset += n;
+        if (n == 0 || offset >= total || no_tensors) {
+            if (as_json)
+                printf("]}\n");
+            break;
+        }
     }
+    json_decref(first_hash);
+    return rc;
 }
 
 static void print_flat(json_t *doc, const char *prefix)
@@ -578,6 +684,8 @@ static const char *option_command(int opt)
     case OPT_METRICS_FILE:
     case OPT_INTERVAL:
         return "stats";
+    case OPT_NO_TENSORS:
+        return "info";
     default:
         return "preload";
     }
@@ -657,6 +765,7 @@ int main(int argc, char **argv)
         {"device", required_argument, NULL, OPT_DEVICE},
         {"allow-gpu-write", no_argument, NULL, OPT_ALLOW_GPU_WRITE},
         {"prometheus", no_argument, NULL, OPT_PROMETHEUS},
+        {"no-tensors", no_argument, NULL, OPT_NO_TENSORS},
         {NULL, 0, NULL, 0},
     };
     _Static_assert(sizeof(longopts) / sizeof(longopts[0]) <= 64, "one bit of given per option");
@@ -667,7 +776,7 @@ int main(int argc, char **argv)
     const char *devices[DEVICES_MAX];
     const char *socket_path = NULL, *cmd;
     unsigned evict_flags = 0;
-    int as_json = 0, prometheus = 0, timeout_ms = 600000, opt, r, rc = 0, interval = 0;
+    int as_json = 0, prometheus = 0, no_tensors = 0, timeout_ms = 600000, opt, r, rc = 0, interval = 0;
     const char *metrics_file = NULL;
     wsd_client_t *c = NULL;
     char *json = NULL;
@@ -759,6 +868,9 @@ int main(int argc, char **argv)
             break;
         case OPT_PROMETHEUS:
             prometheus = 1;
+            break;
+        case OPT_NO_TENSORS:
+            no_tensors = 1;
             break;
         default:
             fprintf(stderr, "Try '%s --help'.\n", prog);
@@ -852,8 +964,7 @@ int main(int argc, char **argv)
         r = wsd_admin_list(c, &json);
         rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, print_list);
     } else if (strcmp(cmd, "info") == 0) {
-        r = wsd_admin_info(c, argv[optind], &json);
-        rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, print_info);
+        rc = run_info(c, argv[optind], as_json, no_tensors);
     } else if (prometheus && metrics_file) {
         wsd_close(c);
         return write_metrics_file(socket_path, timeout_ms, metrics_file, interval);

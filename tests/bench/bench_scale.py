@@ -12,8 +12,11 @@ against anchors measured in the same run:
   - the C attach (bench-attach: connect + open + map) and the Python Client.state_dict() against
     torch.load() of a torch.save() file of the same tensors (written only for N <= 100000).
 Then 2^20 tensors (short names, to stay under the 100 MB header cap), the most a model may
-have: the time to the daemon's answer, against json.loads of that header. Not run by ctest.
+have: the time to the daemon's answer, against json.loads of that header; then weightsctl info
+--json of all of them (read page by page) with another admin client's `list` round trips timed
+meanwhile, against the same round trips with the daemon idle. Not run by ctest.
 """
+import ctypes
 import json
 import os
 import statistics
@@ -21,6 +24,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,6 +61,51 @@ def best(f, repeat=3):
         f()
         out.append(time.perf_counter() - t0)
     return min(out)
+
+
+def list_probes(d, stop):
+    """Round trips of `list` on one admin connection (libweightsd through ctypes, which lets
+    go of the GIL) until stop is set: their latencies in seconds."""
+    lib = ctypes.CDLL(os.path.join(wsdtest.BUILD_DIR, "lib", "libweightsd.so"))
+    lib.wsd_admin_list.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.free.argtypes = [ctypes.c_void_p]
+    c, out, lat = ctypes.c_void_p(), ctypes.c_void_p(), []
+    assert lib.wsd_connect(d.admin.encode(), ctypes.byref(c)) == 0
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        assert lib.wsd_admin_list(c, ctypes.byref(out)) == 0
+        lat.append(time.perf_counter() - t0)
+        libc.free(out)
+        time.sleep(0.001)
+    lib.wsd_close(c)
+    return lat
+
+
+def info_beside_probes(d, model, n):
+    """weightsctl info --json of every tensor (page by page), and how long the daemon kept
+    another admin client waiting meanwhile, against the same probes with the daemon idle."""
+    def probe_during(work):
+        stop, res = threading.Event(), []
+        th = threading.Thread(target=lambda: res.extend(list_probes(d, stop)))
+        th.start()
+        time.sleep(0.05)
+        t0 = time.perf_counter()
+        work()
+        t = time.perf_counter() - t0
+        stop.set()
+        th.join()
+        return t, res
+
+    _, idle = probe_during(lambda: time.sleep(2))
+    out = []
+    t_info, busy = probe_during(lambda: out.append(d.ctl("info", model, "--json").stdout))
+    listed = json.loads(out[0])
+    assert len(listed["tensors"]) == n, len(listed["tensors"])
+    print(f"  info --json of all {n} tensors: {ms(t_info):.0f} ms, {len(out[0]) / 1e6:.0f} MB;"
+          f" a list beside it waited at most {ms(max(busy)):.1f} ms (median"
+          f" {ms(statistics.median(busy)):.2f} ms, {len(busy)} probes) against at most"
+          f" {ms(max(idle)):.1f} ms idle = {max(busy) / max(idle):.1f} x")
 
 
 def main():
@@ -111,6 +160,8 @@ def main():
             print(f"{n} tensors, header {len(hdr) / 1e6:.1f} MB: answer in {ms(t_pre):.0f} ms"
                   f" ({why}); json.loads {ms(t_json):.0f} ms = {t_json / t_pre:.2f} x")
             print(f"  daemon peak RSS: {[l.split()[1] for l in open(f'/proc/{d.pid}/status') if l.startswith('VmHWM')][0]} KiB")
+            if not p.returncode:
+                info_beside_probes(d, "big", n)
         finally:
             d.stop()
 

@@ -2,17 +2,19 @@
 library would: raw frames, wrong limits, stray fds. Only the few messages the limit and chaos
 tests need are encoded; replies are decoded into {field number: value} dicts.
 """
+import json
 import os
 import socket
 import struct
 
 WSD_EPROTO = -1000
 WSD_ELIMIT = -1008
+WSD_EINVAL = -1016
 
 # Frame body field numbers (proto/weightsd.proto).
 HELLO, HELLO_REPLY, ERROR = 10, 11, 12
 OPEN, OPEN_REPLY, RELEASE, RELEASE_REPLY = 20, 21, 22, 23
-PRELOAD, EVICT, LIST, STATS, ADMIN_REPLY = 40, 41, 42, 44, 45
+PRELOAD, EVICT, LIST, INFO, STATS, ADMIN_REPLY = 40, 41, 42, 43, 44, 45
 
 
 def varint(n):
@@ -53,6 +55,17 @@ def open_req(msg_id, model, flags=0):
 
 def release_req(msg_id, lease):
     return frame(msg_id, RELEASE, field_varint(1, lease))
+
+
+def info_req(msg_id, name, offset=0, limit=0, no_tensors=False):
+    body = field_bytes(1, name)
+    if offset:
+        body += field_varint(2, offset)
+    if limit:
+        body += field_varint(3, limit)
+    if no_tensors:
+        body += field_varint(4, 1)
+    return frame(msg_id, INFO, body)
 
 
 def decode(data):
@@ -143,6 +156,12 @@ class Conn:
             os.close(fd)
         assert body == ERROR, (body, fields)
         return mid, zigzag(fields.get(1, 0)), fields.get(2, b"").decode()
+
+    def admin_json(self):
+        """Next frame, which must be an AdminReply: (id, its document)."""
+        mid, body, fields, _ = self.recv_frame()
+        assert body == ADMIN_REPLY, (body, fields)
+        return mid, json.loads(fields.get(1, b"null"))
 
     def closed_by_peer(self):
         """Reads (and drops) everything until EOF; True when the daemon closed the stream."""

@@ -79,6 +79,61 @@ def test_preload_info_list_json_shapes(daemon, tmp_path):
     assert "m" in human and "ready" in human
 
 
+def write_many(path, names, fill=0):
+    """A safetensors file of one-byte U8 tensors, one per name, each holding `fill`."""
+    hdr = json.dumps({n: {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]}
+                      for i, n in enumerate(names)}, separators=(",", ":")).encode()
+    hdr += b" " * (-len(hdr) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hdr)) + hdr + bytes([fill]) * len(names))
+    return str(path)
+
+
+def test_info_reads_a_long_list_in_pages(daemon, tmp_path):
+    """weightsctl info asks for 16384 tensors at a time: 20000 make two pages, printed as one
+    list in the model's order, in text and in JSON; --no-tensors gives the summary alone."""
+    n = 20000
+    names = [f"blk.{i}.w" for i in range(n)]
+    daemon.preload("m", write_many(tmp_path / "m.safetensors", names))
+    lines = daemon.ctl("info", "m").stdout.splitlines()
+    at = lines.index(f"tensors:  {n}")
+    assert [ln.split()[0] for ln in lines[at + 1:]] == names
+    assert lines[at + 1].split()[1:] == ["U8", "(1,)", "stride", "(1,)", "1", "B"], lines[at + 1]
+    doc = daemon.ctl_json("info", "m")
+    assert [t["name"] for t in doc["tensors"]] == names and "tensor_offset" not in doc
+    summary = daemon.ctl("info", "m", "--no-tensors").stdout
+    assert summary.endswith(f"tensors:  {n}\n") and "blk.0.w" not in summary, summary
+    doc2 = daemon.ctl_json("info", "m", "--no-tensors")
+    assert "tensors" not in doc2 and doc2["ntensors"] == n and doc2["hash"] == doc["hash"]
+
+
+def test_info_fails_when_the_model_changes_between_pages(daemon, tmp_path):
+    """A listing of several pages is of one model or fails: weightsctl's stdout is a pipe left
+    unread, so it blocks printing its first page; the model is then preloaded again under the
+    same name with other tensors, as many of them, and the next page must be refused rather
+    than spliced onto the first. The partial JSON is left unterminated, so nothing parses it."""
+    n = 40000
+    a = write_many(tmp_path / "a.safetensors", [f"a.{i}" for i in range(n)])
+    b = write_many(tmp_path / "b.safetensors", [f"b.{i}" for i in range(n)], fill=1)
+    daemon.preload("m", a)
+    p = subprocess.Popen([os.path.join(wsdtest.BIN, "weightsctl"), "--admin-socket",
+                          daemon.admin, "info", "m", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    first = p.stdout.read(1 << 10)  # the first page has come: it is being printed
+    assert first.startswith(b'{"name":"m"'), first
+    daemon.ctl("evict", "m")
+    daemon.preload("m", b)
+    out, err = p.communicate(timeout=60)
+    out = first + out
+    assert p.returncode == 1, (p.returncode, err)
+    assert b"'m' changed while it was being listed" in err, err
+    assert b'"b.' not in out and out.count(b'"name":"a.') == 16384, out[-200:]
+    with pytest.raises(ValueError):
+        json.loads(out)
+    # Listed again, it is the new model throughout.
+    assert [t["name"] for t in daemon.ctl_json("info", "m")["tensors"]] == [f"b.{i}" for i in range(n)]
+
+
 def mapping_kb(pid, model):
     """(Rss, Pss) in kB of the weightsd memfd mapping of `model` in process `pid`."""
     rss = pss = None
@@ -420,7 +475,8 @@ def test_options_of_another_command_are_usage_errors():
              (["preload", "m", "/x", "--metrics-file", "/tmp/x"], "--metrics-file"),
              (["stats", "--interval", "5"], "--interval"),
              (["stats", "--prometheus", "--interval", "5"], "--interval"),
-             (["config-check", "/x", "--device", "cuda:0"], "--device")]
+             (["config-check", "/x", "--device", "cuda:0"], "--device"),
+             (["list", "--no-tensors"], "--no-tensors")]
     for args, opt in cases:
         p = subprocess.run([os.path.join(wsdtest.BIN, "weightsctl"), "--admin-socket",
                             "/nonexistent", *args], capture_output=True, text=True, timeout=10)
