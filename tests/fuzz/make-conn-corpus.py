@@ -129,6 +129,7 @@ def main():
                 "list": ctl + ["list", "--json"],
                 "stats": ctl + ["stats", "--json"],
                 "info": ctl + ["info", "m", "--json"],
+                "info-summary": ctl + ["info", "m", "--no-tensors"],
                 "preload": ctl + ["preload", "x", MODEL, "--json"],
                 "preload-bf16": ctl + ["preload", "y", MODEL, "--dtype", "bf16"],
                 "evict": ctl + ["evict", "x"],
