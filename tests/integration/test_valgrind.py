@@ -1,11 +1,12 @@
 """The daemon's whole lifecycle under valgrind: start, preload, 100 attaches, a failed preload,
-evict, stop. Zero errors, zero leaked bytes, no file descriptor left open at exit."""
+info (whole, summary, paged), evict, stop. Zero errors, zero leaked bytes, no file descriptor left open at exit."""
 import os
 import re
 import shutil
 
 import pytest
 
+import rawproto
 from wsdtest import Daemon, attach, write_safetensors
 
 
@@ -28,6 +29,21 @@ def test_lifecycle_valgrind_clean(tmp_path):
         bad.write_bytes(b"\x10" + bytes(7) + b"{not json}      ")
         assert d.ctl("preload", "bad", str(bad), check=False).returncode != 0
         d.ctl("stats")
+        # info: the whole list, the summary alone, and pages of two (the last one short).
+        assert "tensors:  3" in d.ctl("info", "m").stdout
+        assert "tensors" not in d.ctl_json("info", "m", "--no-tensors")
+        c = rawproto.Conn(d.admin, timeout=60)
+        try:
+            c.handshake()
+            names = []
+            for i, off in enumerate((0, 2)):
+                c.send(rawproto.info_req(10 + i, "m", offset=off, limit=2))
+                names += [t["name"] for t in c.admin_json()[1]["tensors"]]
+            assert names == ["w", "b", "s"], names
+            c.send(rawproto.info_req(12, "m", offset=4, limit=2))
+            assert c.error()[1] == rawproto.WSD_EINVAL
+        finally:
+            c.close()
         d.ctl("evict", "m")
     finally:
         rc = d.stop()
