@@ -116,11 +116,11 @@ int info_text_put_string(info_text_t *t, const char *s, size_t n)
     return r;
 }
 
-/* Decimal digits of \p v at the end of buf[24]; returns where they begin. snprintf costs about a
- * third of a page, so integers are written by hand. */
-static char *fmt_u64(char buf[24], uint64_t v)
+/* Writes the decimal digits of \p v to end before \p end; returns where they begin (at most
+ * 20 bytes back). snprintf cost about a third of a page, so integers are written by hand. */
+static char *fmt_u64(char *end, uint64_t v)
 {
-    char *p = buf + 24;
+    char *p = end;
 
     do {
         *--p = (char)('0' + v % 10);
@@ -131,9 +131,9 @@ static char *fmt_u64(char buf[24], uint64_t v)
 
 static int put_u64(info_text_t *t, uint64_t v)
 {
-    char buf[24], *p = fmt_u64(buf, v);
+    char buf[24], *end = buf + sizeof(buf), *p = fmt_u64(end, v);
 
-    return info_text_put(t, p, (size_t)(buf + 24 - p));
+    return info_text_put(t, p, (size_t)(end - p));
 }
 
 static int put_ints(info_text_t *t, const int64_t *v, size_t n)
@@ -141,13 +141,15 @@ static int put_ints(info_text_t *t, const int64_t *v, size_t n)
     int r = info_text_put(t, "[", 1);
 
     for (size_t i = 0; r == 0 && i < n; i++) {
-        char buf[24], *p = fmt_u64(buf, v[i] < 0 ? 0 - (uint64_t)v[i] : (uint64_t)v[i]);
+        /* 20 digits, a sign and a comma. */
+        char buf[24], *end = buf + sizeof(buf);
+        char *p = fmt_u64(end, v[i] < 0 ? 0 - (uint64_t)v[i] : (uint64_t)v[i]);
 
         if (v[i] < 0)
             *--p = '-';
         if (i)
             *--p = ',';
-        r = info_text_put(t, p, (size_t)(buf + 24 - p));
+        r = info_text_put(t, p, (size_t)(end - p));
     }
     return r ? r : info_text_put(t, "]", 1);
 }
@@ -155,7 +157,7 @@ static int put_ints(info_text_t *t, const int64_t *v, size_t n)
 static int put_tensor(info_text_t *t, const Weightsd__V1__TensorInfo *ti)
 {
     const char *name = ti->name ? ti->name : "";
-    const char *dt = wsd_dtype_name((int)ti->dtype);
+    const char *dt = wsd_dtype_name((int)ti->dtype); /* NULL for none (never in a manifest) */
     int r;
 
     r = info_text_put(t, "{\"name\":", 8);
@@ -164,7 +166,7 @@ static int put_tensor(info_text_t *t, const Weightsd__V1__TensorInfo *ti)
     if (r == 0)
         r = info_text_put(t, ",\"dtype\":", 9);
     if (r == 0)
-        r = info_text_put_string(t, dt, strlen(dt));
+        r = dt ? info_text_put_string(t, dt, strlen(dt)) : info_text_put(t, "\"?\"", 3);
     if (r == 0)
         r = info_text_put(t, ",\"shape\":", 9);
     if (r == 0)

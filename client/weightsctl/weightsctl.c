@@ -394,7 +394,7 @@ static int run_info(wsd_client_t *c, const char *name, int as_json, int no_tenso
                 continue;
             }
             head = json_dumps(v, JSON_COMPACT);
-            printf("%s%s", offset + i ? "," : "", head ? head : "null");
+            printf("%s%s", (offset + i) ? "," : "", head ? head : "null");
             free(head);
         }
         json_decref(doc);

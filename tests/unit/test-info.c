@@ -16,6 +16,8 @@
 #include "info.h"
 #include "manifest_pb.h"
 #include "weightsd.h"
+#include "weightsd.pb-c.h"
+#include "wire.h"
 
 static char *put_string(const char *s, size_t n)
 {
@@ -275,6 +277,39 @@ TEST(malformed_manifests_are_refused_and_unknown_fields_skipped)
     ASSERT_STR_CONTAINS(t.p, "[{\"name\":\"\",");
     free(t.p);
     free(pb);
+}
+
+/* Integers at their extremes are printed exactly (a manifest holds none of these: the writer
+ * does not rely on that). */
+TEST(integers_at_their_extremes)
+{
+    Weightsd__V1__Manifest mf = WEIGHTSD__V1__MANIFEST__INIT;
+    Weightsd__V1__TensorInfo ti = WEIGHTSD__V1__TENSOR_INFO__INIT, *tip = &ti;
+    int64_t shape[] = {0, -5, INT64_MIN, INT64_MAX}, stride[] = {-1};
+    info_text_t t = {0};
+    uint8_t buf[256];
+    uint64_t count;
+    size_t len;
+
+    ti.name = wire_str("x");
+    ti.dtype = 9999; /* no such dtype */
+    ti.shape = shape;
+    ti.n_shape = 4;
+    ti.stride = stride;
+    ti.n_stride = 1;
+    ti.storage = UINT32_MAX;
+    ti.storage_offset = 10;
+    ti.nbytes = UINT64_MAX;
+    mf.tensors = &tip;
+    mf.n_tensors = 1;
+    ASSERT_LE(weightsd__v1__manifest__get_packed_size(&mf), sizeof(buf));
+    len = weightsd__v1__manifest__pack(&mf, buf);
+    ASSERT_EQ(info_tensors_json(buf, len, 0, 0, SIZE_MAX, &t, &count, NULL), 0);
+    ASSERT_UINT_EQ(count, 1);
+    ASSERT_STR_EQ(t.p, "[{\"name\":\"x\",\"dtype\":\"?\",\"shape\":[0,-5,-9223372036854775808,"
+                       "9223372036854775807],\"stride\":[-1],\"nbytes\":18446744073709551615,"
+                       "\"storage\":4294967295,\"storage_offset\":10}]");
+    free(t.p);
 }
 
 /* Every allocation of a page can fail: -ENOMEM, and the text is as it was. */
