@@ -67,7 +67,7 @@ static const char usage_text[] =
     "                           /run/weightsd/admin.sock for root or\n"
     "                           $XDG_RUNTIME_DIR/weightsd/admin.sock)\n"
     "  -j, --json               print the daemon's JSON answer (list, info, stats, preload,\n"
-    "                           evict, cancel)\n"
+    "                           evict, cancel; info's pages as one document)\n"
     "  -t, --timeout MS         request timeout in milliseconds (default 600000; 0 = none)\n"
     "  -h, --help               show this help\n"
     "  -V, --version            show the version\n";

@@ -442,7 +442,8 @@ def test_help_and_version():
     assert bad.returncode == 2 and "unknown command" in bad.stderr
     ctl = subprocess.run([os.path.join(wsdtest.BIN, "weightsctl"), "--help"],
                          capture_output=True, text=True).stdout
-    assert "config-check FILE" in ctl and "preload,\n" in ctl and "evict, cancel)" in ctl
+    assert "config-check FILE" in ctl and "preload,\n" in ctl and "evict, cancel;" in ctl
+    assert "--no-tensors" in ctl and "16384 tensors" in ctl
     wsd = subprocess.run([os.path.join(wsdtest.BIN, "weightsd"), "--help"],
                          capture_output=True, text=True).stdout
     assert wsd.count("1..1048576") == 3 and "K/M/G/T" in wsd and "error (or err)" in wsd
