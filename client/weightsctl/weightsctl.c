@@ -332,6 +332,10 @@ static int run_info(wsd_client_t *c, const char *name, int as_json, int no_tenso
                                     no_tensors ? WSD_INFO_NO_TENSORS : 0, &json);
 
         if (r < 0) {
+            /* Evicted between pages, say: what was printed is only part of the list. */
+            if (offset)
+                fprintf(stderr, "%s: info: the listing stopped after %" PRIu64 " of %" PRIu64
+                        " tensors\n", prog, offset, total);
             rc = fail("info", r, c);
             break;
         }

@@ -132,6 +132,18 @@ def test_info_fails_when_the_model_changes_between_pages(daemon, tmp_path):
         json.loads(out)
     # Listed again, it is the new model throughout.
     assert [t["name"] for t in daemon.ctl_json("info", "m")["tensors"]] == [f"b.{i}" for i in range(n)]
+    # Evicted between pages: the error says the list printed is a part.
+    for args in (["--json"], []):
+        p = subprocess.Popen([os.path.join(wsdtest.BIN, "weightsctl"), "--admin-socket",
+                              daemon.admin, "info", "m", *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        assert p.stdout.read(1 << 10)
+        daemon.ctl("evict", "m")
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 1, (args, err)
+        assert b"the listing stopped after 16384 of 40000 tensors" in err, err
+        assert b"no model named 'm'" in err, err
+        daemon.preload("m", b)
 
 
 def mapping_kb(pid, model):
