@@ -82,24 +82,27 @@ def list_probes(d, stop):
     return lat
 
 
+def probe_during(d, work):
+    """Runs work() with list round trips beside it: (its time, their latencies)."""
+    stop, res = threading.Event(), []
+    th = threading.Thread(target=lambda: res.extend(list_probes(d, stop)))
+    th.start()
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    work()
+    t = time.perf_counter() - t0
+    time.sleep(0.3)  # the end of a preload (tables freed, heap trimmed) comes after its answer
+    stop.set()
+    th.join()
+    return t, res
+
+
 def info_beside_probes(d, model, n):
     """weightsctl info --json of every tensor (page by page), and how long the daemon kept
     another admin client waiting meanwhile, against the same probes with the daemon idle."""
-    def probe_during(work):
-        stop, res = threading.Event(), []
-        th = threading.Thread(target=lambda: res.extend(list_probes(d, stop)))
-        th.start()
-        time.sleep(0.05)
-        t0 = time.perf_counter()
-        work()
-        t = time.perf_counter() - t0
-        stop.set()
-        th.join()
-        return t, res
-
-    _, idle = probe_during(lambda: time.sleep(2))
+    _, idle = probe_during(d, lambda: time.sleep(2))
     out = []
-    t_info, busy = probe_during(lambda: out.append(d.ctl("info", model, "--json").stdout))
+    t_info, busy = probe_during(d, lambda: out.append(d.ctl("info", model, "--json").stdout))
     listed = json.loads(out[0])
     assert len(listed["tensors"]) == n, len(listed["tensors"])
     print(f"  info --json of all {n} tensors: {ms(t_info):.0f} ms, {len(out[0]) / 1e6:.0f} MB;"
@@ -153,12 +156,16 @@ def main():
             path = os.path.join(tmp, "m1M.safetensors")
             hdr = write(path, n, lambda i: f"t{i}")  # short names: under the 100 MB cap
             t_json = best(lambda: json.loads(hdr), 1)
-            t0 = time.perf_counter()
-            p = d.ctl("preload", "big", path, check=False)
-            t_pre = time.perf_counter() - t0
+            _, idle = probe_during(d, lambda: time.sleep(1))
+            box = []
+            t_pre, busy = probe_during(d, lambda: box.append(d.ctl("preload", "big", path,
+                                                                    check=False)))
+            p = box[0]
             why = p.stderr.strip().splitlines()[-1] if p.returncode else "accepted"
             print(f"{n} tensors, header {len(hdr) / 1e6:.1f} MB: answer in {ms(t_pre):.0f} ms"
                   f" ({why}); json.loads {ms(t_json):.0f} ms = {t_json / t_pre:.2f} x")
+            print(f"  a list beside the preload waited at most {ms(max(busy)):.1f} ms against at"
+                  f" most {ms(max(idle)):.1f} ms idle = {max(busy) / max(idle):.1f} x")
             print(f"  daemon peak RSS: {[l.split()[1] for l in open(f'/proc/{d.pid}/status') if l.startswith('VmHWM')][0]} KiB")
             if not p.returncode:
                 info_beside_probes(d, "big", n)
