@@ -11,6 +11,7 @@
  * every upload fails with WSD_ENODEV; the host tier never notices.
  */
 #include "gpu.h"
+#include "gpu-stage.h"
 
 #include <cuda.h>
 #include <cuda_runtime_api.h>
@@ -319,13 +320,6 @@ int gpu_check_device(int index, fmt_err_t *err)
     return 0;
 }
 
-/* One staging chunk: up to STAGE_BYTES of one storage. */
-typedef struct up_chunk {
-    uint32_t storage;
-    uint64_t off; /* byte offset within the storage */
-    uint64_t len;
-} up_chunk_t;
-
 typedef struct up_job {
     const manifest_t *m;
     const uint64_t *offsets; /* device layout */
@@ -333,7 +327,7 @@ typedef struct up_job {
     uint64_t host_size;
     int dev;
     char *dbase;             /* device address of the allocation */
-    up_chunk_t *chunks;
+    gpu_chunk_t *chunks;     /* gpu-stage.h's plan */
     size_t nchunks;
     atomic_size_t next;      /* next chunk to take */
     atomic_bool failed;      /* stop taking chunks */
@@ -365,24 +359,6 @@ static void done_add(up_job_t *job, uint64_t n)
 {
     if (job->progress)
         atomic_fetch_add(&job->progress->done, n);
-}
-
-static int pread_full(int fd, void *buf, size_t len, uint64_t off)
-{
-    size_t done = 0;
-
-    while (done < len) {
-        ssize_t k = pread(fd, (char *)buf + done, len - done, (off_t)(off + done));
-
-        if (k < 0 && errno == EINTR)
-            continue;
-        if (k < 0)
-            return -errno;
-        if (k == 0)
-            return -ENODATA;
-        done += (size_t)k;
-    }
-    return 0;
 }
 
 /*
@@ -436,9 +412,7 @@ static void *up_thread(void *arg)
     }
     for (;; k ^= 1) {
         size_t i = atomic_fetch_add(&job->next, 1);
-        const up_chunk_t *c;
-        const mf_storage_t *s;
-        int r;
+        const gpu_chunk_t *c;
 
         if (i >= job->nchunks || atomic_load(&job->failed))
             break;
@@ -448,7 +422,6 @@ static void *up_thread(void *arg)
             break;
         }
         c = &job->chunks[i];
-        s = &job->m->storages[c->storage];
         if (pending[k]) {
             ce = cudaEventSynchronize(ev[k]);
             if (ce != cudaSuccess) {
@@ -459,23 +432,16 @@ static void *up_thread(void *arg)
             pending[k] = false;
             done_add(job, plen[k]);
         }
-        if (s->arena_offset > job->host_size || c->off + c->len > job->host_size - s->arena_offset)
-            r = -ENODATA;
-        else
-            r = pread_full(job->host_fd, buf[k], (size_t)c->len, s->arena_offset + c->off);
-        if (r < 0) {
-            (void)fmt_fail(&e, WSD_EIO, "E_GPU_UPLOAD",
-                           "storage '%s': reading the host arena at %llu failed: %s", s->key,
-                           (unsigned long long)(s->arena_offset + c->off),
-                           r == -ENODATA ? "short read" : strerror(-r));
+        if (gpu_stage_read(job->m, job->offsets, c, job->host_fd, job->host_size, buf[k],
+                           &e) < 0) {
             job_fail(job, &e);
             break;
         }
         /* gpu.sticky: as if the copy had hit a sticky error (G6's daemon side, on hardware). */
         ce = FAULT("gpu.sticky")
                  ? cudaErrorIllegalAddress
-                 : cudaMemcpyAsync(job->dbase + job->offsets[c->storage] + c->off, buf[k],
-                                   (size_t)c->len, cudaMemcpyHostToDevice, st);
+                 : cudaMemcpyAsync(job->dbase + c->dev_off, buf[k], (size_t)c->len,
+                                   cudaMemcpyHostToDevice, st);
         if (ce == cudaSuccess)
             ce = cudaEventRecord(ev[k], st);
         if (ce != cudaSuccess) {
@@ -484,7 +450,7 @@ static void *up_thread(void *arg)
             break;
         }
         pending[k] = true;
-        plen[k] = c->len;
+        plen[k] = c->payload;
     }
     if (st) {
         /* Always drain: a staging buffer must not be freed under a copy in flight. */
@@ -533,29 +499,17 @@ static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint6
                     .dev = dev, .dbase = dbase, .progress = progress, .err = err};
     pthread_t th[UPLOAD_STREAMS_MAX];
     unsigned nth = 0, want;
-    size_t n = 0;
-    int r = 0;
+    int r;
 
-    for (size_t i = 0; i < m->nstorages; i++)
-        n += (size_t)((m->storages[i].nbytes + STAGE_BYTES - 1) / STAGE_BYTES);
-    if (n == 0)
-        return 0;
+    r = gpu_stage_plan(m, offsets, STAGE_BYTES, &job.chunks, &job.nchunks, err);
+    if (r < 0 || job.nchunks == 0)
+        return r;
     job.nstreams = upload_streams();
-    job.chunks = calloc(n, sizeof(*job.chunks));
-    if (!job.chunks)
-        return fmt_fail(err, -ENOMEM, NULL, "out of memory for the upload plan");
-    for (size_t i = 0; i < m->nstorages; i++)
-        for (uint64_t off = 0; off < m->storages[i].nbytes; off += STAGE_BYTES) {
-            uint64_t left = m->storages[i].nbytes - off;
-
-            job.chunks[job.nchunks++] = (up_chunk_t){
-                .storage = (uint32_t)i, .off = off, .len = left < STAGE_BYTES ? left : STAGE_BYTES};
-        }
     atomic_init(&job.next, 0);
     atomic_init(&job.failed, false);
     atomic_init(&job.first_copy_ns, 0);
     pthread_mutex_init(&job.lock, NULL);
-    want = n < job.nstreams ? (unsigned)n : job.nstreams;
+    want = job.nchunks < job.nstreams ? (unsigned)job.nchunks : job.nstreams;
     for (; nth < want; nth++)
         if (pthread_create(&th[nth], NULL, up_thread, &job) != 0)
             break;

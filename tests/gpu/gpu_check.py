@@ -10,7 +10,8 @@ injected sticky error in the daemon's own upload marks the device degraded; G8's
 rollback (both through WEIGHTSD_FAULT, so the carried build has -DWSD_FAULT_INJECTION=ON); lifetime (importer killed, evict --force with importers, daemon SIGKILL with importers);
 4 workers -> one copy (nvidia-smi / cudaMemGetInfo); H2D upload rate against a plain pinned
 copy of the same bytes in the same run; attach time per worker; load_into(SomeModule) on cuda:0
-against torch.load(...).to("cuda"); the legacy IPC fallback (WEIGHTSD_GPU_LEGACY=1).
+against torch.load(...).to("cuda"); 20000 small tensors packed many to a staging copy, read
+back whole; the legacy IPC fallback (WEIGHTSD_GPU_LEGACY=1).
 """
 import json
 import os
@@ -429,6 +430,40 @@ def check_load_into(res, d, tmp):
     res["ok"] = res["on_cuda"] and torch.equal(y, yr)
 
 
+def check_many_small(res, d, tmp):
+    """20000 small tensors of four dtypes: the upload packs many storages into each staging
+    copy (daemon/tiers/gpu-stage.c), padding between them, so every tensor read back through
+    a worker's read-only import must equal the file."""
+    import torch
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(9)
+    dtypes = [torch.float32, torch.float16, torch.int8, torch.bool]
+    sd = {}
+    for i in range(20000):
+        n = int(torch.randint(1, 3000, (1,), generator=g))
+        dt = dtypes[i % 4]
+        t = torch.randn(n, generator=g) * 100
+        sd[f"t{i:05d}"] = t > 0 if dt is torch.bool else t.clamp(-127, 127).to(dt)
+    path = os.path.join(tmp, "many.safetensors")
+    save_file(sd, path)
+    res["ntensors"] = len(sd)
+    res["bytes"] = sum(t.numel() * t.element_size() for t in sd.values())
+    del sd
+    d.preload("many", path, "--device", "cuda:0")
+    dev = [x for x in d.ctl_json("info", "many", "--no-tensors")["devices"]
+           if x["device"] == "cuda:0"][0]
+    res["upload_us"], res["fill_us"] = dev["upload_us"], dev["fill_us"]
+    w = Worker(d.sock, "many", path)
+    try:
+        res["attach"] = w.ask("attach", timeout=180)
+        res["verify"] = w.ask("verify", timeout=180)
+    finally:
+        w.kill() if w.p.poll() is None else None
+    d.ctl("evict", "many")
+    res["ok"] = (res["verify"]["mismatches"] == 0 and res["verify"]["on_cuda"]
+                 and res["attach"]["ntensors"] == res["ntensors"])
+
+
 def fault_daemon(Daemon, tmp, name, spec):
     """A daemon with WEIGHTSD_FAULT armed; the carried build must have the hooks
     (-DWSD_FAULT_INJECTION=ON, run.sh's recipe)."""
@@ -662,6 +697,7 @@ def main():
                          ("g6_worker_fault_isolated", check_g6, d, path),
                          ("four_workers_one_copy", check_one_copy, d, path, nbytes),
                          ("load_into_somemodule", check_load_into, d, tmp),
+                         ("many_small_tensors_packed", check_many_small, d, tmp),
                          ("g2_lifetime", check_g2, d, path, nbytes, Daemon, tmp)]
         for name, fn, *a in daemon_checks:
             run(name, fn, *a) if big else skip(name, "the daemon or the model file failed")
