@@ -266,7 +266,9 @@ static int get_varint(const uint8_t **p, const uint8_t *end, uint64_t *ret)
     return -EBADMSG;
 }
 
-int manifest_pb_next_tensor(manifest_pb_cursor_t *c, const uint8_t **ret, size_t *ret_len)
+/* The next length-delimited Manifest field number \p field at or after the cursor. */
+static int next_field(manifest_pb_cursor_t *c, uint64_t field, const uint8_t **ret,
+                      size_t *ret_len)
 {
     while (c->p < c->end) {
         uint64_t key, n;
@@ -289,7 +291,7 @@ int manifest_pb_next_tensor(manifest_pb_cursor_t *c, const uint8_t **ret, size_t
             if (get_varint(&c->p, c->end, &n) < 0 || n > (uint64_t)(c->end - c->p))
                 return -EBADMSG;
             c->p += n;
-            if (key >> 3 == 2) { /* Manifest.tensors */
+            if (key >> 3 == field) {
                 *ret = c->p - n;
                 *ret_len = (size_t)n;
                 return 1;
@@ -299,5 +301,44 @@ int manifest_pb_next_tensor(manifest_pb_cursor_t *c, const uint8_t **ret, size_t
             return -EBADMSG;
         }
     }
+    return 0;
+}
+
+int manifest_pb_next_tensor(manifest_pb_cursor_t *c, const uint8_t **ret, size_t *ret_len)
+{
+    return next_field(c, 2, ret, ret_len); /* Manifest.tensors */
+}
+
+int manifest_pb_storages(const uint8_t *pb, size_t len, manifest_t **ret)
+{
+    manifest_pb_cursor_t c = {.p = pb, .end = pb + len};
+    manifest_t *m = manifest_new();
+    const uint8_t *sp;
+    size_t slen;
+    int r;
+
+    if (!m)
+        return -ENOMEM;
+    while ((r = next_field(&c, 1, &sp, &slen)) == 1) { /* Manifest.storages */
+        Weightsd__V1__StorageInfo *s = weightsd__v1__storage_info__unpack(NULL, slen, sp);
+        uint32_t i;
+
+        if (!s) {
+            r = -EBADMSG; /* or no memory: protobuf-c does not say which */
+            break;
+        }
+        r = manifest_add_storage(m, s->key ? s->key : "", 0, s->offset, s->nbytes, WSD_DTYPE_U8,
+                                 &i);
+        if (r == 0)
+            m->storages[i].arena_offset = s->offset;
+        weightsd__v1__storage_info__free_unpacked(s, NULL);
+        if (r < 0)
+            break;
+    }
+    if (r < 0) {
+        manifest_free(m);
+        return r;
+    }
+    *ret = m;
     return 0;
 }

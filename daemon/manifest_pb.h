@@ -70,4 +70,12 @@ typedef struct manifest_pb_cursor {
  */
 int manifest_pb_next_tensor(manifest_pb_cursor_t *c, const uint8_t **ret, size_t *ret_len);
 
+/*
+ * The storages of a packed Manifest as a manifest_t without tensors: key, nbytes, and the
+ * offset as both src_offset and arena_offset (what a GPU upload from the model's fd needs).
+ * \param[out] ret  written on success only; free with manifest_free().
+ * \retval 0, -ENOMEM, WSD_ELIMIT (past MANIFEST_STORAGES_MAX), -EBADMSG (malformed).
+ */
+int manifest_pb_storages(const uint8_t *pb, size_t len, manifest_t **ret);
+
 #endif /* WSD_MANIFEST_PB_H */

@@ -349,6 +349,71 @@ TEST(every_allocation_can_fail)
 #endif
 }
 
+/* A GPU upload after the preload (registry.c upload_more) reads the storages back from the
+ * packed manifest: keys, sizes and arena offsets as they went in, tensors skipped. */
+TEST(storages_come_back_from_the_packed_manifest)
+{
+    manifest_t *m = manifest_new(), *back = NULL;
+    uint8_t *pb;
+    size_t len;
+    char key[32];
+
+    ASSERT(m);
+    for (size_t i = 0; i < 300; i++) {
+        mf_tensor_t t = {.name = key, .dtype = WSD_DTYPE_U8, .ndim = 1, .shape = {1},
+                         .stride = {1}, .storage = (uint32_t)i};
+
+        snprintf(key, sizeof(key), "data/%zu", i);
+        ASSERT_EQ(manifest_add_storage(m, key, 0, 7, i * 3 + 1, WSD_DTYPE_U8, NULL), 0);
+        m->storages[i].arena_offset = 64ull * i * i + (i == 299 ? (1ull << 40) : 0);
+        ASSERT_EQ(manifest_add_tensor(m, &t), 0);
+    }
+    ASSERT_EQ(manifest_pb_encode(m, (1ull << 41), "abc", &pb, &len), 0);
+    ASSERT_EQ(manifest_pb_storages(pb, len, &back), 0);
+    ASSERT_UINT_EQ(back->nstorages, 300);
+    ASSERT_UINT_EQ(back->ntensors, 0);
+    for (size_t i = 0; i < 300; i++) {
+        ASSERT_STR_EQ(back->storages[i].key, m->storages[i].key);
+        ASSERT_UINT_EQ(back->storages[i].nbytes, m->storages[i].nbytes);
+        ASSERT_UINT_EQ(back->storages[i].arena_offset, m->storages[i].arena_offset);
+    }
+    manifest_free(back);
+    back = NULL;
+    /* Cut anywhere inside, a manifest is malformed or shorter, never read past its end. */
+    for (size_t cut = 1; cut < len; cut += 97) {
+        int r = manifest_pb_storages(pb, len - cut, &back);
+
+        ASSERT(r == -EBADMSG || r == 0);
+        if (r == 0) {
+            ASSERT_LE(back->nstorages, 300);
+            back = manifest_free(back);
+        }
+    }
+#ifdef WSD_FAULT_INJECTION
+    for (unsigned long n = 1;; n++) {
+        char spec[32];
+        unsigned long calls;
+        int r;
+
+        snprintf(spec, sizeof(spec), "malloc:%lu", n);
+        fault_arm(spec);
+        r = manifest_pb_storages(pb, len, &back);
+        calls = fault_calls("malloc");
+        fault_arm(NULL);
+        if (calls < n) {
+            ASSERT_EQ(r, 0);
+            back = manifest_free(back);
+            break;
+        }
+        /* protobuf-c's own allocations are not ours to count; a failed one reads as
+         * malformed, since protobuf-c does not say which. */
+        ASSERT(r == -ENOMEM || r == -EBADMSG);
+    }
+#endif
+    free(pb);
+    manifest_free(m);
+}
+
 int main(int argc, char **argv)
 {
     return test_main(argc, argv);
