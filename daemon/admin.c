@@ -43,7 +43,7 @@ static void preload_tick_cb(uv_timer_t *t)
     char msg[128];
 
     if (c->closing) {
-        if (ctx->cancel_on_disconnect && ctx->model->state == MODEL_LOADING) {
+        if (ctx->cancel_on_disconnect && ctx->model->loading) {
             log_info("admin client of preload '%s' went away: cancelling", ctx->model->name);
             (void)registry_cancel(c->srv->reg, ctx->model->name, msg, sizeof(msg));
             ctx->cancel_on_disconnect = false;

@@ -92,9 +92,9 @@ static void on_ready(void *data, model_t *m)
     if (notify_fdname(an, sizeof(an), PREFIX_ARENA, m->name) < 0 ||
         notify_fdname(mn, sizeof(mn), PREFIX_RECORD, m->name) < 0)
         return;
-    doc = json_pack("{s:s, s:s, s:s, s:i, s:I, s:s}", "name", m->name, "source", m->source,
-                    "hash", m->hash, "dtype", m->dtype, "arena_size", (json_int_t)m->arena.size,
-                    "format", m->mf ? m->mf->format : "");
+    doc = json_pack("{s:s, s:s, s:s?, s:s, s:i, s:I, s:s}", "name", m->name, "source",
+                    m->source, "key", m->key, "hash", m->hash, "dtype", m->dtype, "arena_size",
+                    (json_int_t)m->arena.size, "format", m->mf ? m->mf->format : "");
     text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
     json_decref(doc);
     if (!text)
@@ -228,6 +228,7 @@ static int adopt_one(registry_t *r, int rec_fd, int arena_fd, const char *want)
     snprintf(mf->format, sizeof(mf->format), "%s",
              json_string_value(json_object_get(doc, "format")) ?: "");
     r2 = registry_adopt(r, want, json_string_value(json_object_get(doc, "source")),
+                        json_string_value(json_object_get(doc, "key")), /* NULL if none */
                         json_string_value(json_object_get(doc, "hash")),
                         (int)json_integer_value(json_object_get(doc, "dtype")), mf, arena_fd,
                         (uint64_t)json_integer_value(json_object_get(doc, "arena_size")), msg,

@@ -71,6 +71,7 @@ static void model_free(model_t *m)
     free(m->manifest_pb);
     free(m->name);
     free(m->source);
+    free(m->key);
     free(m);
 }
 
@@ -289,6 +290,8 @@ typedef struct preload_work {
     int *devices;            /* CUDA ordinals to upload to, owned */
     size_t ndevices;
     gpu_export_t *gpu;       /* ndevices uploads, filled by the copy phase */
+    bool upload_only;        /* a ready model to more devices: arena is a dup of its fd */
+    bool allow_gpu_write;    /* upload_only: the request's --allow-gpu-write */
     uint64_t bytes;          /* sum over storages, and ntensors: taken by the copy phase */
     size_t ntensors;         /* before it drops the parsed tables */
 } preload_work_t;
@@ -618,7 +621,7 @@ static int make_room(registry_t *r, model_t *self, uint64_t need, fmt_err_t *err
     if (!budget || (need <= budget && used <= budget - need))
         return 0;
     for (model_t *m = r->models; m; m = m->next)
-        if (m != self && m->state == MODEL_READY && m->leases == 0)
+        if (m != self && m->state == MODEL_READY && m->leases == 0 && !m->loading)
             idle += model_resident(m);
     if (need > budget || used - idle > budget - need)
         return fmt_fail(err, WSD_ENOMEM, "E_BUDGET",
@@ -631,7 +634,7 @@ static int make_room(registry_t *r, model_t *self, uint64_t need, fmt_err_t *err
         char msg[128];
 
         for (model_t *m = r->models; m; m = m->next)
-            if (m != self && m->state == MODEL_READY && m->leases == 0 &&
+            if (m != self && m->state == MODEL_READY && m->leases == 0 && !m->loading &&
                 (!lru || m->last_used_ms < lru->last_used_ms))
                 lru = m;
         if (!lru)
@@ -672,6 +675,179 @@ static void preload_parsed_cb(uv_work_t *req, int uvstatus)
     preload_copied_cb(req, 0);
 }
 
+/*
+ * On the thread pool: a ready model's upload to more devices. Its storages come back from its
+ * packed manifest (the parsed tables were dropped at preload); the model's fields read here
+ * are immutable while it is referenced, and the arena is the work's own duplicate of its fd.
+ */
+static void upload_work_cb(uv_work_t *req)
+{
+    preload_work_t *w = req->data;
+    const model_t *m = w->model;
+    int r = 0;
+
+    for (size_t i = 0; r == 0 && i < w->ndevices; i++)
+        r = gpu_check_device(w->devices[i], &w->err);
+    if (r == 0) {
+        r = manifest_pb_storages(m->manifest_pb, m->manifest_pb_len, &w->mf);
+        if (r < 0)
+            r = fmt_fail(&w->err, r == -ENOMEM ? WSD_ENOMEM : WSD_EINTERNAL, NULL,
+                         "cannot read back the storages of '%s': %s", m->name, wsd_strerror(r));
+    }
+    if (r == 0 && m->manifest_pb_len + manifest_pb_gpu_field_max(w->mf->nstorages) >
+                      (size_t)MANIFEST_PB_MAX)
+        r = fmt_fail(&w->err, WSD_ELIMIT, "E_LIMIT",
+                     "the manifest of '%s' packs to %zu bytes, too large to send beside the GPU "
+                     "export of its %zu storage offsets (a reply carries at most %zu)",
+                     m->name, m->manifest_pb_len, w->mf->nstorages, (size_t)MANIFEST_PB_MAX);
+    if (r == 0)
+        r = preload_gpu(w);
+    if (r < 0 && !w->err.code)
+        (void)fmt_fail(&w->err, r, NULL, "%s", wsd_strerror(r));
+    w->status = r;
+}
+
+static void upload_done_cb(uv_work_t *req, int uvstatus)
+{
+    preload_work_t *w = req->data;
+    model_t *m = w->model;
+    registry_t *r = m->reg;
+    gpu_export_t *grown = NULL;
+
+    m->loading = NULL;
+    if (uvstatus < 0 && w->status == 0)
+        w->status = fmt_fail(&w->err, WSD_EINTERNAL, NULL, "upload cancelled");
+    if (w->status == 0 && !m->listed) /* evict refuses; shutdown drains the pool first */
+        w->status = fmt_fail(&w->err, WSD_ENOTFOUND, NULL, "model '%s' went away during the "
+                             "upload", m->name);
+    if (w->status == 0) {
+        grown = realloc(m->gpu, (m->ngpu + w->ndevices) * sizeof(*m->gpu));
+        if (!grown)
+            w->status = fmt_fail(&w->err, WSD_ENOMEM, NULL, "out of memory");
+    }
+    if (w->status == 0) {
+        /* Opens look copies up by device and keep no pointer into the array past the call. */
+        m->gpu = grown;
+        memcpy(m->gpu + m->ngpu, w->gpu, w->ndevices * sizeof(*m->gpu));
+        if (m->ngpu == 0)
+            m->allow_gpu_write = w->allow_gpu_write;
+        m->ngpu += w->ndevices;
+        free(w->gpu);
+        w->gpu = NULL;
+        m->last_used_ms = uv_now(r->loop);
+        r->preloads_ok++;
+        for (size_t i = m->ngpu - w->ndevices; i < m->ngpu; i++)
+            log_info("model '%s' on cuda:%d (from its host copy): %llu bytes, %s, uploaded in "
+                     "%llu ms (copy %llu ms)", m->name, m->gpu[i].device,
+                     (unsigned long long)m->gpu[i].size, gpu_handle_kind_name(m->gpu[i].kind),
+                     (unsigned long long)(m->gpu[i].upload_ns / 1000000),
+                     (unsigned long long)(m->gpu[i].fill_ns / 1000000));
+        w->cb(w->data, m, 0, NULL);
+    } else {
+        r->preloads_failed++;
+        log_error("upload of '%s' to more devices failed: %s; it is still served as before",
+                  m->name, w->err.msg);
+        w->cb(w->data, NULL, w->status, w->err.msg);
+    }
+    gpu_exports_free(w->gpu, w->ndevices);
+    manifest_free(w->mf);
+    host_arena_close(&w->arena);
+    free(w->devices);
+    free(w);
+    model_unref(m);
+}
+
+/*
+ * A preload that names an existing model: the same checkpoint and options on devices the
+ * model is not on yet become an upload from its host copy; anything else is WSD_EEXIST.
+ */
+static int upload_more(model_t *m, const preload_args_t *a, registry_preload_cb cb, void *data,
+                       char *msg, size_t msglen)
+{
+    registry_t *r = m->reg;
+    preload_work_t *w;
+    size_t n = 0;
+    int k;
+
+    if (a->ndevices == 0 || m->state != MODEL_READY) {
+        snprintf(msg, msglen, "a model named '%s' exists already%s", m->name,
+                 m->state == MODEL_READY ? "" : m->state == MODEL_LOADING ? " (loading)"
+                                                                          : " (going away)");
+        return WSD_EEXIST;
+    }
+    if (m->loading) {
+        snprintf(msg, msglen, "model '%s' is being uploaded to a device already; wait for it",
+                 m->name);
+        return WSD_EEXIST;
+    }
+    if (strcmp(m->source, a->path) != 0 || m->dtype != a->dtype ||
+        m->share_file != a->share_file || (m->key ? !a->key || strcmp(m->key, a->key) != 0
+                                                  : a->key != NULL)) {
+        snprintf(msg, msglen,
+                 "a model named '%s' exists already, from '%s'%s%s%s%s%s: a preload adds devices "
+                 "only to the same checkpoint with the same --key, --dtype and --share (evict it "
+                 "to change them)", m->name, m->source, m->key ? " --key " : "",
+                 m->key ? m->key : "", m->dtype >= 0 ? " --dtype " : "",
+                 m->dtype >= 0 ? wsd_dtype_name(m->dtype) : "",
+                 m->share_file ? " --share file" : "");
+        return WSD_EEXIST;
+    }
+    if (m->ngpu && a->allow_gpu_write != m->allow_gpu_write) {
+        snprintf(msg, msglen, "model '%s' is on the GPU %s --allow-gpu-write, which holds for "
+                              "every device copy", m->name,
+                 m->allow_gpu_write ? "with" : "without");
+        return WSD_EINVAL;
+    }
+    w = calloc(1, sizeof(*w));
+    if (!w || !(w->devices = calloc(a->ndevices, sizeof(*w->devices)))) {
+        free(w);
+        snprintf(msg, msglen, "out of memory");
+        return -ENOMEM;
+    }
+    for (size_t i = 0; i < a->ndevices; i++)
+        if (!model_gpu(m, a->devices[i]))
+            w->devices[n++] = a->devices[i];
+    if (n == 0) {
+        snprintf(msg, msglen, "model '%s' exists already on %s", m->name,
+                 a->ndevices == 1 ? "that device" : "those devices");
+        free(w->devices);
+        free(w);
+        return WSD_EEXIST;
+    }
+    w->ndevices = n;
+    w->upload_only = true;
+    w->allow_gpu_write = a->allow_gpu_write;
+    w->dtype = -1;
+    w->arena.fd = fcntl(m->arena.fd, F_DUPFD_CLOEXEC, 3); /* evict cannot close it under us */
+    w->arena.size = m->arena.size;
+    if (w->arena.fd < 0) {
+        k = -errno;
+        snprintf(msg, msglen, "cannot duplicate the model's fd: %s", strerror(-k));
+        free(w->devices);
+        free(w);
+        return k;
+    }
+    w->model = m;
+    w->cb = cb;
+    w->data = data;
+    w->t0 = uv_hrtime();
+    w->req.data = w;
+    atomic_init(&w->phase, PHASE_UPLOAD);
+    k = uv_queue_work(r->loop, &w->req, upload_work_cb, upload_done_cb);
+    if (k < 0) {
+        snprintf(msg, msglen, "cannot queue the upload: %s", uv_strerror(k));
+        host_arena_close(&w->arena);
+        free(w->devices);
+        free(w);
+        return WSD_EINTERNAL;
+    }
+    m->refs++;
+    m->loading = w;
+    log_info("uploading '%s' to %zu more device%s from its host copy", m->name, n,
+             n == 1 ? "" : "s");
+    return 0;
+}
+
 static bool name_ok(const char *s)
 {
     size_t n = strlen(s);
@@ -707,10 +883,9 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
                               "with --dtype");
         return WSD_EINVAL;
     }
-    if (registry_find(r, a->name)) {
-        snprintf(msg, msglen, "a model named '%s' exists already", a->name);
-        return WSD_EEXIST;
-    }
+    m = registry_find(r, a->name);
+    if (m)
+        return upload_more(m, a, cb, data, msg, msglen);
     m = calloc(1, sizeof(*m));
     w = calloc(1, sizeof(*w));
     if (!m || !w)
@@ -723,7 +898,8 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
         goto nomem;
     if (a->key) {
         w->key = strdup(a->key);
-        if (!w->key)
+        m->key = strdup(a->key);
+        if (!w->key || !m->key)
             goto nomem;
     }
     if (a->ndevices) {
@@ -794,6 +970,16 @@ const gpu_export_t *model_gpu(const model_t *m, int index)
     return NULL;
 }
 
+bool model_uploading_to(const model_t *m, int index)
+{
+    const preload_work_t *w = m->loading;
+
+    for (size_t i = 0; w && w->upload_only && i < w->ndevices; i++)
+        if (w->devices[i] == index)
+            return true;
+    return false;
+}
+
 bool model_check_stale(model_t *m)
 {
     struct stat st;
@@ -823,9 +1009,9 @@ bool model_source_replaced(const model_t *m)
            st.st_dev != m->file_st.st_dev;
 }
 
-int registry_adopt(registry_t *r, const char *name, const char *source, const char *hash,
-                   int dtype, manifest_t *mf, int arena_fd, uint64_t arena_size, char *msg,
-                   size_t msglen)
+int registry_adopt(registry_t *r, const char *name, const char *source, const char *key,
+                   const char *hash, int dtype, manifest_t *mf, int arena_fd, uint64_t arena_size,
+                   char *msg, size_t msglen)
 {
     const int need = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE;
     fmt_err_t err = {0};
@@ -858,9 +1044,11 @@ int registry_adopt(registry_t *r, const char *name, const char *source, const ch
             return WSD_EBADCKPT;
         }
     m = calloc(1, sizeof(*m));
-    if (!m || !(m->name = strdup(name)) || !(m->source = strdup(source ? source : ""))) {
+    if (!m || !(m->name = strdup(name)) || !(m->source = strdup(source ? source : "")) ||
+        (key && !(m->key = strdup(key)))) {
         if (m) {
             free(m->name);
+            free(m->source);
             free(m);
         }
         manifest_free(mf);
@@ -870,6 +1058,7 @@ int registry_adopt(registry_t *r, const char *name, const char *source, const ch
     if (manifest_pb_encode(mf, arena_size, hash, &m->manifest_pb, &m->manifest_pb_len) < 0) {
         free(m->name);
         free(m->source);
+        free(m->key);
         free(m);
         manifest_free(mf);
         snprintf(msg, msglen, "cannot encode the manifest of '%s'", name);
@@ -907,13 +1096,13 @@ int registry_cancel(registry_t *r, const char *name, char *msg, size_t msglen)
         snprintf(msg, msglen, "no model named '%s'", name);
         return WSD_ENOTFOUND;
     }
-    if (m->state != MODEL_LOADING || !m->loading) {
+    if (!m->loading) {
         snprintf(msg, msglen, "model '%s' is %s, not loading: nothing to cancel", name,
                  model_state_name(m->state));
         return WSD_EBUSY;
     }
     atomic_store(&m->loading->progress.cancel, true);
-    log_info("preload of '%s' cancelled", name);
+    log_info("%s of '%s' cancelled", m->loading->upload_only ? "upload" : "preload", name);
     snprintf(msg, msglen, "cancelling");
     return 0;
 }
@@ -923,7 +1112,7 @@ unsigned registry_cancel_all(registry_t *r)
     unsigned n = 0;
 
     for (model_t *m = r->models; m; m = m->next)
-        if (m->state == MODEL_LOADING && m->loading) {
+        if (m->loading) {
             atomic_store(&m->loading->progress.cancel, true);
             n++;
         }
@@ -963,6 +1152,11 @@ int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, s
     }
     if (m->state == MODEL_LOADING) {
         snprintf(msg, msglen, "model '%s' is still loading", name);
+        return WSD_ELOADING;
+    }
+    if (m->loading) {
+        snprintf(msg, msglen, "model '%s' is being uploaded to a device; wait for it or cancel "
+                              "it (weightsctl cancel %s)", name, name);
         return WSD_ELOADING;
     }
     if (m->leases > 0 && !(flags & (WSD_EVICT_FORCE | WSD_EVICT_DRAIN))) {

@@ -46,6 +46,7 @@ struct model {
     registry_t *reg;
     char *name;
     char *source;             /* path as given to preload */
+    char *key;                /* --key subtree it was preloaded with, or NULL */
     model_state_t state;
     bool listed;              /* in the registry's list (false once evicted) */
     unsigned refs;            /* 1 while listed + 1 per lease + 1 per running preload */
@@ -68,7 +69,8 @@ struct model {
     bool acl;                 /* only acl_users/acl_groups (and root, the daemon) may open it */
     policy_ids_t acl_users, acl_groups;
     model_waiter_t *waiters;  /* opens waiting while loading */
-    struct preload_work *loading; /* the running preload, NULL once it ended */
+    struct preload_work *loading; /* the running preload, NULL once it ended; on a ready
+                                   * model, an upload to more devices (registry_preload()) */
     gpu_export_t *gpu;        /* ngpu device copies (GPU tier), owned; freed with the model, so
                                  never while a lease exists (legacy IPC memory dies with it) */
     size_t ngpu;
@@ -140,6 +142,11 @@ typedef void (*registry_preload_cb)(void *data, model_t *m, int status, const ch
 
 /*
  * Lists a new model in state loading and queues its load on the thread pool.
+ *
+ * A ready model of the same name, from the same path with the same --key, --dtype and --share,
+ * asked for on devices it is not on yet, is uploaded to those from its own host copy instead
+ * (no checkpoint is read; it stays ready and served meanwhile, and cannot be evicted until the
+ * upload ends). Anything else under an existing name is WSD_EEXIST.
  * \retval 0 (the callback will run), or WSD_EEXIST / WSD_EINVAL / -ENOMEM with \p msg filled
  *         (the callback will not run).
  */
@@ -149,7 +156,7 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
 /*
  * Evicts a model: refused with WSD_EBUSY while leases exist unless WSD_EVICT_DRAIN (stop new
  * opens, free with the last lease) or WSD_EVICT_FORCE (unlist now; memory goes when the last
- * lease and every client mapping go). WSD_ELOADING while loading.
+ * lease and every client mapping go). WSD_ELOADING while loading or uploading to a device.
  */
 int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, size_t msglen);
 
@@ -168,9 +175,9 @@ bool model_source_replaced(const model_t *m);
  * success) holds it. The arena is checked to be a sealed memfd of \p arena_size bytes.
  * \retval 0, WSD_EEXIST, WSD_EBADCKPT (fd not sealed / wrong size) with \p msg filled.
  */
-int registry_adopt(registry_t *r, const char *name, const char *source, const char *hash,
-                   int dtype, manifest_t *mf, int arena_fd, uint64_t arena_size, char *msg,
-                   size_t msglen);
+int registry_adopt(registry_t *r, const char *name, const char *source, const char *key,
+                   const char *hash, int dtype, manifest_t *mf, int arena_fd, uint64_t arena_size,
+                   char *msg, size_t msglen);
 
 /* What the daemon keeps for itself below a cgroup memory limit (code, buffers, page cache). */
 #define REGISTRY_CGROUP_RESERVE (32ull << 20)
@@ -201,13 +208,16 @@ int registry_cancel(registry_t *r, const char *name, char *msg, size_t msglen);
  * WSD_ECANCELED at their next check, within one copy chunk. \retval how many were asked. */
 unsigned registry_cancel_all(registry_t *r);
 
-/* While \p m loads: its phase ("parse", "copy") and bytes done of total. \retval false once
- * the preload has ended. */
+/* While \p m loads (or uploads to more devices): its phase ("parse", "copy", "upload") and
+ * bytes done of total. \retval false once the preload has ended. */
 bool model_progress(const model_t *m, const char **ret_phase, uint64_t *ret_done,
                     uint64_t *ret_total);
 
 /* The model's copy on CUDA device \p index, or NULL. */
 const gpu_export_t *model_gpu(const model_t *m, int index);
+
+/* Whether a running upload of ready model \p m is for CUDA device \p index. */
+bool model_uploading_to(const model_t *m, int index);
 
 /* Lease bookkeeping for sessions. */
 void model_lease_get(model_t *m);

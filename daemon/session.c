@@ -60,6 +60,13 @@ static const gpu_export_t *open_gpu(conn_t *c, uint64_t id, model_t *m, int devi
     const gpu_export_t *g = model_gpu(m, device);
     char where[256], why[200];
 
+    if (!g && model_uploading_to(m, device)) {
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_ELOADING,
+                        "model '%s' is being uploaded to cuda:%d; open it there when its "
+                        "preload has returned", m->name, device);
+        return NULL;
+    }
     if (!g) {
         served_on(m, where, sizeof(where));
         c->srv->stats.open_errors++;

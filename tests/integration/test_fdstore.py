@@ -126,3 +126,47 @@ def test_readoption_of_many_tensors_is_linear(tmp_path):
         assert proc.wait(timeout=30) == 0
     finally:
         cleanup(proc, store)
+
+
+def test_readopted_model_can_be_preloaded_again_for_a_device(tmp_path):
+    """The fd store keeps the host copy, not a GPU one: after a restart the operator preloads
+    the model again with --device, which must reach the upload from the re-adopted copy (here
+    failing with the no-device cause) rather than "exists already". That needs the record to
+    remember the --key the model was preloaded with, so it is matched; another key is not."""
+    torch = __import__("pytest").importorskip("torch")
+    tmp = str(tmp_path)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {"w": torch.arange(8.0)}, "step": 3}, path)
+    store = FdStore(os.path.join(tmp, "notify.sock"))
+    proc = store.start(tmp)
+    try:
+        wait_ready(store, proc)
+        out = ctl_json(tmp, "preload", "k", str(path), "--key", "model")
+        store.pump(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        raise
+    store.messages.clear()
+    proc = store.start(tmp)
+    try:
+        wait_ready(store, proc)
+        assert ctl_json(tmp, "info", "k")["hash"] == out["hash"]
+
+        def preload(*args):
+            return subprocess.run([os.path.join(BIN, "weightsctl"), "--admin-socket",
+                                   os.path.join(tmp, "a.sock"), "preload", "k", str(path),
+                                   *args], capture_output=True, text=True)
+        p = preload("--key", "model", "--device", "cuda:0")
+        assert p.returncode != 0 and "cuda:0" in p.stderr, p.stderr
+        assert any(s in p.stderr for s in ("no CUDA device", "built without CUDA support")), \
+            p.stderr
+        p = preload("--device", "cuda:0")
+        assert p.returncode != 0 and "exists already" in p.stderr, p.stderr
+        assert "--key model" in p.stderr, p.stderr
+        assert [(m["name"], m["state"]) for m in ctl_json(tmp, "list")] == [("k", "ready")]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        cleanup(proc, store)

@@ -130,3 +130,40 @@ def test_config_devices_reach_the_gpu_tier(tmp_path, model):
         assert attach(d, "h")[-1]["tensors"] == 1
     finally:
         assert d.stop() == 0
+
+
+def test_preload_again_for_a_device_uploads_from_the_host_copy(daemon, model, tmp_path):
+    """A ready model preloaded again from the same file, for a device it is not on, is an
+    upload from its own host copy (after a restart, the fd store gives the host copy back but
+    not the GPU one). Here that upload fails with the same clear cause, and the model is left
+    exactly as it was: listed, ready, served, evictable, no fd kept."""
+    first = daemon.preload("m", model)
+    fds = daemon.fd_count()
+    failed = daemon.ctl_json("stats")["preloads_failed"]
+    p = daemon.ctl("preload", "m", str(model), "--device", "cpu", "--device", "cuda:0",
+                   check=False)
+    assert p.returncode != 0
+    assert "cuda:0" in p.stderr and any(s in p.stderr for s in NO_DEVICE), p.stderr
+    assert "exists already" not in p.stderr, p.stderr
+    assert "uploading 'm' to 1 more device from its host copy" in daemon.log()
+    assert "upload of 'm' to more devices failed" in daemon.log()
+    assert daemon.ctl_json("stats")["preloads_failed"] == failed + 1
+    assert [(x["name"], x["state"]) for x in daemon.ctl_json("list")] == [("m", "ready")]
+    info = daemon.ctl_json("info", "m")
+    assert info["hash"] == first["hash"] and info["devices"][0]["device"] == "cpu"
+    assert len(info["devices"]) == 1
+    assert attach(daemon, "m")[-1]["hash"] == first["hash"]
+    assert daemon.fd_count() == fds  # the upload's duplicate of the arena fd is closed
+    # Anything but the same checkpoint and options on a new device: exists already, as before.
+    other = write_safetensors(tmp_path / "o.safetensors", [("x", "U8", [1], b"x")])
+    for args in ((other, "--device", "cuda:0"), (model,), (model, "--device", "cpu"),
+                 (model, "--dtype", "bf16", "--device", "cuda:0"),
+                 (model, "--key", "sub", "--device", "cuda:0"),
+                 (model, "--share", "file", "--device", "cuda:0")):
+        p = daemon.ctl("preload", "m", str(args[0]), *args[1:], check=False)
+        assert p.returncode != 0 and "exists already" in p.stderr, (args, p.stderr)
+    p = daemon.ctl("preload", "m", str(other), "--device", "cuda:0", check=False)
+    assert f"from '{model}'" in p.stderr and "--key, --dtype and --share" in p.stderr, p.stderr
+    daemon.ctl("evict", "m")  # not left busy uploading
+    assert daemon.ctl_json("list") == []
+    assert daemon.alive()
