@@ -11,7 +11,7 @@ rollback (both through WEIGHTSD_FAULT, so the carried build has -DWSD_FAULT_INJE
 4 workers -> one copy (nvidia-smi / cudaMemGetInfo); H2D upload rate against a plain pinned
 copy of the same bytes in the same run; attach time per worker; load_into(SomeModule) on cuda:0
 against torch.load(...).to("cuda"); 20000 small tensors packed many to a staging copy, read
-back whole; the legacy IPC fallback (WEIGHTSD_GPU_LEGACY=1).
+back whole; a device added to a ready model from its host copy; the legacy IPC fallback (WEIGHTSD_GPU_LEGACY=1).
 """
 import json
 import os
@@ -464,6 +464,31 @@ def check_many_small(res, d, tmp):
                  and res["attach"]["ntensors"] == res["ntensors"])
 
 
+def check_device_added(res, d, tmp):
+    """A model preloaded for the host only, then preloaded again from the same file with
+    --device cuda:0: the upload comes from its own host copy (registry.c upload_more; what
+    brings a GPU copy back after a restart), and a worker's import must equal the file."""
+    import torch
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(11)
+    path = os.path.join(tmp, "late.safetensors")
+    save_file({f"l{i:02d}": torch.randn(1 << 18, generator=g) for i in range(48)}, path)
+    first = d.preload("late", path)
+    up = d.preload("late", path, "--device", "cuda:0")
+    res["same_hash"] = up["hash"] == first["hash"]
+    again = d.ctl("preload", "late", path, "--device", "cuda:0", check=False)
+    res["second_refused"] = again.returncode != 0 and "exists already" in again.stderr
+    w = Worker(d.sock, "late", path)
+    try:
+        res["attach"] = w.ask("attach")
+        res["verify"] = w.ask("verify")
+    finally:
+        w.kill() if w.p.poll() is None else None
+    d.ctl("evict", "late")
+    res["ok"] = (res["same_hash"] and res["second_refused"] and res["verify"]["mismatches"] == 0
+                 and res["verify"]["on_cuda"] and res["attach"]["ntensors"] == 48)
+
+
 def fault_daemon(Daemon, tmp, name, spec):
     """A daemon with WEIGHTSD_FAULT armed; the carried build must have the hooks
     (-DWSD_FAULT_INJECTION=ON, run.sh's recipe)."""
@@ -698,6 +723,7 @@ def main():
                          ("four_workers_one_copy", check_one_copy, d, path, nbytes),
                          ("load_into_somemodule", check_load_into, d, tmp),
                          ("many_small_tensors_packed", check_many_small, d, tmp),
+                         ("device_added_after_preload", check_device_added, d, tmp),
                          ("g2_lifetime", check_g2, d, path, nbytes, Daemon, tmp)]
         for name, fn, *a in daemon_checks:
             run(name, fn, *a) if big else skip(name, "the daemon or the model file failed")
