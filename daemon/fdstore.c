@@ -3,13 +3,16 @@
  * manager's fd store as two sealed memfds, and re-adopted from LISTEN_FDS at the next start.
  *
  *   FDNAME "wsd-a.<name>"  the model's arena (the very memfd workers map)
- *   FDNAME "wsd-m.<name>"  its record: u32 LE length, JSON {name, source, hash, dtype,
- *                          arena_size, format}, then the packed weightsd.v1.Manifest
+ *   FDNAME "wsd-m.<name>"  its record: u32 LE length, JSON {name, source, key, hash, dtype,
+ *                          arena_size, format, devices, allow_gpu_write}, then the packed
+ *                          weightsd.v1.Manifest
  *
  * Names are encoded with notify_fdname(). An evicted model's pair is removed from the store
  * (FDSTOREREMOVE=1); a clean stop or a crash leaves it there, which is the point. Models served
- * with --share file are not stored (the file itself is their copy) and GPU copies are not
- * either: a re-adopted model is served on the host tier until preloaded again for a device.
+ * with --share file are not stored (the file itself is their copy). GPU copies are not stored
+ * either, only the CUDA ordinals they were on ("devices", rewritten when a device is added):
+ * a re-adopted model is uploaded to those again from its re-adopted arena, on the pool, and is
+ * served on the host tier meanwhile (or for good, with a logged error, if the upload fails).
  */
 #include "fdstore.h"
 
@@ -76,29 +79,30 @@ static int sealed_blob(const char *label, const void *a, size_t alen, const void
     return fd;
 }
 
-static void on_ready(void *data, model_t *m)
+/* The record memfd of \p m (sealed), or -errno. */
+static int record_new(const model_t *m)
 {
-    fdstore_t *fs = data;
-    char an[256], mn[256];
-    json_t *doc;
+    json_t *doc, *devs = json_array();
     char *text;
     uint8_t hdr[4];
     size_t tlen;
     uint8_t *rec;
     int fd;
 
-    if (m->share_file || m->arena.fd < 0 || !fs->notify || fs->notify->fd < 0)
-        return;
-    if (notify_fdname(an, sizeof(an), PREFIX_ARENA, m->name) < 0 ||
-        notify_fdname(mn, sizeof(mn), PREFIX_RECORD, m->name) < 0)
-        return;
-    doc = json_pack("{s:s, s:s, s:s?, s:s, s:i, s:I, s:s}", "name", m->name, "source",
-                    m->source, "key", m->key, "hash", m->hash, "dtype", m->dtype, "arena_size",
-                    (json_int_t)m->arena.size, "format", m->mf ? m->mf->format : "");
+    for (size_t i = 0; devs && i < m->ngpu; i++)
+        if (json_array_append_new(devs, json_integer(m->gpu[i].device)) < 0) {
+            json_decref(devs);
+            return -ENOMEM;
+        }
+    doc = json_pack("{s:s, s:s, s:s?, s:s, s:i, s:I, s:s, s:o?, s:b}", "name", m->name,
+                    "source", m->source, "key", m->key, "hash", m->hash, "dtype", m->dtype,
+                    "arena_size", (json_int_t)m->arena.size, "format",
+                    m->mf ? m->mf->format : "", "devices", devs, "allow_gpu_write",
+                    (int)m->allow_gpu_write);
     text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
     json_decref(doc);
     if (!text)
-        return;
+        return -ENOMEM;
     tlen = strlen(text);
     hdr[0] = (uint8_t)tlen;
     hdr[1] = (uint8_t)(tlen >> 8);
@@ -107,13 +111,28 @@ static void on_ready(void *data, model_t *m)
     rec = malloc(4 + tlen);
     if (!rec) {
         free(text);
-        return;
+        return -ENOMEM;
     }
     memcpy(rec, hdr, 4);
     memcpy(rec + 4, text, tlen);
     free(text);
     fd = sealed_blob("weightsd:record", rec, 4 + tlen, m->manifest_pb, m->manifest_pb_len);
     free(rec);
+    return fd;
+}
+
+static void on_ready(void *data, model_t *m)
+{
+    fdstore_t *fs = data;
+    char an[256], mn[256];
+    int fd;
+
+    if (m->share_file || m->arena.fd < 0 || !fs->notify || fs->notify->fd < 0)
+        return;
+    if (notify_fdname(an, sizeof(an), PREFIX_ARENA, m->name) < 0 ||
+        notify_fdname(mn, sizeof(mn), PREFIX_RECORD, m->name) < 0)
+        return;
+    fd = record_new(m);
     if (fd < 0) {
         log_warning("fd store: cannot record model '%s': %s, ignoring", m->name, strerror(-fd));
         return;
@@ -139,11 +158,65 @@ static void on_gone(void *data, model_t *m)
         (void)notify_fdstore_remove(fs->notify, mn);
 }
 
+/*
+ * A stored model gained devices: its record is replaced (removed, then stored anew, since the
+ * store keeps every fd under a name). A crash between the two leaves the arena without a
+ * record, which the next start drops: that model is then preloaded from its checkpoint again.
+ */
+static void on_devices(void *data, model_t *m)
+{
+    fdstore_t *fs = data;
+    char mn[256];
+    int fd;
+
+    if (m->share_file || m->arena.fd < 0 || !fs->notify || fs->notify->fd < 0 ||
+        notify_fdname(mn, sizeof(mn), PREFIX_RECORD, m->name) < 0)
+        return;
+    fd = record_new(m);
+    if (fd < 0) {
+        log_warning("fd store: cannot record the devices of '%s': %s, ignoring", m->name,
+                    strerror(-fd));
+        return;
+    }
+    if (notify_fdstore_remove(fs->notify, mn) < 0 || notify_fdstore(fs->notify, mn, fd) < 0)
+        log_warning("fd store: cannot record the devices of '%s', ignoring", m->name);
+    (void)close(fd);
+}
+
 void fdstore_attach(fdstore_t *fs, registry_t *r)
 {
     r->on_ready = on_ready;
     r->on_gone = on_gone;
+    r->on_devices = on_devices;
     r->hook_data = fs;
+}
+
+/* The record's "devices": distinct CUDA ordinals below GPU_DEVICES_MAX, else none (with a
+ * warning: the upload is a convenience, the model itself is fine). \retval the count. */
+static size_t record_devices(const json_t *doc, const char *name, int *devs)
+{
+    const json_t *a = json_object_get(doc, "devices");
+    size_t n = 0;
+
+    if (!a)
+        return 0;
+    for (size_t i = 0; json_is_array(a) && i < json_array_size(a); i++) {
+        const json_t *v = json_array_get(a, i);
+        json_int_t d = json_is_integer(v) ? json_integer_value(v) : -1;
+        bool dup = false;
+
+        for (size_t k = 0; k < n; k++)
+            dup = dup || devs[k] == d;
+        if (d < 0 || d >= GPU_DEVICES_MAX || dup || n >= GPU_DEVICES_MAX) {
+            log_warning("fd store: record of '%s' has bad devices, not uploading it again",
+                        name);
+            return 0;
+        }
+        devs[n++] = (int)d;
+    }
+    if (!json_is_array(a))
+        log_warning("fd store: record of '%s' has bad devices, not uploading it again", name);
+    return json_is_array(a) ? n : 0;
 }
 
 /* Rebuilds a manifest from its wire form (arena offsets included). A storage's dtype is that
@@ -236,6 +309,16 @@ static int adopt_one(registry_t *r, int rec_fd, int arena_fd, const char *want)
     mf = NULL; /* taken over, or freed, by registry_adopt */
     if (r2 < 0)
         log_warning("fd store: not re-adopting '%s': %s", want, msg);
+    if (r2 == 0) {
+        int devs[GPU_DEVICES_MAX];
+        size_t n = record_devices(doc, want, devs);
+
+        if (n && registry_upload_again(r, want, devs, n,
+                                       json_is_true(json_object_get(doc, "allow_gpu_write")),
+                                       msg, sizeof(msg)) < 0)
+            log_error("fd store: cannot upload '%s' to its devices again: %s; it is served on "
+                      "the host tier", want, msg);
+    }
 out:
     if (r2 == WSD_EBADCKPT && !doc)
         log_warning("fd store: unreadable record for '%s', dropping it", want);

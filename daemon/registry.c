@@ -736,6 +736,8 @@ static void upload_done_cb(uv_work_t *req, int uvstatus)
         w->gpu = NULL;
         m->last_used_ms = uv_now(r->loop);
         r->preloads_ok++;
+        if (r->on_devices)
+            r->on_devices(r->hook_data, m);
         for (size_t i = m->ngpu - w->ndevices; i < m->ngpu; i++)
             log_info("model '%s' on cuda:%d (from its host copy): %llu bytes, %s, uploaded in "
                      "%llu ms (copy %llu ms)", m->name, m->gpu[i].device,
@@ -846,6 +848,33 @@ static int upload_more(model_t *m, const preload_args_t *a, registry_preload_cb 
     log_info("uploading '%s' to %zu more device%s from its host copy", m->name, n,
              n == 1 ? "" : "s");
     return 0;
+}
+
+/* Nobody waits on an upload after a restart: upload_done_cb has logged its outcome. */
+static void upload_again_cb(void *data, model_t *m, int status, const char *msg)
+{
+    (void)data;
+    (void)m;
+    (void)status;
+    (void)msg;
+}
+
+int registry_upload_again(registry_t *r, const char *name, const int *devices, size_t ndevices,
+                          bool allow_gpu_write, char *msg, size_t msglen)
+{
+    model_t *m = registry_find(r, name);
+    preload_args_t a = {.name = name, .devices = devices, .ndevices = ndevices,
+                        .allow_gpu_write = allow_gpu_write};
+
+    if (!m) {
+        snprintf(msg, msglen, "no model named '%s'", name);
+        return WSD_ENOTFOUND;
+    }
+    a.path = m->source;
+    a.key = m->key;
+    a.dtype = m->dtype;
+    a.share_file = m->share_file;
+    return upload_more(m, &a, upload_again_cb, NULL, msg, msglen);
 }
 
 static bool name_ok(const char *s)

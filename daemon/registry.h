@@ -92,6 +92,7 @@ struct registry {
      * where registry_free() clears them first). For the fd store. */
     void (*on_ready)(void *data, model_t *m);
     void (*on_gone)(void *data, model_t *m);
+    void (*on_devices)(void *data, model_t *m); /* a ready model gained device copies */
     void *hook_data;
     /* allow-client-preload: opens may name a checkpoint under one of these directories
      * (realpath'ed, each ending in '/'), loaded on first use. Off when ndirs is 0. */
@@ -178,6 +179,14 @@ bool model_source_replaced(const model_t *m);
 int registry_adopt(registry_t *r, const char *name, const char *source, const char *key,
                    const char *hash, int dtype, manifest_t *mf, int arena_fd, uint64_t arena_size,
                    char *msg, size_t msglen);
+
+/*
+ * A re-adopted model's upload to the CUDA devices its fd store record names, as a preload of
+ * it for those devices would (registry_preload(): the model stays ready on the host tier
+ * meanwhile, and the outcome is logged). \retval 0 (queued), or < 0 with \p msg filled.
+ */
+int registry_upload_again(registry_t *r, const char *name, const int *devices, size_t ndevices,
+                          bool allow_gpu_write, char *msg, size_t msglen);
 
 /* What the daemon keeps for itself below a cgroup memory limit (code, buffers, page cache). */
 #define REGISTRY_CGROUP_RESERVE (32ull << 20)

@@ -170,3 +170,85 @@ def test_readopted_model_can_be_preloaded_again_for_a_device(tmp_path):
         assert proc.wait(timeout=30) == 0
     finally:
         cleanup(proc, store)
+
+
+def _record(store, name):
+    """The stored record of model `name`: (JSON header, packed manifest)."""
+    import json
+    import struct
+    fds = store.fds[f"wsd-m.{name}"]
+    assert len(fds) == 1, fds
+    data = os.pread(fds[0], 1 << 26, 0)
+    n = struct.unpack_from("<I", data)[0]
+    return json.loads(data[4:4 + n]), data[4 + n:]
+
+
+def _replace_record(store, name, head, manifest):
+    """Stores a sealed record memfd as the daemon writes them, in place of the old one."""
+    import fcntl
+    import json
+    import struct
+    text = json.dumps(head).encode()
+    fd = os.memfd_create("forged-record", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, struct.pack("<I", len(text)) + text + manifest)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK |
+                fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    for old in store.fds.pop(f"wsd-m.{name}"):
+        os.close(old)
+    store.fds[f"wsd-m.{name}"] = [fd]
+
+
+def test_readopted_model_is_uploaded_to_its_devices_again(tmp_path):
+    """A record names the CUDA devices the model was on ("devices"); the next start uploads
+    the re-adopted arena to them again on the pool and serves the host tier meanwhile. No GPU
+    here, so a record saying cuda:0 (written as the daemon would after a GPU preload) must
+    end in a logged upload failure with the model ready on the host tier, and a malformed
+    device list in a warning and no upload at all."""
+    tmp = str(tmp_path)
+    data = os.urandom(1 << 16)
+    path = write_safetensors(tmp_path / "m.safetensors", [("w", "U8", [len(data)], data)])
+    store = FdStore(os.path.join(tmp, "notify.sock"))
+    proc = store.start(tmp)
+    try:
+        wait_ready(store, proc)
+        out = ctl_json(tmp, "preload", "m", str(path))
+        ctl_json(tmp, "preload", "n", str(path))
+        store.pump(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        raise
+    head, manifest = _record(store, "m")
+    assert head["devices"] == [] and head["allow_gpu_write"] is False and head["key"] is None
+    _replace_record(store, "m", {**head, "devices": [0]}, manifest)
+    head_n, manifest_n = _record(store, "n")
+    _replace_record(store, "n", {**head_n, "devices": [0, 0]}, manifest_n)
+    store.messages.clear()
+    log = os.path.join(tmp, "weightsd.log")
+    start = os.path.getsize(log)
+    proc = store.start(tmp)
+    try:
+        wait_ready(store, proc)
+        text = ""
+        for _ in range(200):
+            with open(log, errors="replace") as f:
+                f.seek(start)
+                text = f.read()
+            if "upload of 'm' to more devices failed" in text:
+                break
+            time.sleep(0.02)
+        assert "uploading 'm' to 1 more device from its host copy" in text, text
+        assert "upload of 'm' to more devices failed" in text, text
+        assert any(s in text for s in ("no CUDA device", "built without CUDA support")), text
+        assert "record of 'n' has bad devices, not uploading it again" in text, text
+        assert "uploading 'n'" not in text, text
+        lst = ctl_json(tmp, "list")
+        assert sorted((m["name"], m["state"]) for m in lst) == [("m", "ready"), ("n", "ready")]
+        again = attach(Sockets(tmp), "m")[-1]
+        assert again["hash"] == out["hash"]
+        ctl_json(tmp, "evict", "m")  # not left busy uploading
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        cleanup(proc, store)
