@@ -11,7 +11,8 @@ rollback (both through WEIGHTSD_FAULT, so the carried build has -DWSD_FAULT_INJE
 4 workers -> one copy (nvidia-smi / cudaMemGetInfo); H2D upload rate against a plain pinned
 copy of the same bytes in the same run; attach time per worker; load_into(SomeModule) on cuda:0
 against torch.load(...).to("cuda"); 20000 small tensors packed many to a staging copy, read
-back whole; a device added to a ready model from its host copy; the legacy IPC fallback (WEIGHTSD_GPU_LEGACY=1).
+back whole; a device added to a ready model from its host copy; a restart (fd store emulation) bringing the
+GPU copy back by itself; the legacy IPC fallback (WEIGHTSD_GPU_LEGACY=1).
 """
 import json
 import os
@@ -179,7 +180,8 @@ class Worker:
 def kill_everything():
     for x in LIVE:
         try:
-            (x.p if isinstance(x, Worker) else x.proc).kill()
+            (x.p if isinstance(x, Worker) else x if isinstance(x, subprocess.Popen)
+             else x.proc).kill()
         except Exception:
             pass
 
@@ -489,6 +491,72 @@ def check_device_added(res, d, tmp):
                  and res["verify"]["on_cuda"] and res["attach"]["ntensors"] == 48)
 
 
+def check_restart_reupload(res, tmp):
+    """Restart without reloading, GPU tier: a model preloaded for cuda:0 under an emulation of
+    systemd's fd store, the daemon SIGKILLed and started again: the re-adopted host copy must
+    be uploaded to cuda:0 by itself (fdstore.c "devices"), reading no checkpoint (the file is
+    deleted first), and a worker's import must equal what the file held. Times the start to
+    the GPU copy being served (for scale only: Dynamo GMS reports ~1.04 s for its failover)."""
+    import torch
+    from safetensors.torch import save_file
+    from wsdtest import BIN, FdStore, wait_ready
+    sub = os.path.join(tmp, "restart")
+    os.makedirs(sub, exist_ok=True)
+    g = torch.Generator().manual_seed(12)
+    path = os.path.join(sub, "r.safetensors")
+    ref = os.path.join(sub, "ref.safetensors")
+    save_file({f"r{i:02d}": torch.randn(1 << 20, generator=g) for i in range(64)}, path)
+    shutil.copy(path, ref)
+    store = FdStore(os.path.join(sub, "notify.sock"))
+
+    def ctl(*args):
+        p = subprocess.run([os.path.join(BIN, "weightsctl"), "--admin-socket",
+                            os.path.join(sub, "a.sock"), *args, "--json"],
+                           capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            raise RuntimeError(f"weightsctl {' '.join(args)}: {p.stderr.strip()}")
+        return json.loads(p.stdout)
+
+    proc = store.start(sub)
+    LIVE.append(proc)
+    wait_ready(store, proc, timeout=60)
+    first = ctl("preload", "r", path, "--device", "cuda:0")
+    store.pump(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    os.unlink(path)
+    store.messages.clear()
+    t0 = time.perf_counter()
+    proc = store.start(sub)
+    LIVE.append(proc)
+    wait_ready(store, proc, timeout=60)
+    res["ready_s"] = time.perf_counter() - t0
+    on_gpu = False
+    while time.perf_counter() - t0 < 120 and not on_gpu:
+        info = ctl("info", "r", "--no-tensors")
+        on_gpu = any(x["device"] == "cuda:0" for x in info["devices"])
+        time.sleep(0.005)
+    res["gpu_copy_served_s"] = time.perf_counter() - t0
+    res["on_gpu"] = on_gpu
+    res["same_hash"] = info["hash"] == first["hash"]
+
+    class At:
+        sock = os.path.join(sub, "c.sock")
+    w = Worker(At.sock, "r", ref)
+    try:
+        res["attach"] = w.ask("attach")
+        res["verify"] = w.ask("verify")
+    finally:
+        w.kill() if w.p.poll() is None else None
+        proc.kill()
+        proc.wait()
+        for lst in store.fds.values():
+            for fd in lst:
+                os.close(fd)
+    res["ok"] = (on_gpu and res["same_hash"] and res["verify"]["mismatches"] == 0
+                 and res["verify"]["on_cuda"] and res["attach"]["ntensors"] == 64)
+
+
 def fault_daemon(Daemon, tmp, name, spec):
     """A daemon with WEIGHTSD_FAULT armed; the carried build must have the hooks
     (-DWSD_FAULT_INJECTION=ON, run.sh's recipe)."""
@@ -724,6 +792,7 @@ def main():
                          ("load_into_somemodule", check_load_into, d, tmp),
                          ("many_small_tensors_packed", check_many_small, d, tmp),
                          ("device_added_after_preload", check_device_added, d, tmp),
+                         ("restart_uploads_again", check_restart_reupload, tmp),
                          ("g2_lifetime", check_g2, d, path, nbytes, Daemon, tmp)]
         for name, fn, *a in daemon_checks:
             run(name, fn, *a) if big else skip(name, "the daemon or the model file failed")
