@@ -615,3 +615,23 @@ bool cfg_model_same(const cfg_model_t *a, const cfg_model_t *b)
            memcmp(&a->acl_groups, &b->acl_groups, sizeof(a->acl_groups)) == 0 &&
            a->no_verify == b->no_verify;
 }
+
+bool cfg_model_adds_devices(const cfg_model_t *was, const cfg_model_t *now)
+{
+    cfg_model_t same = *now;
+
+    if (now->ndevices <= was->ndevices)
+        return false;
+    for (size_t i = 0; i < was->ndevices; i++) {
+        bool kept = false;
+
+        for (size_t k = 0; k < now->ndevices; k++)
+            kept = kept || now->devices[k] == was->devices[i];
+        if (!kept)
+            return false;
+    }
+    /* Everything else as before: compare with the devices taken from the old entry. */
+    same.ndevices = was->ndevices;
+    memcpy(same.devices, was->devices, was->ndevices * sizeof(was->devices[0]));
+    return cfg_model_same(was, &same);
+}

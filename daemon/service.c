@@ -84,6 +84,7 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
         .acl_groups = cm->acl ? &cm->acl_groups : NULL,
     };
     preload_ctx_t *ctx = calloc(1, sizeof(*ctx));
+    const model_t *m;
     char msg[512];
     int r;
 
@@ -92,12 +93,23 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
         svc->failed++;
         return;
     }
-    /* Re-adopted from the fd store before we got here: its bytes are already served. */
-    if (registry_find(svc->reg, cm->name) && registry_find(svc->reg, cm->name)->source &&
-        strcmp(registry_find(svc->reg, cm->name)->source, cm->path) == 0) {
-        log_info("configured model '%s' is already resident, not reading it again", cm->name);
-        free(ctx);
-        return;
+    /* Re-adopted from the fd store before we got here, or a reload that only adds devices:
+     * its bytes are already served. Devices it is not on (nor being uploaded to) are asked
+     * of registry_preload(), which uploads the host copy to them. */
+    m = registry_find(svc->reg, cm->name);
+    if (m && m->source && strcmp(m->source, cm->path) == 0) {
+        size_t missing = 0;
+
+        for (size_t i = 0; i < cm->ndevices; i++)
+            missing += !model_gpu(m, cm->devices[i]) && !model_uploading_to(m, cm->devices[i]);
+        if (!missing) {
+            log_info("configured model '%s' is already resident, not reading it again",
+                     cm->name);
+            free(ctx);
+            return;
+        }
+        log_info("configured model '%s' is resident; uploading it to its configured "
+                 "devices", cm->name);
     }
     ctx->svc = svc;
     ctx->generation = svc->generation;
@@ -128,6 +140,10 @@ static void preload_config(service_t *svc, const config_t *old, const config_t *
 
         if (m && was && cfg_model_same(was, cm))
             continue; /* unchanged and still served */
+        if (m && was && cfg_model_adds_devices(was, cm) && m->state == MODEL_READY) {
+            preload_one(svc, cm); /* uploads the host copy to the new devices */
+            continue;
+        }
         if (m && m->state == MODEL_DRAINING) {
             log_warning("model '%s' (%s:%u) is still draining its old definition; it is "
                         "preloaded at the next reload after its last lease goes",
@@ -164,8 +180,8 @@ static void evict_dropped(service_t *svc, const config_t *old, const config_t *c
         char msg[512];
         int r;
 
-        if (now && cfg_model_same(was, now))
-            continue;
+        if (now && (cfg_model_same(was, now) || cfg_model_adds_devices(was, now)))
+            continue; /* kept: new devices get an upload of it, not a new preload */
         if (!registry_find(svc->reg, was->name))
             continue;
         r = registry_evict(svc->reg, was->name, WSD_EVICT_DRAIN, msg, sizeof(msg));

@@ -167,3 +167,52 @@ def test_preload_again_for_a_device_uploads_from_the_host_copy(daemon, model, tm
     daemon.ctl("evict", "m")  # not left busy uploading
     assert daemon.ctl_json("list") == []
     assert daemon.alive()
+
+
+def test_reload_that_adds_a_device_uploads_instead_of_draining(tmp_path, model):
+    """SIGHUP with a configured model's devices extended and nothing else changed: the served
+    model is kept (no drain, even with a worker holding a lease) and only uploaded to the new
+    device from its host copy; here that fails with the no-device cause and it stays served."""
+    import signal
+    import time
+    cfg = tmp_path / "weightsd.conf"
+    cfg.write_text(f"[model g]\npath = {model}\n")
+    d = Daemon(tmp_path, extra_args=("--config", str(cfg)))
+    holder = None
+    try:
+        for _ in range(250):
+            if [m["state"] for m in d.ctl_json("list")] == ["ready"]:
+                break
+            time.sleep(0.02)
+        first = d.ctl_json("info", "g", "--no-tensors")
+        holder = subprocess.Popen([os.path.join(BIN, "wsd-attach"), "--socket", d.sock,
+                                   "--hold", "0", "g"], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline()  # mapped: one lease held
+        cfg.write_text(f"[model g]\npath = {model}\ndevices = host cuda:0\n")
+        d.proc.send_signal(signal.SIGHUP)
+        for _ in range(250):
+            if "reloaded: serving" in d.log():
+                break
+            time.sleep(0.02)
+        log = d.log()
+        assert "reloaded: serving" in log, log
+        assert "configured model 'g' is resident; uploading it to its configured devices" in log
+        assert "uploading 'g' to 1 more device from its host copy" in log, log
+        assert any(s in log for s in NO_DEVICE), log
+        assert "changed in the config" not in log, log  # not evicted with drain
+        lst = d.ctl_json("list")
+        assert [(m["name"], m["state"], m["leases"]) for m in lst] == [("g", "ready", 1)], lst
+        assert d.ctl_json("info", "g", "--no-tensors")["hash"] == first["hash"]
+        # A change beyond devices still drains the old definition, as before.
+        cfg.write_text(f"[model g]\npath = {model}\ndevices = host cuda:0\ndtype = bf16\n")
+        d.proc.send_signal(signal.SIGHUP)
+        for _ in range(250):
+            if "changed in the config" in d.log():
+                break
+            time.sleep(0.02)
+        assert "model 'g' changed in the config: draining" in d.log(), d.log()
+    finally:
+        if holder:
+            holder.terminate()
+            holder.wait()
+        assert d.stop() == 0
