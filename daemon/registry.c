@@ -744,11 +744,13 @@ static void upload_done_cb(uv_work_t *req, int uvstatus)
                      (unsigned long long)m->gpu[i].size, gpu_handle_kind_name(m->gpu[i].kind),
                      (unsigned long long)(m->gpu[i].upload_ns / 1000000),
                      (unsigned long long)(m->gpu[i].fill_ns / 1000000));
+        notify_waiters(m, 0, NULL); /* opens waiting for a new device (WSD_OPEN_WAIT) */
         w->cb(w->data, m, 0, NULL);
     } else {
         r->preloads_failed++;
         log_error("upload of '%s' to more devices failed: %s; it is still served as before",
                   m->name, w->err.msg);
+        notify_waiters(m, w->status, w->err.msg);
         w->cb(w->data, NULL, w->status, w->err.msg);
     }
     gpu_exports_free(w->gpu, w->ndevices);

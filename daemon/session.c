@@ -163,6 +163,26 @@ static void open_waiter_cb(model_waiter_t *w, model_t *m, int status, const char
     free(ow);
 }
 
+/* Holds the open until the model's preload (or its upload to \p device) ends. */
+static void open_wait(conn_t *c, uint64_t id, model_t *m, const Weightsd__V1__OpenRequest *req,
+                      int device)
+{
+    open_waiter_t *ow = calloc(1, sizeof(*ow));
+
+    if (!ow) {
+        conn_send_error(c, id, -ENOMEM, "out of memory");
+        return;
+    }
+    ow->w.cb = open_waiter_cb;
+    ow->conn = conn_ref(c);
+    ow->id = id;
+    ow->device = device;
+    ow->flags = req->flags;
+    snprintf(ow->expect, sizeof(ow->expect), "%s", req->expect_hash ? req->expect_hash : "");
+    ow->w.next = m->waiters;
+    m->waiters = &ow->w;
+}
+
 static void client_preload_done_cb(void *data, model_t *m, int status, const char *msg)
 {
     /* Nothing to do: the opening client waits as a model waiter and hears the outcome there. */
@@ -237,24 +257,17 @@ static void handle_open(conn_t *c, uint64_t id, const Weightsd__V1__OpenRequest 
     }
     switch (m->state) {
     case MODEL_READY:
+        /* WSD_OPEN_WAIT on a device the model is being uploaded to waits for that upload. */
+        if ((req->flags & WSD_OPEN_WAIT) && device >= 0 && !model_gpu(m, device) &&
+            model_uploading_to(m, device)) {
+            open_wait(c, id, m, req, device);
+            return;
+        }
         open_ready(c, id, m, req->expect_hash, device, req->flags);
         return;
     case MODEL_LOADING:
         if (req->flags & WSD_OPEN_WAIT) {
-            open_waiter_t *ow = calloc(1, sizeof(*ow));
-
-            if (!ow) {
-                conn_send_error(c, id, -ENOMEM, "out of memory");
-                return;
-            }
-            ow->w.cb = open_waiter_cb;
-            ow->conn = conn_ref(c);
-            ow->id = id;
-            ow->device = device;
-            ow->flags = req->flags;
-            snprintf(ow->expect, sizeof(ow->expect), "%s", req->expect_hash ? req->expect_hash : "");
-            ow->w.next = m->waiters;
-            m->waiters = &ow->w;
+            open_wait(c, id, m, req, device);
             return;
         }
         c->srv->stats.open_errors++;

@@ -150,9 +150,10 @@ class Client:
         """Leases model `name` and maps it. Returns a Model; most callers want state_dict() or
         tensors() instead. device: "cpu", or "cuda:N" for the daemon's copy on that GPU
         (preloaded with --device cuda:N; else DeviceUnavailable with the daemon's message).
-        wait: wait for a model still loading instead of raising Loading. writable: map a GPU
-        copy read-write (every worker shares those bytes); the daemon refuses it (PermissionDenied)
-        unless the model was preloaded with --allow-gpu-write. GPU copies are read-only by
+        wait: wait for a model still loading (or being uploaded to that device) instead of
+        raising Loading. writable: map a GPU copy read-write (every worker shares those
+        bytes); the daemon refuses it (PermissionDenied) unless the model was preloaded with
+        --allow-gpu-write. GPU copies are read-only by
         default; host copies are always sealed read-only, so writable=True with "cpu" is a
         ValueError."""
         dev = str(device) if device is not None else "cpu"
