@@ -19,6 +19,7 @@
 
 #include "checked.h"
 #include "convert.h"
+#include "fault.h"
 #include "log.h"
 #include "manifest_pb.h"
 #include "wsd_limits.h"
@@ -684,8 +685,17 @@ static void upload_work_cb(uv_work_t *req)
 {
     preload_work_t *w = req->data;
     const model_t *m = w->model;
+    bool stall = FAULT("gpu.upload.stall");
     int r = 0;
 
+    /* Fault builds: hold the upload open a while, so a test sees it running on any machine. */
+    for (unsigned t = 0; stall && t < 200; t++) {
+        if (atomic_load(&w->progress.cancel)) {
+            r = fmt_fail(&w->err, WSD_ECANCELED, "E_CANCELED", "upload cancelled");
+            break;
+        }
+        (void)usleep(10000);
+    }
     for (size_t i = 0; r == 0 && i < w->ndevices; i++)
         r = gpu_check_device(w->devices[i], &w->err);
     if (r == 0) {

@@ -27,6 +27,8 @@ static const char *const points[] = {
     "wire.alloc",     /* the decoder's counting allocator: NULL */
     "gpu.hostalloc",  /* pinning a staging buffer: cudaErrorMemoryAllocation (E_PIN_FAILED) */
     "gpu.sticky",     /* a host-to-device copy: cudaErrorIllegalAddress (device degraded) */
+    "gpu.upload.stall", /* not a failure: an upload to more devices (registry.c) waits 2 s
+                         * (or until cancelled) before it starts, so tests can act meanwhile */
     "malloc",         /* any allocation by weightsd's own code (fault_alloc.c): NULL, ENOMEM */
     "syscall.eintr",  /* sendmsg, recvmsg and a checkpoint's pread are interrupted: EINTR */
     "source.pread.short", /* a checkpoint pread returns half of what was asked */

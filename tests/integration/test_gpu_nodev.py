@@ -216,3 +216,71 @@ def test_reload_that_adds_a_device_uploads_instead_of_draining(tmp_path, model):
             holder.terminate()
             holder.wait()
         assert d.stop() == 0
+
+
+def _wait_log(d, text, timeout=10):
+    import time
+    end = time.time() + timeout
+    while time.time() < end:
+        if text in d.log():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_while_a_device_upload_runs(tmp_path, model):
+    """The window while a ready model is uploaded to another device, held open by the fault
+    build's gpu.upload.stall (2 s, then the upload fails here for want of a device): the model
+    stays ready and served on the cpu, evict and a second upload are refused, an open on the
+    device is WSD_ELOADING, one with --wait is held and then gets the upload's error, and
+    cancel stops it. Skipped in builds without fault injection (CI's ASan build has it)."""
+    d = Daemon(tmp_path, env={"WEIGHTSD_FAULT": "gpu.upload.stall:*"})
+    try:
+        if "fault injection armed" not in d.log():
+            pytest.skip("weightsd built without -DWSD_FAULT_INJECTION=ON")
+        first = d.preload("m", model)
+
+        def ctl_bg(*args):
+            return subprocess.Popen([os.path.join(BIN, "weightsctl"), "--admin-socket",
+                                     d.admin, *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+
+        def attach_bg(*args):
+            return subprocess.Popen([os.path.join(BIN, "wsd-attach"), "--socket", d.sock,
+                                     "--device", "cuda:0", *args, "m"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        up = ctl_bg("preload", "m", str(model), "--device", "cuda:0")
+        assert _wait_log(d, "uploading 'm' to 1 more device"), d.log()
+        waiter = attach_bg("--wait")
+        p = d.ctl("evict", "m", check=False)
+        assert p.returncode != 0 and "being uploaded to a device" in p.stderr, p.stderr
+        p = d.ctl("preload", "m", str(model), "--device", "cuda:0", check=False)
+        assert p.returncode != 0 and "being uploaded to a device already" in p.stderr, p.stderr
+        nowait = attach_bg()
+        out, err = nowait.communicate(timeout=30)
+        assert nowait.returncode != 0 and "being uploaded to cuda:0" in err, err
+        assert [(x["name"], x["state"]) for x in d.ctl_json("list")] == [("m", "ready")]
+        assert attach(d, "m")[-1]["hash"] == first["hash"]  # the cpu copy serves meanwhile
+        assert waiter.poll() is None  # held for the upload
+        out, err = up.communicate(timeout=30)
+        assert up.returncode != 0 and any(s in err for s in NO_DEVICE), err
+        out, err = waiter.communicate(timeout=30)
+        assert waiter.returncode != 0 and any(s in err for s in NO_DEVICE), err
+        # cancel stops a running upload, and the model is as it was.
+        up = ctl_bg("preload", "m", str(model), "--device", "cuda:1")
+        assert _wait_log(d, "uploading 'm' to 1 more device", timeout=10)
+        import time
+        for _ in range(100):
+            c = d.ctl("cancel", "m", check=False)
+            if c.returncode == 0:
+                break
+            time.sleep(0.01)
+        assert c.returncode == 0, c.stderr
+        out, err = up.communicate(timeout=30)
+        assert up.returncode != 0 and "cancelled" in err, err
+        assert "upload of 'm' cancelled" in d.log()
+        d.ctl("evict", "m")
+        assert d.ctl_json("list") == []
+    finally:
+        assert d.stop() == 0, d.log()
