@@ -102,8 +102,25 @@ static json_t *warnings_json(const model_t *m)
 
 static json_t *summary_json(const model_t *m)
 {
-    return json_pack("{s:s, s:s, s:I, s:I}", "name", m->name, "state", model_state_name(m->state),
-                     "bytes", (json_int_t)m->bytes, "leases", (json_int_t)m->leases);
+    json_t *doc = json_pack("{s:s, s:s, s:I, s:I}", "name", m->name, "state",
+                            model_state_name(m->state), "bytes", (json_int_t)m->bytes, "leases",
+                            (json_int_t)m->leases);
+    json_t *up = NULL;
+
+    /* A ready model being uploaded to more devices says to which (only then). */
+    for (int d = 0; doc && d < GPU_DEVICES_MAX; d++) {
+        char name[32];
+
+        if (!model_uploading_to(m, d))
+            continue;
+        if (!up && !(up = json_array()))
+            break;
+        snprintf(name, sizeof(name), "cuda:%d", d);
+        json_array_append_new(up, json_string(name));
+    }
+    if (up)
+        json_object_set_new(doc, "uploading", up);
+    return doc;
 }
 
 /* Who holds leases on \p m: one entry per (pid, uid), from SO_PEERCRED. */

@@ -251,6 +251,14 @@ static void print_info_head(json_t *doc)
     printf("source:   %s\n", jstr(doc, "source"));
     printf("format:   %s\n", jstr(doc, "format"));
     printf("state:    %s\n", jstr(doc, "state"));
+    if (json_array_size(json_object_get(doc, "uploading"))) {
+        printf("uploading: to");
+        json_array_foreach(json_object_get(doc, "uploading"), i, v)
+        {
+            printf(" %s", json_string_value(v) ? json_string_value(v) : "?");
+        }
+        printf(" (a preload for more devices is running)\n");
+    }
     printf("bytes:    %s (%" PRIu64 ")\n", b, jint(doc, "bytes"));
     printf("leases:   %" PRIu64 "\n", jint(doc, "leases"));
     json_array_foreach(json_object_get(doc, "holders"), i, v)

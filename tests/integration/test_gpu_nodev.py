@@ -260,7 +260,10 @@ def test_while_a_device_upload_runs(tmp_path, model):
         nowait = attach_bg()
         out, err = nowait.communicate(timeout=30)
         assert nowait.returncode != 0 and "being uploaded to cuda:0" in err, err
-        assert [(x["name"], x["state"]) for x in d.ctl_json("list")] == [("m", "ready")]
+        assert [(x["name"], x["state"], x.get("uploading")) for x in d.ctl_json("list")] == \
+            [("m", "ready", ["cuda:0"])]
+        assert "uploading: to cuda:0 (a preload for more devices is running)" in \
+            d.ctl("info", "m", "--no-tensors").stdout
         assert attach(d, "m")[-1]["hash"] == first["hash"]  # the cpu copy serves meanwhile
         assert waiter.poll() is None  # held for the upload
         out, err = up.communicate(timeout=30)
@@ -280,6 +283,7 @@ def test_while_a_device_upload_runs(tmp_path, model):
         out, err = up.communicate(timeout=30)
         assert up.returncode != 0 and "cancelled" in err, err
         assert "upload of 'm' cancelled" in d.log()
+        assert "uploading" not in d.ctl_json("list")[0]
         d.ctl("evict", "m")
         assert d.ctl_json("list") == []
     finally:
