@@ -783,10 +783,13 @@ static int upload_more(model_t *m, const preload_args_t *a, registry_preload_cb 
     size_t n = 0;
     int k;
 
+    /* --share file: a file changed in place is not uploaded (opens refuse it too). */
+    if (a->ndevices && m->state == MODEL_READY)
+        (void)model_check_stale(m);
     if (a->ndevices == 0 || m->state != MODEL_READY) {
-        snprintf(msg, msglen, "a model named '%s' exists already%s", m->name,
-                 m->state == MODEL_READY ? "" : m->state == MODEL_LOADING ? " (loading)"
-                                                                          : " (going away)");
+        snprintf(msg, msglen, "a model named '%s' exists already%s%s%s", m->name,
+                 m->state == MODEL_READY ? "" : " (", m->state == MODEL_READY ? "" :
+                 model_state_name(m->state), m->state == MODEL_READY ? "" : ")");
         return WSD_EEXIST;
     }
     if (m->loading) {

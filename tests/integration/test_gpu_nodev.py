@@ -288,3 +288,18 @@ def test_while_a_device_upload_runs(tmp_path, model):
         assert d.ctl_json("list") == []
     finally:
         assert d.stop() == 0, d.log()
+
+
+def test_a_stale_shared_file_is_not_uploaded(daemon, tmp_path):
+    """--share file serves the checkpoint's own pages: once the file is changed in place, the
+    model is stale and a preload for another device is refused rather than uploading bytes
+    that are no longer the model's."""
+    path = write_safetensors(tmp_path / "s.safetensors", [("w", "U8", [8], bytes(range(8)))])
+    daemon.preload("s", path, "--share", "file")
+    with open(path, "ab") as f:
+        f.write(b"\0")  # modified in place: size and mtime change
+    p = daemon.ctl("preload", "s", str(path), "--share", "file", "--device", "cuda:0",
+                   check=False)
+    assert p.returncode != 0 and "exists already (stale)" in p.stderr, p.stderr
+    assert "uploading 's'" not in daemon.log()
+    assert [(m["name"], m["state"]) for m in daemon.ctl_json("list")] == [("s", "stale")]
