@@ -520,8 +520,12 @@ def check_restart_reupload(res, tmp):
     proc = store.start(sub)
     LIVE.append(proc)
     wait_ready(store, proc, timeout=60)
-    first = ctl("preload", "r", path, "--device", "cuda:0")
+    # Host tier first, then the device added: the record the restart reads is the one
+    # rewritten when the device was added (fdstore.c on_devices), not the preload's.
+    first = ctl("preload", "r", path)
+    ctl("preload", "r", path, "--device", "cuda:0")
     store.pump(0.5)
+    res["records_stored"] = len(store.fds.get("wsd-m.r", []))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     os.unlink(path)
@@ -549,7 +553,8 @@ def check_restart_reupload(res, tmp):
         for lst in store.fds.values():
             for fd in lst:
                 os.close(fd)
-    res["ok"] = (on_gpu and res["same_hash"] and res["verify"]["mismatches"] == 0
+    res["ok"] = (on_gpu and res["same_hash"] and res["records_stored"] == 1
+                 and res["verify"]["mismatches"] == 0
                  and res["verify"]["on_cuda"] and res["attach"]["ntensors"] == 64)
 
 
