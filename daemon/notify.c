@@ -307,7 +307,7 @@ int notify_fdname_decode(char *dst, size_t size, const char *prefix, const char 
 /* An inherited descriptor must be what a .socket unit with ListenStream= hands over. */
 static int check_listener(int fd, char *err, size_t errlen)
 {
-    struct sockaddr_un sa;
+    struct sockaddr_un sa = {0}; /* a short answer leaves sun_family 0, not garbage */
     socklen_t len = sizeof(sa);
     int type = 0, acc = 0, flags;
     socklen_t ilen = sizeof(int);

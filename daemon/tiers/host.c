@@ -364,7 +364,8 @@ static int make_runs(copy_job_t *job, fmt_err_t *err)
                 continue;
             }
         }
-        r[n++] = (run_t){.first = i, .n = 1, .off = start, .len = c->len};
+        r[n] = (run_t){.first = i, .n = 1, .off = start, .len = c->len};
+        n++;
         open = small;
     }
     job->runs = r;
