@@ -912,7 +912,8 @@ WSD_EXTERN int wsd_admin_cancel(wsd_client_t *c, const char *name, char **ret_js
     return admin_call(c, &req, ret_json);
 }
 
-WSD_EXTERN int wsd_admin_evict(wsd_client_t *c, const char *name, unsigned flags, char **ret_json)
+static int admin_evict(wsd_client_t *c, const char *name, const char *device, unsigned flags,
+                       char **ret_json)
 {
     Weightsd__V1__Frame req = WEIGHTSD__V1__FRAME__INIT;
     Weightsd__V1__EvictRequest e = WEIGHTSD__V1__EVICT_REQUEST__INIT;
@@ -921,9 +922,24 @@ WSD_EXTERN int wsd_admin_evict(wsd_client_t *c, const char *name, unsigned flags
         return -EINVAL;
     e.name = wire_str(name);
     e.flags = flags;
+    if (device)
+        e.device = wire_str(device);
     req.body_case = WEIGHTSD__V1__FRAME__BODY_EVICT;
     req.evict = &e;
     return admin_call(c, &req, ret_json);
+}
+
+WSD_EXTERN int wsd_admin_evict(wsd_client_t *c, const char *name, unsigned flags, char **ret_json)
+{
+    return admin_evict(c, name, NULL, flags, ret_json);
+}
+
+WSD_EXTERN int wsd_admin_evict_device(wsd_client_t *c, const char *name, const char *device,
+                                      unsigned flags, char **ret_json)
+{
+    if (!device || !*device)
+        return -EINVAL; /* not a quiet whole-model evict */
+    return admin_evict(c, name, device, flags, ret_json);
 }
 
 WSD_EXTERN int wsd_admin_list(wsd_client_t *c, char **ret_json)

@@ -207,6 +207,9 @@ static json_t *devices_json(const model_t *m)
          * rate with a plain pinned cudaMemcpy. */
         json_object_set_new(d, "upload_us", json_integer((json_int_t)(g->upload_ns / 1000)));
         json_object_set_new(d, "fill_us", json_integer((json_int_t)(g->fill_ns / 1000)));
+        json_object_set_new(d, "leases", json_integer((json_int_t)m->gpu_leases[g->device]));
+        /* evict --device --drain: no new opens here, freed with the last of those leases */
+        json_object_set_new(d, "draining", json_boolean(model_gpu_removing(m, g->device)));
         gpu_state_set(d, g->device);
         if (g->kind == GPU_HANDLE_LEGACY_IPC)
             json_object_set_new(d, "limits",
@@ -472,14 +475,30 @@ static void handle_cancel(conn_t *c, uint64_t id, const Weightsd__V1__CancelRequ
 static void handle_evict(conn_t *c, uint64_t id, const Weightsd__V1__EvictRequest *req)
 {
     const char *name = req->name ? req->name : "";
+    const char *dev = req->device && req->device[0] ? req->device : NULL;
     char msg[512];
-    int r = registry_evict(c->srv->reg, name, req->flags, msg, sizeof(msg));
+    int device = -1, r;
 
+    if (dev && gpu_parse_device(dev, &device) < 0) {
+        conn_send_error(c, id, WSD_ENODEV, "device '%s' unknown: expected \"cuda:N\"", dev);
+        return;
+    }
+    if (dev && device < 0) {
+        conn_send_error(c, id, WSD_EINVAL, "the host copy (cpu) goes with the model itself: "
+                        "evict '%s' without a device", name);
+        return;
+    }
+    r = dev ? registry_evict_device(c->srv->reg, name, device, req->flags, msg, sizeof(msg))
+            : registry_evict(c->srv->reg, name, req->flags, msg, sizeof(msg));
     if (r < 0) {
         conn_send_error(c, id, r, "%s", msg);
         return;
     }
-    send_json(c, id, json_pack("{s:s, s:s}", "name", name, "result", msg));
+    if (dev)
+        send_json(c, id, json_pack("{s:s, s:s, s:s}", "name", name, "device", dev, "result",
+                                   msg));
+    else
+        send_json(c, id, json_pack("{s:s, s:s}", "name", name, "result", msg));
 }
 
 static void handle_list(conn_t *c, uint64_t id)

@@ -370,6 +370,8 @@ static void model_key(parse_state_t *ps, const char *name, const char *v)
                 continue;
             if (gpu_parse_device(t, &ix) < 0 || ix < 0)
                 cfg_error(ps, ps->line, "devices: wants host, cpu or cuda:N, got '%s'", t);
+            else if (cfg_model_has_device(m, ix))
+                cfg_error(ps, ps->line, "devices: '%s' given twice", t);
             else if (m->ndevices == sizeof(m->devices) / sizeof(m->devices[0]))
                 cfg_error(ps, ps->line, "devices: too many devices");
             else
@@ -604,32 +606,42 @@ static bool str_eq(const char *a, const char *b)
     return (!a && !b) || (a && b && strcmp(a, b) == 0);
 }
 
+bool cfg_model_has_device(const cfg_model_t *m, int device)
+{
+    for (size_t i = 0; i < m->ndevices; i++)
+        if (m->devices[i] == device)
+            return true;
+    return false;
+}
+
+/* The same CUDA ordinals, in any order (a list holds each once). */
+static bool same_devices(const cfg_model_t *a, const cfg_model_t *b)
+{
+    if (a->ndevices != b->ndevices)
+        return false;
+    for (size_t i = 0; i < a->ndevices; i++)
+        if (!cfg_model_has_device(b, a->devices[i]))
+            return false;
+    return true;
+}
+
 /* What is served, not how it is read: page-cache alone changing reloads nothing. */
 bool cfg_model_same(const cfg_model_t *a, const cfg_model_t *b)
 {
     return str_eq(a->path, b->path) && str_eq(a->key, b->key) && a->dtype == b->dtype &&
-           a->share_file == b->share_file && a->ndevices == b->ndevices &&
-           memcmp(a->devices, b->devices, a->ndevices * sizeof(a->devices[0])) == 0 &&
+           a->share_file == b->share_file && same_devices(a, b) &&
            a->allow_gpu_write == b->allow_gpu_write && a->acl == b->acl &&
            memcmp(&a->acl_users, &b->acl_users, sizeof(a->acl_users)) == 0 &&
            memcmp(&a->acl_groups, &b->acl_groups, sizeof(a->acl_groups)) == 0 &&
            a->no_verify == b->no_verify;
 }
 
-bool cfg_model_adds_devices(const cfg_model_t *was, const cfg_model_t *now)
+bool cfg_model_devices_change(const cfg_model_t *was, const cfg_model_t *now)
 {
     cfg_model_t same = *now;
 
-    if (now->ndevices <= was->ndevices)
-        return false;
-    for (size_t i = 0; i < was->ndevices; i++) {
-        bool kept = false;
-
-        for (size_t k = 0; k < now->ndevices; k++)
-            kept = kept || now->devices[k] == was->devices[i];
-        if (!kept)
-            return false;
-    }
+    if (same_devices(was, now))
+        return false; /* cfg_model_same() decides */
     /* Everything else as before: compare with the devices taken from the old entry. */
     same.ndevices = was->ndevices;
     memcpy(same.devices, was->devices, was->ndevices * sizeof(was->devices[0]));

@@ -107,8 +107,11 @@ int config_parse_memory_budget(const char *s, uint64_t *ret);
 const cfg_model_t *config_find_model(const config_t *c, const char *name);
 /* Whether two entries would load the same thing (a reload keeps such a model as it is). */
 bool cfg_model_same(const cfg_model_t *a, const cfg_model_t *b);
-/* Whether \p now is \p was with devices added and nothing else changed (a reload uploads the
- * served model to those instead of draining and preloading it again). */
-bool cfg_model_adds_devices(const cfg_model_t *was, const cfg_model_t *now);
+/* Whether \p now is \p was with other devices and nothing else changed (a reload uploads the
+ * served model to the added ones and drains it from the dropped ones, instead of draining
+ * the whole model and preloading it again). */
+bool cfg_model_devices_change(const cfg_model_t *was, const cfg_model_t *now);
+/* Whether \p m lists CUDA ordinal \p device. */
+bool cfg_model_has_device(const cfg_model_t *m, int device);
 
 #endif /* WSD_CONFIG_H */

@@ -90,7 +90,8 @@ static int record_new(const model_t *m)
     int fd;
 
     for (size_t i = 0; devs && i < m->ngpu; i++)
-        if (json_array_append_new(devs, json_integer(m->gpu[i].device)) < 0) {
+        if (!model_gpu_removing(m, m->gpu[i].device) &&
+            json_array_append_new(devs, json_integer(m->gpu[i].device)) < 0) {
             json_decref(devs);
             return -ENOMEM;
         }
@@ -159,7 +160,8 @@ static void on_gone(void *data, model_t *m)
 }
 
 /*
- * A stored model gained devices: its record is replaced (removed, then stored anew, since the
+ * A stored model gained or lost devices (one being evicted from counts as lost): its record
+ * is replaced (removed, then stored anew, since the
  * store keeps every fd under a name). A crash between the two leaves the arena without a
  * record, which the next start drops: that model is then preloaded from its checkpoint again.
  */

@@ -237,18 +237,49 @@ model_t *registry_find(registry_t *r, const char *name)
     return NULL;
 }
 
-void model_lease_get(model_t *m)
+void model_lease_get(model_t *m, int device)
 {
     m->last_used_ms = uv_now(m->reg->loop);
     m->refs++;
     m->leases++;
     m->opens++;
+    if (device >= 0 && device < GPU_DEVICES_MAX)
+        m->gpu_leases[device]++;
 }
 
-void model_lease_put(model_t *m)
+/* Frees the copy at m->gpu[i] and closes the gap (opens look copies up by device and keep no
+ * pointer into the array past the call). */
+static void gpu_remove_at(model_t *m, size_t i)
+{
+    int d = m->gpu[i].device;
+
+    gpu_release(&m->gpu[i]);
+    memmove(&m->gpu[i], &m->gpu[i + 1], (m->ngpu - i - 1) * sizeof(*m->gpu));
+    m->ngpu--;
+    if (d >= 0 && d < GPU_DEVICES_MAX)
+        m->gpu_removing &= ~(UINT64_C(1) << d);
+}
+
+static ssize_t gpu_index(const model_t *m, int device)
+{
+    for (size_t i = 0; i < m->ngpu; i++)
+        if (m->gpu[i].device == device)
+            return (ssize_t)i;
+    return -1;
+}
+
+void model_lease_put(model_t *m, int device)
 {
     m->last_used_ms = uv_now(m->reg->loop);
     m->leases--;
+    if (device >= 0 && device < GPU_DEVICES_MAX && m->gpu_leases[device] &&
+        --m->gpu_leases[device] == 0 && model_gpu_removing(m, device)) {
+        ssize_t i = gpu_index(m, device);
+
+        log_info("model '%s' drained from cuda:%d, freeing its copy there", m->name, device);
+        if (i >= 0)
+            gpu_remove_at(m, (size_t)i);
+    }
     if (m->leases == 0 && m->state == MODEL_DRAINING && m->listed) {
         log_info("model '%s' drained, freeing %llu bytes", m->name,
                  (unsigned long long)m->arena.size);
@@ -821,9 +852,20 @@ static int upload_more(model_t *m, const preload_args_t *a, registry_preload_cb 
         snprintf(msg, msglen, "out of memory");
         return -ENOMEM;
     }
-    for (size_t i = 0; i < a->ndevices; i++)
-        if (!model_gpu(m, a->devices[i]))
-            w->devices[n++] = a->devices[i];
+    for (size_t i = 0; i < a->ndevices; i++) {
+        int d = a->devices[i];
+
+        if (model_gpu_removing(m, d)) {
+            snprintf(msg, msglen, "model '%s' is being removed from cuda:%d (%u lease%s there); "
+                     "preload it there again once they end", m->name, d, m->gpu_leases[d],
+                     m->gpu_leases[d] == 1 ? "" : "s");
+            free(w->devices);
+            free(w);
+            return WSD_EBUSY;
+        }
+        if (!model_gpu(m, d))
+            w->devices[n++] = d;
+    }
     if (n == 0) {
         snprintf(msg, msglen, "model '%s' exists already on %s", m->name,
                  a->ndevices == 1 ? "that device" : "those devices");
@@ -1008,10 +1050,14 @@ nomem:
 
 const gpu_export_t *model_gpu(const model_t *m, int index)
 {
-    for (size_t i = 0; i < m->ngpu; i++)
-        if (m->gpu[i].device == index)
-            return &m->gpu[i];
-    return NULL;
+    ssize_t i = model_gpu_removing(m, index) ? -1 : gpu_index(m, index);
+
+    return i >= 0 ? &m->gpu[i] : NULL;
+}
+
+bool model_gpu_removing(const model_t *m, int index)
+{
+    return index >= 0 && index < GPU_DEVICES_MAX && (m->gpu_removing >> index) & 1;
 }
 
 bool model_uploading_to(const model_t *m, int index)
@@ -1224,9 +1270,72 @@ int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, s
     /* A VMM copy lives on in the workers' mappings, which hold their own references, so the
      * daemon's can go now. A legacy IPC copy must stay until the last lease: freeing it under
      * an importer is undefined behaviour (cuda.h, cuIpcOpenMemHandle). */
-    for (size_t i = 0; i < m->ngpu; i++)
+    for (size_t i = m->ngpu; i-- > 0;)
         if (m->gpu[i].kind == GPU_HANDLE_POSIX_FD)
-            gpu_release(&m->gpu[i]);
+            gpu_remove_at(m, i);
     registry_unlist(r, m);
+    return 0;
+}
+
+int registry_evict_device(registry_t *r, const char *name, int device, unsigned flags,
+                          char *msg, size_t msglen)
+{
+    model_t *m = registry_find(r, name);
+    ssize_t i;
+    unsigned n;
+
+    if (!m) {
+        snprintf(msg, msglen, "no model named '%s'", name);
+        return WSD_ENOTFOUND;
+    }
+    if (m->state == MODEL_LOADING) {
+        snprintf(msg, msglen, "model '%s' is still loading", name);
+        return WSD_ELOADING;
+    }
+    if (m->state != MODEL_READY) {
+        snprintf(msg, msglen, "model '%s' is %s: it goes as a whole with its last lease", name,
+                 model_state_name(m->state));
+        return WSD_EBUSY;
+    }
+    i = device >= 0 && device < GPU_DEVICES_MAX ? gpu_index(m, device) : -1;
+    if (i < 0 && model_uploading_to(m, device)) {
+        snprintf(msg, msglen, "model '%s' is being uploaded to cuda:%d; cancel that (weightsctl "
+                              "cancel %s) or evict it there once it is done", name, device, name);
+        return WSD_ELOADING;
+    }
+    if (i < 0) {
+        size_t k = (size_t)snprintf(msg, msglen, "model '%s' is not on cuda:%d; it is served on "
+                                    "the host tier (cpu)", name, device);
+
+        for (size_t j = 0; j < m->ngpu && k < msglen; j++)
+            if (!model_gpu_removing(m, m->gpu[j].device))
+                k += (size_t)snprintf(msg + k, msglen - k, ", cuda:%d", m->gpu[j].device);
+        return WSD_ENODEV;
+    }
+    n = m->gpu_leases[device];
+    if (n > 0 && !(flags & (WSD_EVICT_FORCE | WSD_EVICT_DRAIN))) {
+        snprintf(msg, msglen, "model '%s' has %u lease%s on cuda:%d; use --drain to free that "
+                 "copy when they end or --force", name, n, n == 1 ? "" : "s", device);
+        return WSD_EBUSY;
+    }
+    /* Freeing a legacy IPC allocation under an importer is undefined behaviour (cuda.h,
+     * cuIpcOpenMemHandle): --force drains it as --drain would. */
+    if (n > 0 && (!(flags & WSD_EVICT_FORCE) || m->gpu[i].kind != GPU_HANDLE_POSIX_FD)) {
+        if (!model_gpu_removing(m, device)) {
+            m->gpu_removing |= UINT64_C(1) << device;
+            if (r->on_devices)
+                r->on_devices(r->hook_data, m);
+        }
+        log_info("model '%s' draining from cuda:%d: %u lease%s left there%s", name, device, n,
+                 n == 1 ? "" : "s", flags & WSD_EVICT_FORCE ? " (legacy IPC: not forced)" : "");
+        snprintf(msg, msglen, "draining");
+        return 0;
+    }
+    log_info("model '%s' evicted from cuda:%d%s", name, device,
+             n ? " (forced: mapped workers keep the memory)" : "");
+    snprintf(msg, msglen, n ? "forced" : "evicted");
+    gpu_remove_at(m, (size_t)i);
+    if (r->on_devices)
+        r->on_devices(r->hook_data, m);
     return 0;
 }

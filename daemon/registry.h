@@ -74,6 +74,9 @@ struct model {
     gpu_export_t *gpu;        /* ngpu device copies (GPU tier), owned; freed with the model, so
                                  never while a lease exists (legacy IPC memory dies with it) */
     size_t ngpu;
+    unsigned gpu_leases[GPU_DEVICES_MAX]; /* of leases, those on each CUDA ordinal */
+    uint64_t gpu_removing;    /* bit d: the copy on cuda:d takes no new opens and is freed
+                               * with its last lease there (registry_evict_device()) */
     bool allow_gpu_write;     /* opens may map the device copies writable */
     source_cache_t page_cache; /* --page-cache asked for at preload */
 };
@@ -92,7 +95,7 @@ struct registry {
      * where registry_free() clears them first). For the fd store. */
     void (*on_ready)(void *data, model_t *m);
     void (*on_gone)(void *data, model_t *m);
-    void (*on_devices)(void *data, model_t *m); /* a ready model gained device copies */
+    void (*on_devices)(void *data, model_t *m); /* a ready model gained or lost device copies */
     void *hook_data;
     /* allow-client-preload: opens may name a checkpoint under one of these directories
      * (realpath'ed, each ending in '/'), loaded on first use. Off when ndirs is 0. */
@@ -162,6 +165,18 @@ int registry_preload(registry_t *r, const preload_args_t *a, registry_preload_cb
 int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, size_t msglen);
 
 /*
+ * Drops the copy of ready model \p name on CUDA device \p device; the model stays served on
+ * the host tier and its other devices. The lease rules of registry_evict() apply to the
+ * leases on that device: WSD_EBUSY while some exist, unless WSD_EVICT_DRAIN (no new opens on
+ * it; freed with its last lease there) or WSD_EVICT_FORCE (a VMM copy: the daemon's handle
+ * goes now and workers' mappings keep the memory; a legacy IPC copy cannot be freed under an
+ * importer, so it drains instead). \p msg gets "evicted", "draining" or "forced" on success.
+ * \retval 0, WSD_ENOTFOUND, WSD_ENODEV (not on that device), WSD_ELOADING, WSD_EBUSY.
+ */
+int registry_evict_device(registry_t *r, const char *name, int device, unsigned flags,
+                          char *msg, size_t msglen);
+
+/*
  * File share mode: true if the model's file was modified or truncated in place since preload
  * (size or mtime of the inode we serve). Marks the model stale and logs once.
  */
@@ -222,14 +237,19 @@ unsigned registry_cancel_all(registry_t *r);
 bool model_progress(const model_t *m, const char **ret_phase, uint64_t *ret_done,
                     uint64_t *ret_total);
 
-/* The model's copy on CUDA device \p index, or NULL. */
+/* The model's copy on CUDA device \p index that takes opens, or NULL (none, or one being
+ * removed: see model_gpu_removing()). */
 const gpu_export_t *model_gpu(const model_t *m, int index);
+
+/* Whether the copy on CUDA device \p index is draining away (evicted from that device). */
+bool model_gpu_removing(const model_t *m, int index);
 
 /* Whether a running upload of ready model \p m is for CUDA device \p index. */
 bool model_uploading_to(const model_t *m, int index);
 
-/* Lease bookkeeping for sessions. */
-void model_lease_get(model_t *m);
-void model_lease_put(model_t *m);
+/* Lease bookkeeping for sessions; \p device is the CUDA ordinal the lease maps, or -1 for
+ * the host tier. */
+void model_lease_get(model_t *m, int device);
+void model_lease_put(model_t *m, int device);
 
 #endif /* WSD_REGISTRY_H */

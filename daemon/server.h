@@ -41,6 +41,7 @@ typedef struct server_opts {
 typedef struct lease {
     uint64_t id;
     model_t *model;                /* holds a lease reference */
+    int device;                    /* the CUDA ordinal it maps, or -1 for the host tier */
 } lease_t;
 
 /* One queued outgoing frame; its fds go with its first byte and are closed once sent. */

@@ -124,6 +124,29 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
     svc->pending++;
 }
 
+/* A reload took devices from a served model: its copies there drain (freed with the last
+ * lease on each; the model stays served everywhere else). */
+static void drop_devices(service_t *svc, const cfg_model_t *was, const cfg_model_t *now)
+{
+    for (size_t i = 0; i < was->ndevices; i++) {
+        int d = was->devices[i];
+        char msg[512];
+        int r;
+
+        if (cfg_model_has_device(now, d))
+            continue;
+        r = registry_evict_device(svc->reg, was->name, d, WSD_EVICT_DRAIN, msg, sizeof(msg));
+        if (r == WSD_ENODEV)
+            log_info("reload: model '%s' is no longer configured on cuda:%d, where it was not "
+                     "served", was->name, d);
+        else if (r < 0)
+            log_warning("reload: cannot evict '%s' from cuda:%d: %s", was->name, d, msg);
+        else
+            log_info("reload: model '%s' no longer configured on cuda:%d: %s", was->name, d,
+                     msg);
+    }
+}
+
 /* Starts the preloads of \p cfg not already served as configured by \p old; READY=1 comes from
  * the last one to finish (or at once when there are none). */
 static void preload_config(service_t *svc, const config_t *old, const config_t *cfg)
@@ -140,8 +163,9 @@ static void preload_config(service_t *svc, const config_t *old, const config_t *
 
         if (m && was && cfg_model_same(was, cm))
             continue; /* unchanged and still served */
-        if (m && was && cfg_model_adds_devices(was, cm) && m->state == MODEL_READY) {
-            preload_one(svc, cm); /* uploads the host copy to the new devices */
+        if (m && was && cfg_model_devices_change(was, cm) && m->state == MODEL_READY) {
+            drop_devices(svc, was, cm);
+            preload_one(svc, cm); /* uploads the host copy to the new devices, if any */
             continue;
         }
         if (m && m->state == MODEL_DRAINING) {
@@ -180,8 +204,8 @@ static void evict_dropped(service_t *svc, const config_t *old, const config_t *c
         char msg[512];
         int r;
 
-        if (now && (cfg_model_same(was, now) || cfg_model_adds_devices(was, now)))
-            continue; /* kept: new devices get an upload of it, not a new preload */
+        if (now && (cfg_model_same(was, now) || cfg_model_devices_change(was, now)))
+            continue; /* kept: its devices change on their own (preload_config()) */
         if (!registry_find(svc->reg, was->name))
             continue;
         r = registry_evict(svc->reg, was->name, WSD_EVICT_DRAIN, msg, sizeof(msg));

@@ -25,7 +25,7 @@ typedef struct open_waiter {
     unsigned flags;     /* WSD_OPEN_* of the request */
 } open_waiter_t;
 
-static int lease_add(conn_t *c, model_t *m, uint64_t *ret_id)
+static int lease_add(conn_t *c, model_t *m, int device, uint64_t *ret_id)
 {
     if (c->nleases == c->leases_cap) {
         size_t cap = c->leases_cap ? c->leases_cap * 2 : 8;
@@ -38,8 +38,9 @@ static int lease_add(conn_t *c, model_t *m, uint64_t *ret_id)
     }
     c->leases[c->nleases].id = ++c->srv->next_lease_id;
     c->leases[c->nleases].model = m;
+    c->leases[c->nleases].device = device;
     c->nleases++;
-    model_lease_get(m);
+    model_lease_get(m, device);
     *ret_id = c->srv->next_lease_id;
     return 0;
 }
@@ -50,7 +51,8 @@ static void served_on(const model_t *m, char *buf, size_t len)
     size_t n = (size_t)snprintf(buf, len, "the host tier (cpu)");
 
     for (size_t i = 0; i < m->ngpu && n < len; i++)
-        n += (size_t)snprintf(buf + n, len - n, ", cuda:%d", m->gpu[i].device);
+        if (!model_gpu_removing(m, m->gpu[i].device))
+            n += (size_t)snprintf(buf + n, len - n, ", cuda:%d", m->gpu[i].device);
 }
 
 /* The device copy an open asks for, or NULL after sending the error that says why not. */
@@ -65,6 +67,14 @@ static const gpu_export_t *open_gpu(conn_t *c, uint64_t id, model_t *m, int devi
         conn_send_error(c, id, WSD_ELOADING,
                         "model '%s' is being uploaded to cuda:%d; open it there when its "
                         "preload has returned", m->name, device);
+        return NULL;
+    }
+    if (!g && model_gpu_removing(m, device)) {
+        c->srv->stats.open_errors++;
+        conn_send_error(c, id, WSD_ENODEV,
+                        "device 'cuda:%d' unavailable: model '%s' is being evicted from it "
+                        "(it goes with the %u lease%s left there)", device, m->name,
+                        m->gpu_leases[device], m->gpu_leases[device] == 1 ? "" : "s");
         return NULL;
     }
     if (!g) {
@@ -121,7 +131,7 @@ static void open_grant(conn_t *c, uint64_t id, model_t *m, int device, unsigned 
         conn_send_error(c, id, -errno, "cannot duplicate the model's fd: %s", strerror(errno));
         return;
     }
-    r = lease_add(c, m, &lease);
+    r = lease_add(c, m, g ? device : -1, &lease);
     if (r == 0)
         r = manifest_pb_open_reply_gpu(id, lease, m->manifest_pb, m->manifest_pb_len,
                                        g ? g->pb : NULL, g ? g->pb_len : 0, nfds, &buf, &len);
@@ -289,7 +299,7 @@ static void handle_release(conn_t *c, uint64_t id, const Weightsd__V1__ReleaseRe
     for (size_t i = 0; i < c->nleases; i++) {
         if (c->leases[i].id != req->lease)
             continue;
-        model_lease_put(c->leases[i].model);
+        model_lease_put(c->leases[i].model, c->leases[i].device);
         c->leases[i] = c->leases[--c->nleases];
         c->srv->stats.releases_total++;
         out.id = id;
@@ -308,8 +318,10 @@ void session_release_all(conn_t *c)
         log_debug("connection %llu (pid %d) gone: releasing %zu leases", (unsigned long long)c->id,
                   (int)c->cred.pid, c->nleases);
     c->srv->stats.leases_released_on_close += c->nleases;
-    while (c->nleases > 0)
-        model_lease_put(c->leases[--c->nleases].model);
+    while (c->nleases > 0) {
+        c->nleases--;
+        model_lease_put(c->leases[c->nleases].model, c->leases[c->nleases].device);
+    }
 }
 
 int session_dispatch(conn_t *c, wire_frame_t *f)

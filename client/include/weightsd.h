@@ -332,6 +332,12 @@ WSD_EXTERN WSD_MUST_CHECK int wsd_admin_preload(wsd_client_t *c, const char *nam
 #define WSD_EVICT_FORCE (1u << 1) /* free now even with leases (mapped workers keep their pages) */
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_evict(wsd_client_t *c, const char *name, unsigned flags,
                                               char **ret_json);
+/** Frees only the copy of \p name on \p device ("cuda:N"); the model stays served on the host
+ * tier and its other devices. \p flags as wsd_admin_evict(), counting the leases on that
+ * device. \retval 0, WSD_ENOTFOUND, WSD_ENODEV (not on that device), WSD_EBUSY, ... */
+WSD_EXTERN WSD_MUST_CHECK int wsd_admin_evict_device(wsd_client_t *c, const char *name,
+                                                     const char *device, unsigned flags,
+                                                     char **ret_json);
 /** Cancels the preload of \p name (state loading). \retval 0, WSD_ENOTFOUND, WSD_EBUSY. */
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_cancel(wsd_client_t *c, const char *name, char **ret_json);
 WSD_EXTERN WSD_MUST_CHECK int wsd_admin_list(wsd_client_t *c, char **ret_json);

@@ -7,6 +7,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,10 @@ static const char usage_text[] =
     "  evict NAME           free a model (refused while workers hold leases)\n"
     "      --drain                refuse new opens, free when the last lease goes\n"
     "      --force                free now; mapped workers keep their pages\n"
+    "      --device cuda:N        free only the copy on GPU N; the model stays served\n"
+    "                             on the host tier and its other devices (the lease\n"
+    "                             rules above count the leases on GPU N; --force on a\n"
+    "                             legacy IPC copy drains it instead)\n"
     "  list                 models with state, bytes and lease count\n"
     "  info NAME            one model: source, tensors, metadata (read in pages of up to\n"
     "                       16384 tensors, so any model can be listed)\n"
@@ -677,8 +682,17 @@ static int write_metrics_file(const char *socket_path, int timeout_ms, const cha
 static void render_evict(json_t *doc)
 {
     const char *name = jstr(doc, "name"), *result = jstr(doc, "result");
+    const char *dev = json_string_value(json_object_get(doc, "device"));
 
-    if (strcmp(result, "draining") == 0)
+    if (dev && strcmp(result, "draining") == 0)
+        printf("draining %s from %s: its copy there is freed when the last lease on it goes\n",
+               name, dev);
+    else if (dev && strcmp(result, "forced") == 0)
+        printf("forced %s off %s: the daemon let go of its copy; workers that map it keep "
+               "it\n", name, dev);
+    else if (dev && strcmp(result, "evicted") == 0)
+        printf("evicted %s from %s\n", name, dev);
+    else if (strcmp(result, "draining") == 0)
         printf("draining %s: freed when its last lease goes\n", name);
     else if (strcmp(result, "forced") == 0)
         printf("forced %s: freed now; workers that map it keep their pages\n", name);
@@ -688,21 +702,23 @@ static void render_evict(json_t *doc)
         printf("%s: %s\n", name, result);
 }
 
-/* The command an option belongs to, for the long-only options (the others go with any). */
-static const char *option_command(int opt)
+/* Whether long-only option \p opt applies to \p cmd (the others go with any command). */
+static bool option_applies(int opt, const char *cmd)
 {
     switch (opt) {
     case OPT_DRAIN:
     case OPT_FORCE:
-        return "evict";
+        return strcmp(cmd, "evict") == 0;
     case OPT_PROMETHEUS:
     case OPT_METRICS_FILE:
     case OPT_INTERVAL:
-        return "stats";
+        return strcmp(cmd, "stats") == 0;
     case OPT_NO_TENSORS:
-        return "info";
+        return strcmp(cmd, "info") == 0;
+    case OPT_DEVICE:
+        return strcmp(cmd, "preload") == 0 || strcmp(cmd, "evict") == 0;
     default:
-        return "preload";
+        return strcmp(cmd, "preload") == 0;
     }
 }
 
@@ -921,7 +937,7 @@ int main(int argc, char **argv)
     /* An option the command would ignore is a mistake worth hearing about (a misspelt
      * command, or an option on the wrong line of a script), not something to drop. */
     for (size_t i = 0; longopts[i].name; i++)
-        if ((given >> i & 1) && strcmp(option_command(longopts[i].val), cmd) != 0) {
+        if ((given >> i & 1) && !option_applies(longopts[i].val, cmd)) {
             fprintf(stderr, "%s: --%s does not apply to %s; see --help\n", prog, longopts[i].name,
                     cmd);
             return 2;
@@ -929,6 +945,14 @@ int main(int argc, char **argv)
     if (interval && !metrics_file) {
         fprintf(stderr, "%s: --interval does not apply to %s without --metrics-file; see --help\n",
                 prog, cmd);
+        return 2;
+    }
+    if (strcmp(cmd, "evict") == 0 && popts.ndevices > 1) {
+        fprintf(stderr, "%s: evict takes one --device at a time; see --help\n", prog);
+        return 2;
+    }
+    if (strcmp(cmd, "evict") == 0 && popts.ndevices && !devices[0][0]) {
+        fprintf(stderr, "%s: evict --device wants cuda:N; see --help\n", prog);
         return 2;
     }
     if (strcmp(cmd, "config-check") == 0)
@@ -965,7 +989,9 @@ int main(int argc, char **argv)
         free(abs);
         rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, render_preload);
     } else if (strcmp(cmd, "evict") == 0) {
-        r = wsd_admin_evict(c, argv[optind], evict_flags, &json);
+        r = popts.ndevices ? wsd_admin_evict_device(c, argv[optind], devices[0], evict_flags,
+                                                    &json)
+                           : wsd_admin_evict(c, argv[optind], evict_flags, &json);
         rc = r < 0 ? fail(cmd, r, c) : emit(json, as_json, render_evict);
     } else if (strcmp(cmd, "cancel") == 0) {
         r = wsd_admin_cancel(c, argv[optind], &json);

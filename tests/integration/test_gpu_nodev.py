@@ -203,6 +203,22 @@ def test_reload_that_adds_a_device_uploads_instead_of_draining(tmp_path, model):
         lst = d.ctl_json("list")
         assert [(m["name"], m["state"], m["leases"]) for m in lst] == [("g", "ready", 1)], lst
         assert d.ctl_json("info", "g", "--no-tensors")["hash"] == first["hash"]
+        # Taking the device away again is no change of what is served either: the model stays,
+        # lease and all, and the device it never reached is only logged.
+        cfg.write_text(f"[model g]\npath = {model}\ndevices = host\n")
+        d.proc.send_signal(signal.SIGHUP)
+        assert _wait_log(d, "no longer configured on cuda:0"), d.log()
+        assert "model 'g' is no longer configured on cuda:0, where it was not served" in d.log()
+        assert "changed in the config" not in d.log(), d.log()
+        lst = d.ctl_json("list")
+        assert [(m["name"], m["state"], m["leases"]) for m in lst] == [("g", "ready", 1)], lst
+        cfg.write_text(f"[model g]\npath = {model}\ndevices = host cuda:0\n")
+        d.proc.send_signal(signal.SIGHUP)
+        for _ in range(500):  # the second upload to cuda:0 has failed too
+            if d.log().count("upload of 'g' to more devices failed") == 2:
+                break
+            time.sleep(0.02)
+        assert d.log().count("upload of 'g' to more devices failed") == 2, d.log()
         # A change beyond devices still drains the old definition, as before.
         cfg.write_text(f"[model g]\npath = {model}\ndevices = host cuda:0\ndtype = bf16\n")
         d.proc.send_signal(signal.SIGHUP)
@@ -226,6 +242,35 @@ def _wait_log(d, text, timeout=10):
             return True
         time.sleep(0.01)
     return False
+
+
+def test_evict_from_a_device_it_is_not_on(daemon, model):
+    """evict NAME --device cuda:N frees one device copy and leaves the model served; here no
+    model has one, so every form is refused, saying why, and the model is untouched."""
+    first = daemon.preload("m", model)
+    for dev, text in (("cuda:0", "model 'm' is not on cuda:0; it is served on the host tier "
+                                 "(cpu)"),
+                      ("cuda:7", "is not on cuda:7"),
+                      ("cpu", "the host copy (cpu) goes with the model itself: evict 'm' "
+                              "without a device"),
+                      ("gpu:1", "device 'gpu:1' unknown: expected \"cuda:N\""),
+                      ("cuda:64", "unknown")):
+        for flags in ((), ("--drain",), ("--force",)):
+            p = daemon.ctl("evict", "m", "--device", dev, *flags, check=False)
+            assert p.returncode == 1 and text in p.stderr, (dev, flags, p.stderr)
+    p = daemon.ctl("evict", "nope", "--device", "cuda:0", check=False)
+    assert p.returncode == 1 and "no model named 'nope'" in p.stderr, p.stderr
+    p = daemon.ctl("evict", "m", "--device", "cuda:0", "--device", "cuda:1", check=False)
+    assert p.returncode == 2 and "one --device at a time" in p.stderr, p.stderr
+    p = daemon.ctl("evict", "m", "--device", "", check=False)
+    assert p.returncode == 2 and "wants cuda:N" in p.stderr, p.stderr
+    p = daemon.ctl("list", "--device", "cuda:0", check=False)
+    assert p.returncode == 2 and "--device does not apply to list" in p.stderr, p.stderr
+    p = daemon.ctl("--json", "evict", "m", "--device", "cuda:0", check=False)
+    assert p.returncode == 1 and "is not on cuda:0" in p.stderr, p.stderr
+    assert [(x["name"], x["state"]) for x in daemon.ctl_json("list")] == [("m", "ready")]
+    assert attach(daemon, "m")[-1]["hash"] == first["hash"]
+    assert daemon.ctl("evict", "m").stdout == "evicted m\n"
 
 
 def test_while_a_device_upload_runs(tmp_path, model):
@@ -257,6 +302,9 @@ def test_while_a_device_upload_runs(tmp_path, model):
         assert p.returncode != 0 and "being uploaded to a device" in p.stderr, p.stderr
         p = d.ctl("preload", "m", str(model), "--device", "cuda:0", check=False)
         assert p.returncode != 0 and "being uploaded to a device already" in p.stderr, p.stderr
+        p = d.ctl("evict", "m", "--device", "cuda:0", check=False)
+        assert p.returncode != 0 and "being uploaded to cuda:0; cancel that" in p.stderr, \
+            p.stderr
         nowait = attach_bg()
         out, err = nowait.communicate(timeout=30)
         assert nowait.returncode != 0 and "being uploaded to cuda:0" in err, err

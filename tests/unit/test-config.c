@@ -213,6 +213,62 @@ TEST(drop_given_unsets_each_command_line_setting)
     config_free(c);
 }
 
+/* Two configs of one model "g" from /m.safetensors with \p a and \p b as its devices line and
+ * \p extra_b added to the second; both must load. */
+static void pair(const char *a, const char *b, const char *extra_b, config_t **ca, config_t **cb)
+{
+    char text[512];
+
+    snprintf(text, sizeof(text), "[model g]\npath = /m.safetensors\ndevices = %s\n", a);
+    ASSERT_EQ(load(text, ca), 0);
+    snprintf(text, sizeof(text), "[model g]\npath = /m.safetensors\ndevices = %s\n%s", b,
+             extra_b);
+    ASSERT_EQ(load(text, cb), 0);
+    ASSERT_EQ((*ca)->nmodels, 1);
+    ASSERT_EQ((*cb)->nmodels, 1);
+}
+
+TEST(device_changes_alone_are_told_apart)
+{
+    static const struct {
+        const char *was, *now, *extra;
+        bool same, devices_change;
+    } cases[] = {
+        {"host cuda:0 cuda:1", "cuda:1 host cuda:0", "", true, false}, /* order is no change */
+        {"host", "host cuda:0", "", false, true},                      /* added */
+        {"host cuda:0 cuda:1", "host cuda:1", "", false, true},        /* dropped */
+        {"cuda:0", "cuda:2", "", false, true},                         /* swapped */
+        {"cuda:0 cuda:1", "host", "", false, true},                    /* all dropped */
+        {"host", "host cuda:0", "dtype = bf16\n", false, false},       /* and more changed */
+        {"cuda:0", "cuda:1", "allow-gpu-write = yes\n", false, false},
+        {"host cuda:3", "host cuda:3", "", true, false},
+    };
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        config_t *a, *b;
+
+        pair(cases[i].was, cases[i].now, cases[i].extra, &a, &b);
+        if (cfg_model_same(&a->models[0], &b->models[0]) != cases[i].same ||
+            cfg_model_devices_change(&a->models[0], &b->models[0]) != cases[i].devices_change)
+            TEST_FAIL("case %zu ('%s' -> '%s' %s): same %d, devices_change %d", i, cases[i].was,
+                      cases[i].now, cases[i].extra,
+                      cfg_model_same(&a->models[0], &b->models[0]),
+                      cfg_model_devices_change(&a->models[0], &b->models[0]));
+        config_free(a);
+        config_free(b);
+    }
+}
+
+TEST(a_device_listed_twice_is_an_error)
+{
+    config_t *c = NULL;
+
+    ASSERT_EQ(load("[model g]\npath = /m.safetensors\ndevices = host cuda:1 cuda:1\n", &c),
+              -EINVAL);
+    ASSERT(c == NULL);
+    ASSERT_STR_CONTAINS(reported, ":3: devices: 'cuda:1' given twice");
+}
+
 int main(int argc, char **argv)
 {
     return test_main(argc, argv);
