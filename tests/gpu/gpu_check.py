@@ -11,8 +11,9 @@ rollback (both through WEIGHTSD_FAULT, so the carried build has -DWSD_FAULT_INJE
 4 workers -> one copy (nvidia-smi / cudaMemGetInfo); H2D upload rate against a plain pinned
 copy of the same bytes in the same run; attach time per worker; load_into(SomeModule) on cuda:0
 against torch.load(...).to("cuda"); 20000 small tensors packed many to a staging copy, read
-back whole; a device added to a ready model from its host copy; a restart (fd store emulation) bringing the
-GPU copy back by itself; the legacy IPC fallback (WEIGHTSD_GPU_LEGACY=1).
+back whole; a device added to a ready model from its host copy, and one evicted alone (drain
+and force under a live mapping); a restart (fd store emulation) bringing the GPU copy back by
+itself; the legacy IPC fallback (WEIGHTSD_GPU_LEGACY=1), whose evict --device --force drains.
 """
 import json
 import os
@@ -491,6 +492,69 @@ def check_device_added(res, d, tmp):
                  and res["verify"]["on_cuda"] and res["attach"]["ntensors"] == 48)
 
 
+def check_device_evicted(res, d, tmp):
+    """evict NAME --device cuda:0 (registry_evict_device): refused while a worker holds a
+    cuda:0 lease; --drain takes no new cuda:0 opens, keeps the host tier serving and the
+    holder's data valid, and frees the copy with that lease; --force on a VMM copy lets go at
+    once while the worker's mapping keeps the memory. The model stays listed throughout."""
+    import torch
+    from safetensors.torch import save_file
+    from wsdtest import BIN
+    g = torch.Generator().manual_seed(12)
+    path = os.path.join(tmp, "evd.safetensors")
+    save_file({f"e{i:02d}": torch.randn(1 << 18, generator=g) for i in range(64)}, path)
+    used_start = smi_used_mib()  # no worker alive: the daemon's context and its other models
+    d.preload("evd", path, "--device", "cpu", "--device", "cuda:0")
+    res["copy_mib"] = smi_used_mib() - used_start
+
+    def devices():
+        return {x["device"]: x for x in d.ctl_json("info", "evd", "--no-tensors")["devices"]}
+
+    def attach_bin(*args):
+        return subprocess.run([os.path.join(BIN, "wsd-attach"), "--socket", d.sock, *args,
+                               "evd"], capture_output=True, text=True, timeout=120)
+
+    w = Worker(d.sock, "evd", path)
+    try:
+        w.ask("attach")
+        res["leases_on_cuda0"] = devices()["cuda:0"]["leases"]
+        p = d.ctl("evict", "evd", "--device", "cuda:0", check=False)
+        res["refused_with_lease"] = p.returncode != 0 and "on cuda:0" in p.stderr
+        res["drain"] = d.ctl("evict", "evd", "--device", "cuda:0", "--drain").stdout.strip()
+        res["draining_flag"] = devices()["cuda:0"]["draining"]
+        p = attach_bin("--device", "cuda:0")
+        res["new_cuda_open_refused"] = p.returncode != 0 and "being evicted" in p.stderr
+        res["host_open_rc"] = attach_bin().returncode
+        res["verify_while_draining"] = w.ask("verify")["mismatches"]
+    finally:
+        w.close()
+    time.sleep(1)
+    res["devices_after_drain"] = sorted(devices())
+    # The worker (and its context) is gone; so must the 64 MiB copy be.
+    res["mib_above_start_after_drain"] = smi_used_mib() - used_start
+    # Back on cuda:0 from the host copy, then forced off under a live mapping.
+    d.preload("evd", path, "--device", "cuda:0")
+    w = Worker(d.sock, "evd", path)
+    try:
+        w.ask("attach")
+        res["force"] = d.ctl("evict", "evd", "--device", "cuda:0", "--force").stdout.strip()
+        res["devices_after_force"] = sorted(devices())
+        res["verify_after_force"] = w.ask("verify")["mismatches"]
+    finally:
+        w.close()
+    res["listed"] = [x["name"] for x in d.ctl_json("list")].count("evd") == 1
+    d.ctl("evict", "evd")
+    res["ok"] = (res["leases_on_cuda0"] >= 1 and res["refused_with_lease"]
+                 and res["drain"].startswith("draining evd from cuda:0")
+                 and res["draining_flag"] is True and res["new_cuda_open_refused"]
+                 and res["host_open_rc"] == 0 and res["verify_while_draining"] == 0
+                 and res["devices_after_drain"] == ["cpu"] and res["copy_mib"] >= 48
+                 and res["mib_above_start_after_drain"] < 32
+                 and res["force"].startswith("forced evd off cuda:0")
+                 and res["devices_after_force"] == ["cpu"] and res["verify_after_force"] == 0
+                 and res["listed"])
+
+
 def check_restart_reupload(res, tmp):
     """Restart without reloading, GPU tier: a model preloaded for cuda:0 under an emulation of
     systemd's fd store, the daemon SIGKILLed and started again: the re-adopted host copy must
@@ -625,9 +689,18 @@ def check_legacy(res, Daemon, tmp, path):
         try:
             w.ask("attach")
             res["verify"] = w.ask("verify")
+            # A legacy allocation cannot be freed under its importer: --force drains it.
+            res["evict_device_force"] = d.ctl("evict", "big", "--device", "cuda:0",
+                                              "--force").stdout.strip()
+            res["verify_after"] = w.ask("verify")["mismatches"]
         finally:
             w.close()
-        res["ok"] = res["handle"] == "legacy_ipc" and res["verify"]["mismatches"] == 0
+        time.sleep(0.5)
+        res["devices_after_release"] = [x["device"] for x in
+                                        d.ctl_json("info", "big", "--no-tensors")["devices"]]
+        res["ok"] = (res["handle"] == "legacy_ipc" and res["verify"]["mismatches"] == 0
+                     and res["evict_device_force"].startswith("draining big from cuda:0")
+                     and res["verify_after"] == 0 and res["devices_after_release"] == ["cpu"])
     finally:
         d.stop()
 
@@ -793,6 +866,7 @@ def main():
                          ("load_into_somemodule", check_load_into, d, tmp),
                          ("many_small_tensors_packed", check_many_small, d, tmp),
                          ("device_added_after_preload", check_device_added, d, tmp),
+                         ("device_evicted_alone", check_device_evicted, d, tmp),
                          ("restart_uploads_again", check_restart_reupload, tmp),
                          ("g2_lifetime", check_g2, d, path, nbytes, Daemon, tmp)]
         for name, fn, *a in daemon_checks:
