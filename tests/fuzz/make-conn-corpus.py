@@ -135,6 +135,8 @@ def main():
                 "evict": ctl + ["evict", "x"],
                 "evict-force": ctl + ["evict", "--force", "y"],
                 "evict-missing": ctl + ["evict", "nosuchmodel"],
+                "evict-device": ctl + ["evict", "m", "--device", "cuda:0", "--drain"],
+                "evict-device-cpu": ctl + ["evict", "m", "--device", "cpu"],
                 "preload-missing-file": ctl + ["preload", "z", "/nonexistent.safetensors"],
             }
             for name, argv in conn.items():
