@@ -1232,7 +1232,8 @@ bool model_progress(const model_t *m, const char **ret_phase, uint64_t *ret_done
     return true;
 }
 
-int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, size_t msglen)
+/* The model an evict names, once its preload is over. \retval 0, WSD_ENOTFOUND, WSD_ELOADING. */
+static int evict_target(registry_t *r, const char *name, model_t **ret, char *msg, size_t msglen)
 {
     model_t *m = registry_find(r, name);
 
@@ -1244,6 +1245,17 @@ int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, s
         snprintf(msg, msglen, "model '%s' is still loading", name);
         return WSD_ELOADING;
     }
+    *ret = m;
+    return 0;
+}
+
+int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, size_t msglen)
+{
+    model_t *m = NULL;
+    int k = evict_target(r, name, &m, msg, msglen);
+
+    if (k < 0)
+        return k;
     if (m->loading) {
         snprintf(msg, msglen, "model '%s' is being uploaded to a device; wait for it or cancel "
                               "it (weightsctl cancel %s)", name, name);
@@ -1280,18 +1292,13 @@ int registry_evict(registry_t *r, const char *name, unsigned flags, char *msg, s
 int registry_evict_device(registry_t *r, const char *name, int device, unsigned flags,
                           char *msg, size_t msglen)
 {
-    model_t *m = registry_find(r, name);
+    model_t *m = NULL;
+    int k = evict_target(r, name, &m, msg, msglen);
     ssize_t i;
     unsigned n;
 
-    if (!m) {
-        snprintf(msg, msglen, "no model named '%s'", name);
-        return WSD_ENOTFOUND;
-    }
-    if (m->state == MODEL_LOADING) {
-        snprintf(msg, msglen, "model '%s' is still loading", name);
-        return WSD_ELOADING;
-    }
+    if (k < 0)
+        return k;
     if (m->state != MODEL_READY) {
         snprintf(msg, msglen, "model '%s' is %s: it goes as a whole with its last lease", name,
                  model_state_name(m->state));
@@ -1304,12 +1311,12 @@ int registry_evict_device(registry_t *r, const char *name, int device, unsigned 
         return WSD_ELOADING;
     }
     if (i < 0) {
-        size_t k = (size_t)snprintf(msg, msglen, "model '%s' is not on cuda:%d; it is served on "
-                                    "the host tier (cpu)", name, device);
+        size_t len = (size_t)snprintf(msg, msglen, "model '%s' is not on cuda:%d; it is served "
+                                      "on the host tier (cpu)", name, device);
 
-        for (size_t j = 0; j < m->ngpu && k < msglen; j++)
+        for (size_t j = 0; j < m->ngpu && len < msglen; j++)
             if (!model_gpu_removing(m, m->gpu[j].device))
-                k += (size_t)snprintf(msg + k, msglen - k, ", cuda:%d", m->gpu[j].device);
+                len += (size_t)snprintf(msg + len, msglen - len, ", cuda:%d", m->gpu[j].device);
         return WSD_ENODEV;
     }
     n = m->gpu_leases[device];
