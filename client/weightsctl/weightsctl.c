@@ -289,10 +289,15 @@ static void print_info_head(json_t *doc)
     {
         if (strcmp(jstr(v, "device"), "cpu") == 0)
             continue; /* the memory line above */
-        printf("device:   %s, %s handle, %s, uploaded in %.1f ms (the copy %.1f ms)%s\n",
+        printf("device:   %s, %s handle, %s, uploaded in %.1f ms (the copy %.1f ms), %" PRIu64
+               " lease%s%s%s\n",
                jstr(v, "device"), jstr(v, "handle"),
                json_is_true(json_object_get(v, "writable")) ? "writable" : "read-only",
                (double)jint(v, "upload_us") / 1e3, (double)jint(v, "fill_us") / 1e3,
+               jint(v, "leases"), jint(v, "leases") == 1 ? "" : "s",
+               json_is_true(json_object_get(v, "draining"))
+                   ? ", draining (evicted from this device; freed with its last lease)"
+                   : "",
                json_is_string(json_object_get(v, "state")) && strcmp(jstr(v, "state"), "ok")
                    ? ", device degraded"
                    : "");

@@ -522,6 +522,8 @@ def check_device_evicted(res, d, tmp):
         res["refused_with_lease"] = p.returncode != 0 and "on cuda:0" in p.stderr
         res["drain"] = d.ctl("evict", "evd", "--device", "cuda:0", "--drain").stdout.strip()
         res["draining_flag"] = devices()["cuda:0"]["draining"]
+        res["info_text_says_draining"] = "draining (evicted from this device" in d.ctl(
+            "info", "evd", "--no-tensors").stdout
         p = attach_bin("--device", "cuda:0")
         res["new_cuda_open_refused"] = p.returncode != 0 and "being evicted" in p.stderr
         res["host_open_rc"] = attach_bin().returncode
@@ -546,7 +548,8 @@ def check_device_evicted(res, d, tmp):
     d.ctl("evict", "evd")
     res["ok"] = (res["leases_on_cuda0"] >= 1 and res["refused_with_lease"]
                  and res["drain"].startswith("draining evd from cuda:0")
-                 and res["draining_flag"] is True and res["new_cuda_open_refused"]
+                 and res["draining_flag"] is True and res["info_text_says_draining"]
+                 and res["new_cuda_open_refused"]
                  and res["host_open_rc"] == 0 and res["verify_while_draining"] == 0
                  and res["devices_after_drain"] == ["cpu"] and res["copy_mib"] >= 48
                  and res["mib_above_start_after_drain"] < 32
