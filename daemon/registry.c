@@ -1299,9 +1299,9 @@ int registry_evict_device(registry_t *r, const char *name, int device, unsigned 
 
     if (k < 0)
         return k;
-    if (m->state != MODEL_READY) {
-        snprintf(msg, msglen, "model '%s' is %s: it goes as a whole with its last lease", name,
-                 model_state_name(m->state));
+    if (m->state == MODEL_DRAINING) {
+        snprintf(msg, msglen, "model '%s' is draining: it goes as a whole with its last lease",
+                 name);
         return WSD_EBUSY;
     }
     i = device >= 0 && device < GPU_DEVICES_MAX ? gpu_index(m, device) : -1;

@@ -8,6 +8,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -270,7 +271,23 @@ def test_evict_from_a_device_it_is_not_on(daemon, model):
     assert p.returncode == 1 and "is not on cuda:0" in p.stderr, p.stderr
     assert [(x["name"], x["state"]) for x in daemon.ctl_json("list")] == [("m", "ready")]
     assert attach(daemon, "m")[-1]["hash"] == first["hash"]
-    assert daemon.ctl("evict", "m").stdout == "evicted m\n"
+    # A model draining as a whole has no device copy left to take away on its own.
+    holder = subprocess.Popen([os.path.join(BIN, "wsd-attach"), "--socket", daemon.sock,
+                               "--hold", "0", "m"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline()
+        assert daemon.ctl("evict", "m", "--drain").stdout.startswith("draining m")
+        p = daemon.ctl("evict", "m", "--device", "cuda:0", check=False)
+        assert p.returncode == 1 and "model 'm' is draining: it goes as a whole" in p.stderr, \
+            p.stderr
+    finally:
+        holder.terminate()
+        holder.wait()
+    for _ in range(250):
+        if daemon.ctl_json("list") == []:
+            break
+        time.sleep(0.02)
+    assert daemon.ctl_json("list") == []
 
 
 def test_while_a_device_upload_runs(tmp_path, model):
