@@ -120,6 +120,18 @@ static json_t *summary_json(const model_t *m)
     }
     if (up)
         json_object_set_new(doc, "uploading", up);
+    /* The GPUs it is served on (only when there are some; the host tier always is). */
+    for (size_t i = 0; doc && i < m->ngpu; i++) {
+        json_t *g = json_object_get(doc, "devices");
+        char name[32];
+
+        if (model_gpu_removing(m, m->gpu[i].device))
+            continue;
+        if (!g && json_object_set_new(doc, "devices", g = json_array()) < 0)
+            break;
+        snprintf(name, sizeof(name), "cuda:%d", m->gpu[i].device);
+        json_array_append_new(g, json_string(name));
+    }
     return doc;
 }
 

@@ -215,14 +215,25 @@ static void print_list(json_t *doc)
     size_t i;
     json_t *m;
 
-    printf("%-24s %-10s %12s %7s\n", "NAME", "STATE", "BYTES", "LEASES");
+    printf("%-24s %-10s %12s %7s  %s\n", "NAME", "STATE", "BYTES", "LEASES", "SERVED ON");
     json_array_foreach(doc, i, m)
     {
         char b[32];
+        size_t k;
+        json_t *d;
 
         human_bytes(jint(m, "bytes"), b, sizeof(b));
-        printf("%-24s %-10s %12s %7" PRIu64 "\n", jstr(m, "name"), jstr(m, "state"), b,
-               jint(m, "leases"));
+        printf("%-24s %-10s %12s %7" PRIu64 "  %s", jstr(m, "name"), jstr(m, "state"), b,
+               jint(m, "leases"), strcmp(jstr(m, "state"), "loading") == 0 ? "-" : "cpu");
+        json_array_foreach(json_object_get(m, "devices"), k, d)
+        {
+            printf(" %s", json_string_value(d) ? json_string_value(d) : "?");
+        }
+        json_array_foreach(json_object_get(m, "uploading"), k, d)
+        {
+            printf(" (uploading to %s)", json_string_value(d) ? json_string_value(d) : "?");
+        }
+        putchar('\n');
     }
 }
 

@@ -514,6 +514,10 @@ def check_device_evicted(res, d, tmp):
         return subprocess.run([os.path.join(BIN, "wsd-attach"), "--socket", d.sock, *args,
                                "evd"], capture_output=True, text=True, timeout=120)
 
+    def listed_devices():
+        return [x.get("devices") for x in d.ctl_json("list") if x["name"] == "evd"]
+
+    res["listed_before"] = listed_devices()
     w = Worker(d.sock, "evd", path)
     try:
         w.ask("attach")
@@ -532,6 +536,7 @@ def check_device_evicted(res, d, tmp):
         w.close()
     time.sleep(1)
     res["devices_after_drain"] = sorted(devices())
+    res["listed_after_drain"] = listed_devices()
     # The worker (and its context) is gone; so must the 64 MiB copy be.
     res["mib_above_start_after_drain"] = smi_used_mib() - used_start
     # Back on cuda:0 from the host copy, then forced off under a live mapping.
@@ -546,7 +551,8 @@ def check_device_evicted(res, d, tmp):
         w.close()
     res["listed"] = [x["name"] for x in d.ctl_json("list")].count("evd") == 1
     d.ctl("evict", "evd")
-    res["ok"] = (res["leases_on_cuda0"] >= 1 and res["refused_with_lease"]
+    res["ok"] = (res["listed_before"] == [["cuda:0"]] and res["listed_after_drain"] == [None]
+                 and res["leases_on_cuda0"] >= 1 and res["refused_with_lease"]
                  and res["drain"].startswith("draining evd from cuda:0")
                  and res["draining_flag"] is True and res["info_text_says_draining"]
                  and res["new_cuda_open_refused"]

@@ -75,8 +75,9 @@ def test_preload_info_list_json_shapes(daemon, tmp_path):
 
     lst = daemon.ctl_json("list")
     assert lst == [{"name": "m", "state": "ready", "bytes": info["bytes"], "leases": 0}]
-    human = daemon.ctl("list").stdout
-    assert "m" in human and "ready" in human
+    human = daemon.ctl("list").stdout.splitlines()
+    assert human[0].split() == ["NAME", "STATE", "BYTES", "LEASES", "SERVED", "ON"], human
+    assert human[1].split()[:2] == ["m", "ready"] and human[1].split()[-2:] == ["0", "cpu"]
 
 
 def write_many(path, names, fill=0):
