@@ -6,13 +6,17 @@
  *   FDNAME "wsd-m.<name>"  its record: u32 LE length, JSON {name, source, key, hash, dtype,
  *                          arena_size, format, devices, allow_gpu_write}, then the packed
  *                          weightsd.v1.Manifest
+ *   FDNAME "wsd-gN.<name>" the CUDA VMM export fd of its copy on cuda:N, for each such copy
  *
  * Names are encoded with notify_fdname(). An evicted model's pair is removed from the store
  * (FDSTOREREMOVE=1); a clean stop or a crash leaves it there, which is the point. Models served
- * with --share file are not stored (the file itself is their copy). GPU copies are not stored
- * either, only the CUDA ordinals they were on ("devices", rewritten when a device is added):
- * a re-adopted model is uploaded to those again from its re-adopted arena, on the pool, and is
- * served on the host tier meanwhile (or for good, with a logged error, if the upload fails).
+ * with --share file are not stored (the file itself is their copy). The record names the CUDA
+ * ordinals the model is on ("devices", rewritten when one is added or evicted). A VMM copy's
+ * export fd is stored beside it, which keeps the device memory allocated while the daemon is
+ * down (a legacy IPC copy dies with the daemon: it has no fd). At the next start a re-adopted
+ * model's kept copies are checked and taken back (gpu_adopt()), and the devices without one,
+ * or whose copy fails the check, get an upload of the re-adopted arena; all of it on the pool,
+ * with the host tier serving meanwhile (and for good, with a logged error, if it fails).
  */
 #include "fdstore.h"
 
@@ -31,6 +35,7 @@
 
 #define PREFIX_ARENA  "wsd-a."
 #define PREFIX_RECORD "wsd-m."
+#define PREFIX_GPU    "wsd-g" /* + the CUDA ordinal + '.': "wsd-g0.<name>" */
 #define RECORD_MAX    (WSD_FRAME_MAX + (1u << 20)) /* a manifest plus its JSON header */
 
 void fdstore_init(fdstore_t *fs, notify_t *n)
@@ -53,7 +58,8 @@ int fdstore_collect_cb(void *data, const char *name, int fd)
 
     if (fs->npending >= FDSTORE_PENDING_MAX ||
         (strncmp(name, PREFIX_ARENA, strlen(PREFIX_ARENA)) != 0 &&
-         strncmp(name, PREFIX_RECORD, strlen(PREFIX_RECORD)) != 0))
+         strncmp(name, PREFIX_RECORD, strlen(PREFIX_RECORD)) != 0 &&
+         strncmp(name, PREFIX_GPU, strlen(PREFIX_GPU)) != 0))
         return -1; /* not ours: closed by the caller */
     (void)fcntl(fd, F_SETFD, FD_CLOEXEC); /* inherited fds come without it */
     snprintf(fs->pending[fs->npending].name, sizeof(fs->pending[fs->npending].name), "%s", name);
@@ -122,6 +128,46 @@ static int record_new(const model_t *m)
     return fd;
 }
 
+/* FDNAME of the export fd of \p name's copy on cuda:\p device. */
+static int gpu_fdname(char *dst, size_t size, int device, const char *name)
+{
+    char prefix[24];
+
+    snprintf(prefix, sizeof(prefix), PREFIX_GPU "%d.", device);
+    return notify_fdname(dst, size, prefix, name);
+}
+
+/* Ordinals a copy can be on: the probed devices (none before a probe, nor without CUDA). */
+static int gpu_ordinals(void)
+{
+    const gpu_probe_t *p = gpu_probe_peek();
+
+    return p ? p->ndevices : 0;
+}
+
+/*
+ * The store keeps the export fd of each VMM copy \p m is served from, and no other, so that
+ * the allocation outlives a daemon crash or restart even with no worker mapping it (cuda.h,
+ * cuMemRelease: memory goes with the last handle, shareable ones included) and the next start
+ * takes it back instead of uploading again. Each name is removed before it is stored, since
+ * FDSTORE=1 adds under a name and never replaces. Legacy IPC copies have no fd to keep.
+ */
+static void store_gpu(fdstore_t *fs, const model_t *m)
+{
+    for (int d = 0; d < gpu_ordinals(); d++) {
+        const gpu_export_t *g = model_gpu(m, d);
+        char gn[256];
+
+        if (gpu_fdname(gn, sizeof(gn), d, m->name) < 0)
+            continue;
+        (void)notify_fdstore_remove(fs->notify, gn);
+        if (g && g->kind == GPU_HANDLE_POSIX_FD && g->fd >= 0 &&
+            notify_fdstore(fs->notify, gn, g->fd) < 0)
+            log_warning("fd store: cannot keep the cuda:%d copy of '%s'; a restart uploads it "
+                        "again", d, m->name);
+    }
+}
+
 static void on_ready(void *data, model_t *m)
 {
     fdstore_t *fs = data;
@@ -144,6 +190,7 @@ static void on_ready(void *data, model_t *m)
     else
         log_debug("fd store: stored model '%s'", m->name);
     (void)close(fd);
+    store_gpu(fs, m);
 }
 
 static void on_gone(void *data, model_t *m)
@@ -157,6 +204,9 @@ static void on_gone(void *data, model_t *m)
         (void)notify_fdstore_remove(fs->notify, an);
     if (notify_fdname(mn, sizeof(mn), PREFIX_RECORD, m->name) == 0)
         (void)notify_fdstore_remove(fs->notify, mn);
+    for (int d = 0; d < gpu_ordinals(); d++)
+        if (gpu_fdname(mn, sizeof(mn), d, m->name) == 0)
+            (void)notify_fdstore_remove(fs->notify, mn);
 }
 
 /*
@@ -183,6 +233,7 @@ static void on_devices(void *data, model_t *m)
     if (notify_fdstore_remove(fs->notify, mn) < 0 || notify_fdstore(fs->notify, mn, fd) < 0)
         log_warning("fd store: cannot record the devices of '%s', ignoring", m->name);
     (void)close(fd);
+    store_gpu(fs, m);
 }
 
 void fdstore_attach(fdstore_t *fs, registry_t *r)
@@ -271,8 +322,34 @@ static manifest_t *manifest_from_pb(const Weightsd__V1__Manifest *pb)
     return m;
 }
 
+/*
+ * The export fds kept for \p name's copies on \p devs (-1 where none was), taken out of the
+ * pending set. fdstore_purge() then takes every GPU name out of the store: once a copy is
+ * taken back, on_devices stores its fd again, and one that cannot be is closed rather than
+ * left there holding device memory.
+ */
+static void take_kept(fdstore_t *fs, const char *name, const int *devs, size_t n, int *kept)
+{
+    for (size_t i = 0; i < n; i++) {
+        char gn[256];
+
+        kept[i] = -1;
+        if (gpu_fdname(gn, sizeof(gn), devs[i], name) < 0)
+            continue;
+        for (size_t k = 0; k < fs->npending; k++)
+            if (fs->pending[k].fd >= 0 && strcmp(fs->pending[k].name, gn) == 0) {
+                if (kept[i] < 0) {
+                    kept[i] = fs->pending[k].fd;
+                } else {
+                    (void)close(fs->pending[k].fd); /* a second one under the name */
+                }
+                fs->pending[k].fd = -1;
+            }
+    }
+}
+
 /* Reads a record memfd (sealed, so its size cannot change under us). */
-static int adopt_one(registry_t *r, int rec_fd, int arena_fd, const char *want)
+static int adopt_one(fdstore_t *fs, registry_t *r, int rec_fd, int arena_fd, const char *want)
 {
     Weightsd__V1__Manifest *pb = NULL;
     json_t *doc = NULL;
@@ -312,10 +389,11 @@ static int adopt_one(registry_t *r, int rec_fd, int arena_fd, const char *want)
     if (r2 < 0)
         log_warning("fd store: not re-adopting '%s': %s", want, msg);
     if (r2 == 0) {
-        int devs[GPU_DEVICES_MAX];
+        int devs[GPU_DEVICES_MAX], kept[GPU_DEVICES_MAX];
         size_t n = record_devices(doc, want, devs);
 
-        if (n && registry_upload_again(r, want, devs, n,
+        take_kept(fs, want, devs, n, kept);
+        if (n && registry_upload_again(r, want, devs, n, kept,
                                        json_is_true(json_object_get(doc, "allow_gpu_write")),
                                        msg, sizeof(msg)) < 0)
             log_error("fd store: cannot upload '%s' to its devices again: %s; it is served on "
@@ -353,7 +431,7 @@ unsigned fdstore_adopt_all(fdstore_t *fs, registry_t *r)
                 rec = (int)k;
         if (rec < 0)
             continue;
-        if (adopt_one(r, fs->pending[rec].fd, fs->pending[i].fd, name) == 0) {
+        if (adopt_one(fs, r, fs->pending[rec].fd, fs->pending[i].fd, name) == 0) {
             fs->pending[i].fd = -1; /* the registry owns the arena now */
             adopted++;
         }
@@ -365,13 +443,19 @@ void fdstore_purge(fdstore_t *fs, registry_t *r)
 {
     /* Whatever could not be adopted is useless in the store: ask for its removal. */
     for (size_t i = 0; i < fs->npending; i++) {
+        if (strncmp(fs->pending[i].name, PREFIX_GPU, strlen(PREFIX_GPU)) == 0) {
+            (void)notify_fdstore_remove(fs->notify, fs->pending[i].name); /* see take_kept() */
+            continue;
+        }
         if (fs->pending[i].fd >= 0) {
-            bool arena = strncmp(fs->pending[i].name, PREFIX_ARENA, strlen(PREFIX_ARENA)) == 0;
+            bool record = strncmp(fs->pending[i].name, PREFIX_RECORD, strlen(PREFIX_RECORD)) == 0;
             char name[256];
 
-            if (arena || (notify_fdname_decode(name, sizeof(name), PREFIX_RECORD,
-                                               fs->pending[i].name) == 0 &&
-                          !registry_find(r, name)))
+            /* An arena left here belongs to nothing adopted; so does a record without its
+             * model. */
+            if (!record || (notify_fdname_decode(name, sizeof(name), PREFIX_RECORD,
+                                                 fs->pending[i].name) == 0 &&
+                            !registry_find(r, name)))
                 (void)notify_fdstore_remove(fs->notify, fs->pending[i].name);
         }
     }

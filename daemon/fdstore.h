@@ -10,7 +10,7 @@
 #include "notify.h"
 #include "registry.h"
 
-/* Stored fds handed back at start, at most this many (two per model). */
+/* Stored fds handed back at start, at most this many (two per model, and one per GPU copy). */
 #define FDSTORE_PENDING_MAX 1024u
 
 typedef struct fdstore {

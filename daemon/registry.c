@@ -322,11 +322,26 @@ typedef struct preload_work {
     int *devices;            /* CUDA ordinals to upload to, owned */
     size_t ndevices;
     gpu_export_t *gpu;       /* ndevices uploads, filled by the copy phase */
+    int *kept_fds;           /* upload_only, or NULL: per device, a kept copy's fd to take back
+                              * (gpu_adopt()), -1 for none, KEPT_TAKEN once taken (owned) */
     bool upload_only;        /* a ready model to more devices: arena is a dup of its fd */
     bool allow_gpu_write;    /* upload_only: the request's --allow-gpu-write */
     uint64_t bytes;          /* sum over storages, and ntensors: taken by the copy phase */
     size_t ntensors;         /* before it drops the parsed tables */
 } preload_work_t;
+
+#define KEPT_TAKEN (-2)
+
+/* The kept copies' fds that were not taken back, closed (their memory goes with the last
+ * mapping of it, if any), and the array. */
+static void close_kept(preload_work_t *w)
+{
+    for (size_t i = 0; w->kept_fds && i < w->ndevices; i++)
+        if (w->kept_fds[i] >= 0)
+            (void)close(w->kept_fds[i]);
+    free(w->kept_fds);
+    w->kept_fds = NULL;
+}
 
 static void close_sources(preload_work_t *w)
 {
@@ -424,6 +439,21 @@ static int preload_gpu(preload_work_t *w)
     atomic_store(&w->progress.done, 0);
     atomic_store(&w->phase, PHASE_UPLOAD);
     for (size_t i = 0; r == 0 && i < w->ndevices; i++) {
+        if (w->kept_fds && w->kept_fds[i] >= 0) {
+            fmt_err_t kerr = {0};
+
+            r = gpu_adopt(w->mf, w->kept_fds[i], w->devices[i], &w->gpu[i], &kerr);
+            if (r == 0) {
+                w->kept_fds[i] = KEPT_TAKEN;
+                r = manifest_pb_gpu_export(&w->gpu[i], &w->gpu[i].pb, &w->gpu[i].pb_len);
+                continue;
+            }
+            log_warning("'%s': the copy on cuda:%d kept from before the restart cannot be "
+                        "taken back (%s); uploading it again", w->model->name, w->devices[i],
+                        kerr.msg);
+            (void)close(w->kept_fds[i]);
+            w->kept_fds[i] = -1;
+        }
         r = gpu_upload(w->mf, w->arena.fd, w->arena.size, w->devices[i], &w->progress,
                        &w->gpu[i], &w->err);
         if (r == 0)
@@ -779,12 +809,19 @@ static void upload_done_cb(uv_work_t *req, int uvstatus)
         r->preloads_ok++;
         if (r->on_devices)
             r->on_devices(r->hook_data, m);
-        for (size_t i = m->ngpu - w->ndevices; i < m->ngpu; i++)
-            log_info("model '%s' on cuda:%d (from its host copy): %llu bytes, %s, uploaded in "
-                     "%llu ms (copy %llu ms)", m->name, m->gpu[i].device,
-                     (unsigned long long)m->gpu[i].size, gpu_handle_kind_name(m->gpu[i].kind),
-                     (unsigned long long)(m->gpu[i].upload_ns / 1000000),
-                     (unsigned long long)(m->gpu[i].fill_ns / 1000000));
+        for (size_t i = m->ngpu - w->ndevices, k = 0; i < m->ngpu; i++, k++)
+            if (w->kept_fds && w->kept_fds[k] == KEPT_TAKEN)
+                log_info("model '%s' on cuda:%d again: took back its copy kept from before the "
+                         "restart (%llu bytes, checked in %llu ms, nothing uploaded)", m->name,
+                         m->gpu[i].device, (unsigned long long)m->gpu[i].size,
+                         (unsigned long long)(m->gpu[i].upload_ns / 1000000));
+            else
+                log_info("model '%s' on cuda:%d (from its host copy): %llu bytes, %s, uploaded "
+                         "in %llu ms (copy %llu ms)", m->name, m->gpu[i].device,
+                         (unsigned long long)m->gpu[i].size,
+                         gpu_handle_kind_name(m->gpu[i].kind),
+                         (unsigned long long)(m->gpu[i].upload_ns / 1000000),
+                         (unsigned long long)(m->gpu[i].fill_ns / 1000000));
         notify_waiters(m, 0, NULL); /* opens waiting for a new device (WSD_OPEN_WAIT) */
         w->cb(w->data, m, 0, NULL);
     } else {
@@ -797,6 +834,7 @@ static void upload_done_cb(uv_work_t *req, int uvstatus)
     gpu_exports_free(w->gpu, w->ndevices);
     manifest_free(w->mf);
     host_arena_close(&w->arena);
+    close_kept(w);
     free(w->devices);
     free(w);
     model_unref(m);
@@ -811,7 +849,7 @@ static int upload_more(model_t *m, const preload_args_t *a, registry_preload_cb 
 {
     registry_t *r = m->reg;
     preload_work_t *w;
-    size_t n = 0;
+    size_t n = 0, kept = 0;
     int k;
 
     /* --share file: a file changed in place is not uploaded (opens refuse it too). */
@@ -866,6 +904,15 @@ static int upload_more(model_t *m, const preload_args_t *a, registry_preload_cb 
         if (!model_gpu(m, d))
             w->devices[n++] = d;
     }
+    if (n && a->adopt_fds && !(w->kept_fds = malloc(n * sizeof(*w->kept_fds)))) {
+        free(w->devices);
+        free(w);
+        snprintf(msg, msglen, "out of memory");
+        return -ENOMEM;
+    }
+    for (size_t i = 0, j = 0; w->kept_fds && i < a->ndevices; i++)
+        if (j < n && w->devices[j] == a->devices[i])
+            w->kept_fds[j++] = a->adopt_fds[i];
     if (n == 0) {
         snprintf(msg, msglen, "model '%s' exists already on %s", m->name,
                  a->ndevices == 1 ? "that device" : "those devices");
@@ -882,6 +929,7 @@ static int upload_more(model_t *m, const preload_args_t *a, registry_preload_cb 
     if (w->arena.fd < 0) {
         k = -errno;
         snprintf(msg, msglen, "cannot duplicate the model's fd: %s", strerror(-k));
+        free(w->kept_fds); /* still the caller's */
         free(w->devices);
         free(w);
         return k;
@@ -896,14 +944,24 @@ static int upload_more(model_t *m, const preload_args_t *a, registry_preload_cb 
     if (k < 0) {
         snprintf(msg, msglen, "cannot queue the upload: %s", uv_strerror(k));
         host_arena_close(&w->arena);
+        free(w->kept_fds); /* still the caller's */
         free(w->devices);
         free(w);
         return WSD_EINTERNAL;
     }
+    /* The work owns the kept fds it took; the caller closes any other (a device the model is
+     * on already). */
+    for (size_t i = 0, j = 0; w->kept_fds && i < a->ndevices; i++)
+        if (j < n && w->devices[j] == a->devices[i]) {
+            kept += a->adopt_fds[i] >= 0;
+            a->adopt_fds[i] = -1;
+            j++;
+        }
     m->refs++;
     m->loading = w;
-    log_info("uploading '%s' to %zu more device%s from its host copy", m->name, n,
-             n == 1 ? "" : "s");
+    log_info("uploading '%s' to %zu more device%s from its host copy%s", m->name, n,
+             n == 1 ? "" : "s", kept ? ", unless the copy kept there from before the restart "
+                                       "can be taken back" : "");
     return 0;
 }
 
@@ -917,21 +975,27 @@ static void upload_again_cb(void *data, model_t *m, int status, const char *msg)
 }
 
 int registry_upload_again(registry_t *r, const char *name, const int *devices, size_t ndevices,
-                          bool allow_gpu_write, char *msg, size_t msglen)
+                          int *kept_fds, bool allow_gpu_write, char *msg, size_t msglen)
 {
     model_t *m = registry_find(r, name);
     preload_args_t a = {.name = name, .devices = devices, .ndevices = ndevices,
-                        .allow_gpu_write = allow_gpu_write};
+                        .adopt_fds = kept_fds, .allow_gpu_write = allow_gpu_write};
+    int k;
 
     if (!m) {
         snprintf(msg, msglen, "no model named '%s'", name);
-        return WSD_ENOTFOUND;
+        k = WSD_ENOTFOUND;
+    } else {
+        a.path = m->source;
+        a.key = m->key;
+        a.dtype = m->dtype;
+        a.share_file = m->share_file;
+        k = upload_more(m, &a, upload_again_cb, NULL, msg, msglen);
     }
-    a.path = m->source;
-    a.key = m->key;
-    a.dtype = m->dtype;
-    a.share_file = m->share_file;
-    return upload_more(m, &a, upload_again_cb, NULL, msg, msglen);
+    for (size_t i = 0; kept_fds && i < ndevices; i++)
+        if (kept_fds[i] >= 0) /* not taken by the upload */
+            (void)close(kept_fds[i]);
+    return k;
 }
 
 static bool name_ok(const char *s)

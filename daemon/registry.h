@@ -135,6 +135,8 @@ typedef struct preload_args {
                                   auto); file mode always keeps */
     const int *devices; /* CUDA ordinals to upload to after the host arena (copied), or NULL */
     size_t ndevices;
+    int *adopt_fds;     /* registry_upload_again() only: per device, the VMM fd of a copy kept
+                         * from before a restart, to take back instead of uploading, or -1 */
     bool allow_gpu_write; /* let opens map the device copies writable */
     const policy_ids_t *acl_users; /* per-model allowlist (config), or NULL: whoever may */
     const policy_ids_t *acl_groups; /* use the client socket may open it */
@@ -198,10 +200,14 @@ int registry_adopt(registry_t *r, const char *name, const char *source, const ch
 /*
  * A re-adopted model's upload to the CUDA devices its fd store record names, as a preload of
  * it for those devices would (registry_preload(): the model stays ready on the host tier
- * meanwhile, and the outcome is logged). \retval 0 (queued), or < 0 with \p msg filled.
+ * meanwhile, and the outcome is logged). Where \p kept_fds[i] is not -1 it is the export fd of
+ * the copy an earlier daemon made on devices[i] (kept in the fd store): it is checked and
+ * taken back (gpu_adopt()), and only if that fails is the device uploaded to afresh.
+ * \p kept_fds (may be NULL) is taken over whatever the outcome: every entry is closed or kept.
+ * \retval 0 (queued), or < 0 with \p msg filled.
  */
 int registry_upload_again(registry_t *r, const char *name, const int *devices, size_t ndevices,
-                          bool allow_gpu_write, char *msg, size_t msglen);
+                          int *kept_fds, bool allow_gpu_write, char *msg, size_t msglen);
 
 /* What the daemon keeps for itself below a cgroup memory limit (code, buffers, page cache). */
 #define REGISTRY_CGROUP_RESERVE (32ull << 20)

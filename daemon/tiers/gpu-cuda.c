@@ -48,6 +48,8 @@ static struct {
     __typeof__(cuMemSetAccess) *MemSetAccess;
     __typeof__(cuMemGetAllocationGranularity) *MemGetAllocationGranularity;
     __typeof__(cuMemExportToShareableHandle) *MemExportToShareableHandle;
+    __typeof__(cuMemImportFromShareableHandle) *MemImportFromShareableHandle;
+    __typeof__(cuMemGetAllocationPropertiesFromHandle) *MemGetAllocationPropertiesFromHandle;
     __typeof__(cuGetErrorString) *GetErrorString;
 } drv;
 
@@ -182,6 +184,8 @@ static bool resolve_driver(void)
     ENTRY(MemSetAccess, "cuMemSetAccess");
     ENTRY(MemGetAllocationGranularity, "cuMemGetAllocationGranularity");
     ENTRY(MemExportToShareableHandle, "cuMemExportToShareableHandle");
+    ENTRY(MemImportFromShareableHandle, "cuMemImportFromShareableHandle");
+    ENTRY(MemGetAllocationPropertiesFromHandle, "cuMemGetAllocationPropertiesFromHandle");
 #undef ENTRY
     return ok;
 }
@@ -684,6 +688,96 @@ int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
 
 fail:
     free(a);
+    free(e.offsets);
+    return r;
+}
+
+/* The kept allocation behind \p fd: on device \p dev, and mappable for \p size bytes (cuMemMap
+ * refuses a range past the allocation's end). Nothing stays imported or mapped. */
+static int check_kept(int fd, int dev, uint64_t size, fmt_err_t *err)
+{
+    CUmemGenericAllocationHandle h;
+    CUmemAllocationProp prop;
+    CUdeviceptr ptr = 0;
+    CUresult cr;
+    int r = 0;
+
+    cr = drv.MemImportFromShareableHandle(&h, (void *)(intptr_t)fd,
+                                          CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+    if (cr != CUDA_SUCCESS)
+        return cu_fail(err, dev, "cuMemImportFromShareableHandle", cr);
+    memset(&prop, 0, sizeof(prop));
+    cr = drv.MemGetAllocationPropertiesFromHandle(&prop, h);
+    if (cr != CUDA_SUCCESS)
+        r = cu_fail(err, dev, "cuMemGetAllocationPropertiesFromHandle", cr);
+    else if (prop.location.type != CU_MEM_LOCATION_TYPE_DEVICE || prop.location.id != dev)
+        r = fmt_fail(err, WSD_EGPU, "E_GPU_ADOPT", "cuda:%d: the kept copy is an allocation on "
+                     "device %d, not this one", dev, prop.location.id);
+    if (r == 0) {
+        cr = drv.MemAddressReserve(&ptr, size, 0, 0, 0);
+        if (cr != CUDA_SUCCESS) {
+            ptr = 0;
+            r = cu_fail(err, dev, "cuMemAddressReserve", cr);
+        }
+    }
+    if (r == 0) {
+        cr = drv.MemMap(ptr, size, 0, h, 0);
+        if (cr != CUDA_SUCCESS)
+            r = fmt_fail(err, WSD_EGPU, "E_GPU_ADOPT", "cuda:%d: the kept copy does not hold "
+                         "the model's %llu bytes (cuMemMap: %s)", dev, (unsigned long long)size,
+                         cu_str(cr));
+        else
+            (void)drv.MemUnmap(ptr, size);
+    }
+    if (ptr)
+        (void)drv.MemAddressFree(ptr, size);
+    (void)drv.MemRelease(h);
+    return r;
+}
+
+int gpu_adopt(const manifest_t *m, int fd, int index, gpu_export_t *ret, fmt_err_t *err)
+{
+    const gpu_probe_t *p;
+    const gpu_device_info_t *d;
+    gpu_export_t e = {.device = index, .fd = -1, .kind = GPU_HANDLE_POSIX_FD};
+    uint64_t layout = 0, t0 = now_ns();
+    cudaError_t ce;
+    int r;
+
+    r = gpu_check_device(index, err);
+    if (r < 0)
+        return r;
+    (void)gpu_probe(&p);
+    d = &p->dev[index];
+    if (!drv_ok || !d->vmm || !d->posix_fd || force_legacy)
+        return fmt_fail(err, WSD_EGPU, "E_GPU_ADOPT", "cuda:%d: no VMM with POSIX fd handles "
+                        "here, so a kept copy cannot be taken back", index);
+    r = gpu_layout(m, &e.offsets, &layout, err);
+    if (r < 0)
+        return r;
+    e.noffsets = m->nstorages;
+    e.has_uuid = d->has_uuid;
+    memcpy(e.uuid, d->uuid, GPU_UUID_SIZE);
+    if (!ck_align_u64(layout ? layout : 1, d->granularity, &e.size)) {
+        r = fmt_fail(err, WSD_EBADCKPT, "E_TENSOR_OVERFLOW", "GPU allocation size overflows");
+        goto fail;
+    }
+    ce = cudaSetDevice(index);
+    if (ce == cudaSuccess)
+        ce = cudaFree(NULL);
+    if (ce != cudaSuccess) {
+        r = rt_fail(err, index, "initialising the device", ce);
+        goto fail;
+    }
+    r = check_kept(fd, index, e.size, err);
+    if (r < 0)
+        goto fail;
+    e.fd = fd;
+    e.upload_ns = now_ns() - t0;
+    *ret = e;
+    return 0;
+
+fail:
     free(e.offsets);
     return r;
 }

@@ -192,6 +192,21 @@ int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
                host_progress_t *progress, gpu_export_t *ret, fmt_err_t *err);
 
 /*
+ * Takes back a device copy an earlier weightsd exported (its VMM fd, kept for it by the
+ * service manager's fd store) as \p m's copy on device \p index, instead of uploading it
+ * again. The fd is imported to check that it is a VMM allocation on that device holding the
+ * size gpu_upload() would allocate for \p m's layout, and the import is released again: the
+ * fd alone keeps the memory (cuda.h, cuMemRelease: freed once every mapping and every handle,
+ * shareable ones included, is gone). The bytes are not read: they are what the earlier
+ * daemon uploaded, and workers may be mapping them still. Blocks (driver calls): the pool.
+ * \param fd  taken over on success (ret->fd); still the caller's on failure.
+ * \param[out] ret  filled on success only (upload_ns: the check; fill_ns 0).
+ * \retval 0, or WSD_ENODEV / -EOPNOTSUPP / WSD_EGPU ("E_GPU_ADOPT": not such an allocation)
+ *         / -ENOMEM with \p err filled.
+ */
+int gpu_adopt(const manifest_t *m, int fd, int index, gpu_export_t *ret, fmt_err_t *err);
+
+/*
  * Frees the daemon's hold on the copy: closes the fd and releases the allocation handle. With
  * VMM the memory stays until the last importer unmaps it; with legacy IPC it is freed now, so
  * callers do this only once no lease is left. Resets \p e to empty; an empty export is fine.

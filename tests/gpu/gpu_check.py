@@ -566,10 +566,11 @@ def check_device_evicted(res, d, tmp):
 
 def check_restart_reupload(res, tmp):
     """Restart without reloading, GPU tier: a model preloaded for cuda:0 under an emulation of
-    systemd's fd store, the daemon SIGKILLed and started again: the re-adopted host copy must
-    be uploaded to cuda:0 by itself (fdstore.c "devices"), reading no checkpoint (the file is
-    deleted first); a worker opening with wait=True as soon as the daemon is READY must get
-    the GPU copy once uploaded, equal to what the file held. Times the start to that attach (for scale only: Dynamo GMS reports ~1.04 s for its failover)."""
+    systemd's fd store, the daemon SIGKILLed and started again. The copy's export fd, kept in
+    the store ("wsd-g0.r"), must hold the device memory while nothing else does, and the new
+    daemon must take it back (gpu_adopt(): no upload, fill_us 0) and store it again, reading
+    no checkpoint (the file is deleted first); a worker opening with wait=True as soon as the
+    daemon is READY must get the GPU copy, equal to what the file held. Times the start to that attach (for scale only: Dynamo GMS reports ~1.04 s for its failover)."""
     import torch
     from safetensors.torch import save_file
     from wsdtest import BIN, FdStore, wait_ready
@@ -590,6 +591,7 @@ def check_restart_reupload(res, tmp):
             raise RuntimeError(f"weightsctl {' '.join(args)}: {p.stderr.strip()}")
         return json.loads(p.stdout)
 
+    used0 = smi_used_mib()
     proc = store.start(sub)
     LIVE.append(proc)
     wait_ready(store, proc, timeout=60)
@@ -599,8 +601,12 @@ def check_restart_reupload(res, tmp):
     ctl("preload", "r", path, "--device", "cuda:0")
     store.pump(0.5)
     res["records_stored"] = len(store.fds.get("wsd-m.r", []))
+    res["gpu_fds_stored"] = len(store.fds.get("wsd-g0.r", []))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    time.sleep(1)
+    # Nobody maps the copy and its daemon is dead: only the stored export fd holds it.
+    res["kept_mib_while_down"] = smi_used_mib() - used0
     os.unlink(path)
     store.messages.clear()
     # The worker's CUDA context is made before the daemon starts, as a worker already running
@@ -617,6 +623,12 @@ def check_restart_reupload(res, tmp):
         info = ctl("info", "r", "--no-tensors")
         on_gpu = any(x["device"] == "cuda:0" for x in info["devices"])
         res["on_gpu"] = on_gpu
+        res["fill_us_after_restart"] = [x.get("fill_us") for x in info["devices"]
+                                        if x["device"] == "cuda:0"]
+        with open(os.path.join(sub, "weightsd.log"), errors="replace") as f:
+            res["taken_back"] = "took back its copy kept from before the restart" in f.read()
+        store.pump(0.3)
+        res["gpu_fds_stored_again"] = len(store.fds.get("wsd-g0.r", []))
         res["same_hash"] = info["hash"] == first["hash"]
         res["verify"] = w.ask("verify")
     finally:
@@ -627,6 +639,9 @@ def check_restart_reupload(res, tmp):
             for fd in lst:
                 os.close(fd)
     res["ok"] = (on_gpu and res["same_hash"] and res["records_stored"] == 1
+                 and res["gpu_fds_stored"] == 1 and res["kept_mib_while_down"] >= 200
+                 and res["taken_back"] and res["fill_us_after_restart"] == [0]
+                 and res["gpu_fds_stored_again"] == 1
                  and res["verify"]["mismatches"] == 0
                  and res["verify"]["on_cuda"] and res["attach"]["ntensors"] == 64)
 

@@ -252,3 +252,60 @@ def test_readopted_model_is_uploaded_to_its_devices_again(tmp_path):
         assert proc.wait(timeout=30) == 0
     finally:
         cleanup(proc, store)
+
+
+def test_kept_gpu_copies_are_taken_out_of_the_store(tmp_path):
+    """A VMM copy's export fd is kept in the store as "wsd-gN.<name>" so that the device memory
+    survives a restart. At the next start such an fd is taken out of the store (stored again
+    only once the copy is taken back), and one that belongs to no re-adopted model is dropped.
+    No GPU here: a forged fd (a memfd) under cuda:0 for a record naming cuda:0 ends with the
+    model on the host tier, the fd closed by the daemon, and no GPU name left in the store."""
+    tmp = str(tmp_path)
+    data = os.urandom(1 << 12)
+    path = write_safetensors(tmp_path / "m.safetensors", [("w", "U8", [len(data)], data)])
+    store = FdStore(os.path.join(tmp, "notify.sock"))
+    proc = store.start(tmp)
+    try:
+        wait_ready(store, proc)
+        out = ctl_json(tmp, "preload", "m", str(path))
+        store.pump(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        raise
+    # Host-only: nothing under a GPU name was stored.
+    assert not [n for n in store.fds if n.startswith("wsd-g")], sorted(store.fds)
+    head, manifest = _record(store, "m")
+    _replace_record(store, "m", {**head, "devices": [0]}, manifest)
+    store.fds["wsd-g0.m"] = [os.memfd_create("forged-gpu-copy", os.MFD_CLOEXEC)]
+    store.fds["wsd-g1.gone"] = [os.memfd_create("forged-gpu-stray", os.MFD_CLOEXEC)]
+    store.messages.clear()
+    log = os.path.join(tmp, "weightsd.log")
+    start = os.path.getsize(log)
+    proc = store.start(tmp)
+    try:
+        wait_ready(store, proc)
+        text = ""
+        for _ in range(250):
+            store.pump(0.02)
+            with open(log, errors="replace") as f:
+                f.seek(start)
+                text = f.read()
+            if "upload of 'm' to more devices failed" in text:
+                break
+        assert ("uploading 'm' to 1 more device from its host copy, unless the copy kept there "
+                "from before the restart can be taken back") in text, text
+        assert "upload of 'm' to more devices failed" in text, text
+        store.pump(0.2)
+        removed = [m["FDNAME"] for m in store.messages if m.get("FDSTOREREMOVE") == "1"]
+        assert "wsd-g0.m" in removed and "wsd-g1.gone" in removed, store.messages
+        assert not [n for n in store.fds if n.startswith("wsd-g")], sorted(store.fds)
+        held = [os.readlink(f"/proc/{proc.pid}/fd/{f}") for f in os.listdir(f"/proc/{proc.pid}/fd")]
+        assert not [h for h in held if "forged-gpu" in h], held
+        assert [(x["name"], x["state"]) for x in ctl_json(tmp, "list")] == [("m", "ready")]
+        assert attach(Sockets(tmp), "m")[-1]["hash"] == out["hash"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        cleanup(proc, store)

@@ -151,6 +151,9 @@ TEST(no_cuda_build_says_so)
     memset(&err, 0, sizeof(err));
     ASSERT_EQ(gpu_upload(m, -1, 0, 1, NULL, &e, &err), -EOPNOTSUPP);
     ASSERT(strstr(err.msg, "cuda:1: weightsd was built without CUDA support"));
+    memset(&err, 0, sizeof(err));
+    ASSERT_EQ(gpu_adopt(m, 0, 2, &e, &err), -EOPNOTSUPP);
+    ASSERT(strstr(err.msg, "cuda:2: weightsd was built without CUDA support"));
     ASSERT(gpu_probe_peek() == NULL);
     ASSERT(!gpu_device_degraded(0, NULL, 0));
     manifest_free(m);
@@ -201,6 +204,41 @@ TEST(upload_without_device_fails_cleanly)
     manifest_free(m);
 }
 
+/* A copy kept from before a restart cannot be taken back without a device, and the fd stays
+ * the caller's (the registry closes it and uploads afresh, or serves the host tier). */
+TEST(adopt_without_device_fails_and_keeps_the_fd)
+{
+    const gpu_probe_t *p = NULL;
+    manifest_t *m = three_storages();
+    fmt_err_t err = {0};
+    gpu_export_t e;
+    int fd = memfd_create("kept", MFD_CLOEXEC);
+
+    ASSERT(fd >= 0);
+    ASSERT_EQ(gpu_probe(&p), 0);
+    if (p->ndevices > 0)
+        test_skip("a CUDA device is present");
+    memset(&e, 0xa5, sizeof(e));
+    ASSERT_EQ(gpu_adopt(m, fd, 0, &e, &err), WSD_ENODEV);
+    ASSERT(strstr(err.msg, "cuda:0: no CUDA device"));
+    ASSERT_EQ(e.device, (int)0xa5a5a5a5);
+    ASSERT(fcntl(fd, F_GETFD) >= 0);
+    close(fd);
+    manifest_free(m);
+}
+
+/* What gpu_upload() allocates for \p m on cuda:0 with VMM: its layout, rounded up. */
+static uint64_t size_vmm_of(const gpu_probe_t *p, const manifest_t *m)
+{
+    uint64_t *off = NULL, layout = 0, size = 0;
+    fmt_err_t err = {0};
+
+    ASSERT_EQ(gpu_layout(m, &off, &layout, &err), 0);
+    free(off);
+    ASSERT(ck_align_u64(layout, p->dev[0].granularity, &size));
+    return size;
+}
+
 /* Hardware only: a real upload of a small arena, exported as documented. */
 TEST(upload_small_model)
 {
@@ -237,7 +275,37 @@ TEST(upload_small_model)
         ASSERT(fcntl(e.fd, F_GETFD) & FD_CLOEXEC);
         ASSERT_EQ(e.size % p->dev[0].granularity, 0);
     }
-    gpu_release(&e);
+    if (e.kind == GPU_HANDLE_POSIX_FD) {
+        /* As after a restart: the export fd alone, taken back, holds the copy once the
+         * exporter's handle is gone; a bigger layout, or an fd that is no CUDA export, is
+         * refused and the fd left to the caller. */
+        gpu_export_t k, bad;
+        manifest_t *big = three_storages();
+        int kept = fcntl(e.fd, F_DUPFD_CLOEXEC, 3), other = memfd_create("no", MFD_CLOEXEC);
+
+        ASSERT(kept > 2 && other >= 0);
+        big->storages[2].nbytes = e.size; /* past the allocation */
+        memset(&err, 0, sizeof(err));
+        ASSERT_EQ(gpu_adopt(big, kept, 0, &bad, &err), WSD_EGPU);
+        ASSERT(strstr(err.msg, "does not hold"));
+        memset(&err, 0, sizeof(err));
+        ASSERT_EQ(gpu_adopt(m, other, 0, &bad, &err), WSD_EGPU);
+        ASSERT(strstr(err.msg, "cuMemImportFromShareableHandle"));
+        ASSERT(fcntl(other, F_GETFD) >= 0);
+        close(other);
+        gpu_release(&e);
+        memset(&err, 0, sizeof(err));
+        ASSERT_EQ(gpu_adopt(m, kept, 0, &k, &err), 0);
+        ASSERT_EQ(k.fd, kept);
+        ASSERT_UINT_EQ(k.size, size_vmm_of(p, m));
+        ASSERT_EQ(k.noffsets, 3);
+        ASSERT_UINT_EQ(k.offsets[2], 512);
+        ASSERT(k.priv == NULL); /* the fd alone: no CUDA state kept */
+        gpu_release(&k);
+        manifest_free(big);
+    } else {
+        gpu_release(&e);
+    }
     ASSERT_EQ(e.kind, 0);
     /* A cancel set before the fill stops it, and nothing is handed back. */
     atomic_store(&prog.cancel, true);
