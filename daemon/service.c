@@ -66,6 +66,57 @@ static void preload_done(void *data, model_t *m, int status, const char *msg)
     free(ctx);
 }
 
+static void preload_one(service_t *svc, const cfg_model_t *cm);
+
+/* A configured model whose own preload, or an upload of it, was running when its entry asked
+ * for more: it is asked again once that ends. */
+typedef struct config_waiter {
+    model_waiter_t w;
+    service_t *svc;
+    uint64_t generation;
+    char name[WSD_MODEL_NAME_MAX + 1];
+} config_waiter_t;
+
+static void config_waiter_cb(model_waiter_t *mw, model_t *m, int status, const char *msg)
+{
+    config_waiter_t *cw = (config_waiter_t *)mw;
+    service_t *svc = cw->svc;
+
+    (void)m;
+    (void)status;
+    (void)msg;
+    if (cw->generation == svc->generation && !svc->stopping) {
+        const cfg_model_t *cm = config_find_model(svc->cfg, cw->name);
+
+        if (cm)
+            preload_one(svc, cm); /* what is still missing, from what is served now */
+        if (svc->pending && --svc->pending == 0)
+            report_ready(svc);
+    }
+    free(cw);
+}
+
+/* Waits for \p m's running preload or upload before asking for \p cm; counts as pending. */
+static void wait_then_preload(service_t *svc, model_t *m, const cfg_model_t *cm)
+{
+    config_waiter_t *cw = calloc(1, sizeof(*cw));
+
+    if (!cw) {
+        log_error("preload '%s': out of memory", cm->name);
+        svc->failed++;
+        return;
+    }
+    cw->w.cb = config_waiter_cb;
+    cw->svc = svc;
+    cw->generation = svc->generation;
+    snprintf(cw->name, sizeof(cw->name), "%s", cm->name);
+    cw->w.next = m->waiters;
+    m->waiters = &cw->w;
+    svc->pending++;
+    log_info("configured model '%s' is being %s; its configured devices follow once that ends",
+             cm->name, m->state == MODEL_LOADING ? "preloaded" : "uploaded to a device");
+}
+
 static void preload_one(service_t *svc, const cfg_model_t *cm)
 {
     preload_args_t a = {
@@ -84,7 +135,7 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
         .acl_groups = cm->acl ? &cm->acl_groups : NULL,
     };
     preload_ctx_t *ctx = calloc(1, sizeof(*ctx));
-    const model_t *m;
+    model_t *m;
     char msg[512];
     int r;
 
@@ -105,6 +156,11 @@ static void preload_one(service_t *svc, const cfg_model_t *cm)
         if (!missing) {
             log_info("configured model '%s' is already resident, not reading it again",
                      cm->name);
+            free(ctx);
+            return;
+        }
+        if (m->loading) { /* one upload (or preload) at a time per model */
+            wait_then_preload(svc, m, cm);
             free(ctx);
             return;
         }

@@ -355,6 +355,46 @@ def test_while_a_device_upload_runs(tmp_path, model):
         assert d.stop() == 0, d.log()
 
 
+def test_reload_during_an_upload_waits_for_it(tmp_path, model):
+    """A reload that gives a configured model another device while an upload of it runs
+    (held open 2 s by the fault build's gpu.upload.stall) is not refused as "being uploaded
+    already": it waits for that upload, then asks for what is still missing, and the reload
+    reports ready only after that. Here both uploads fail for want of a device."""
+    import signal
+    cfg = tmp_path / "weightsd.conf"
+    cfg.write_text(f"[model g]\npath = {model}\n")
+    d = Daemon(tmp_path, extra_args=("--config", str(cfg)),
+               env={"WEIGHTSD_FAULT": "gpu.upload.stall:*"})
+    up = None
+    try:
+        if "fault injection armed" not in d.log():
+            pytest.skip("weightsd built without -DWSD_FAULT_INJECTION=ON")
+        assert _wait_log(d, "ready: serving 1 model"), d.log()
+        up = subprocess.Popen([os.path.join(BIN, "weightsctl"), "--admin-socket", d.admin,
+                               "preload", "g", str(model), "--device", "cuda:0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert _wait_log(d, "uploading 'g' to 1 more device"), d.log()
+        cfg.write_text(f"[model g]\npath = {model}\ndevices = host cuda:1\n")
+        d.proc.send_signal(signal.SIGHUP)
+        assert _wait_log(d, "configured model 'g' is being uploaded to a device; its "
+                            "configured devices follow once that ends"), d.log()
+        assert "reloaded: serving" not in d.log()  # the reload waits for it
+        assert _wait_log(d, "reloaded: serving", timeout=30), d.log()
+        log = d.log()
+        tail = log[log.index("its configured devices follow once that ends"):]
+        assert "upload of 'g' to more devices failed" in tail  # the admin's upload, cuda:0
+        assert "configured model 'g' is resident; uploading it to its configured" in tail, tail
+        assert tail.count("uploading 'g' to 1 more device") == 1, tail  # then cuda:1
+        assert "refused" not in log, log
+        out, err = up.communicate(timeout=30)
+        assert up.returncode != 0 and "cuda:0" in err, err
+        assert [(x["name"], x["state"]) for x in d.ctl_json("list")] == [("g", "ready")]
+    finally:
+        if up and up.poll() is None:
+            up.kill()
+        assert d.stop() == 0, d.log()
+
+
 def test_a_stale_shared_file_is_not_uploaded(daemon, tmp_path):
     """--share file serves the checkpoint's own pages: once the file is changed in place, the
     model is stale and a preload for another device is refused rather than uploading bytes
