@@ -630,15 +630,20 @@ static int upload_legacy(const manifest_t *m, const uint64_t *offsets, int host_
     return r;
 }
 
-int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
-               host_progress_t *progress, gpu_export_t *ret, fmt_err_t *err)
+/*
+ * What gpu_upload() and gpu_adopt() share: the device checked, \p e's layout (offsets, size
+ * rounded to the allocation granularity), UUID and handle kind (VMM only where \p vmm_only),
+ * and the device's primary context current on this pool thread before any driver call.
+ * \retval 0, or < 0 with \p err filled and nothing left allocated.
+ */
+static int export_prepare(const manifest_t *m, int index, bool vmm_only, gpu_export_t *e,
+                          fmt_err_t *err)
 {
     const gpu_probe_t *p;
     const gpu_device_info_t *d;
-    gpu_export_t e = {.device = index, .fd = -1};
-    gpu_alloc_t *a = NULL;
-    uint64_t layout = 0, gran, t0;
+    uint64_t layout = 0, gran;
     cudaError_t ce;
+    bool vmm;
     int r;
 
     r = gpu_check_device(index, err);
@@ -646,31 +651,52 @@ int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
         return r;
     (void)gpu_probe(&p);
     d = &p->dev[index];
-    r = gpu_layout(m, &e.offsets, &layout, err);
+    vmm = drv_ok && d->vmm && d->posix_fd && !force_legacy;
+    if (vmm_only && !vmm)
+        return fmt_fail(err, WSD_EGPU, "E_GPU_ADOPT", "cuda:%d: no VMM with POSIX fd handles "
+                        "here, so a kept copy cannot be taken back", index);
+    r = gpu_layout(m, &e->offsets, &layout, err);
     if (r < 0)
         return r;
-    e.noffsets = m->nstorages;
-    e.has_uuid = d->has_uuid;
-    memcpy(e.uuid, d->uuid, GPU_UUID_SIZE);
-    e.kind = drv_ok && d->vmm && d->posix_fd && !force_legacy ? GPU_HANDLE_POSIX_FD
-                                                              : GPU_HANDLE_LEGACY_IPC;
-    gran = e.kind == GPU_HANDLE_POSIX_FD ? d->granularity : GPU_ALIGN;
-    if (!ck_align_u64(layout ? layout : 1, gran, &e.size)) {
+    e->noffsets = m->nstorages;
+    e->has_uuid = d->has_uuid;
+    memcpy(e->uuid, d->uuid, GPU_UUID_SIZE);
+    e->kind = vmm ? GPU_HANDLE_POSIX_FD : GPU_HANDLE_LEGACY_IPC;
+    gran = vmm ? d->granularity : GPU_ALIGN;
+    if (!ck_align_u64(layout ? layout : 1, gran, &e->size)) {
         r = fmt_fail(err, WSD_EBADCKPT, "E_TENSOR_OVERFLOW", "GPU allocation size overflows");
         goto fail;
     }
-    a = calloc(1, sizeof(*a));
-    if (!a) {
-        r = fmt_fail(err, -ENOMEM, NULL, "out of memory");
-        goto fail;
-    }
-    /* Make the device's primary context current on this pool thread before driver calls. */
     ce = cudaSetDevice(index);
     if (ce == cudaSuccess)
         ce = cudaFree(NULL);
     if (ce != cudaSuccess) {
         r = rt_fail(err, index, "initialising the device", ce);
         goto fail;
+    }
+    return 0;
+
+fail:
+    free(e->offsets);
+    e->offsets = NULL;
+    return r;
+}
+
+int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
+               host_progress_t *progress, gpu_export_t *ret, fmt_err_t *err)
+{
+    gpu_export_t e = {.device = index, .fd = -1};
+    gpu_alloc_t *a;
+    uint64_t t0;
+    int r;
+
+    r = export_prepare(m, index, false, &e, err);
+    if (r < 0)
+        return r;
+    a = calloc(1, sizeof(*a));
+    if (!a) {
+        free(e.offsets);
+        return fmt_fail(err, -ENOMEM, NULL, "out of memory");
     }
     t0 = now_ns();
     if (e.kind == GPU_HANDLE_POSIX_FD)
@@ -679,17 +705,15 @@ int gpu_upload(const manifest_t *m, int host_fd, uint64_t host_size, int index,
     else
         r = upload_legacy(m, e.offsets, host_fd, host_size, index, e.size, progress, a, e.ipc,
                           &e.fill_ns, err);
-    if (r < 0)
-        goto fail;
+    if (r < 0) {
+        free(a);
+        free(e.offsets);
+        return r;
+    }
     e.upload_ns = now_ns() - t0;
     e.priv = a;
     *ret = e;
     return 0;
-
-fail:
-    free(a);
-    free(e.offsets);
-    return r;
 }
 
 /* The kept allocation behind \p fd: on device \p dev, and mappable for \p size bytes (cuMemMap
@@ -737,49 +761,23 @@ static int check_kept(int fd, int dev, uint64_t size, fmt_err_t *err)
 
 int gpu_adopt(const manifest_t *m, int fd, int index, gpu_export_t *ret, fmt_err_t *err)
 {
-    const gpu_probe_t *p;
-    const gpu_device_info_t *d;
-    gpu_export_t e = {.device = index, .fd = -1, .kind = GPU_HANDLE_POSIX_FD};
-    uint64_t layout = 0, t0 = now_ns();
-    cudaError_t ce;
+    gpu_export_t e = {.device = index, .fd = -1};
+    uint64_t t0;
     int r;
 
-    r = gpu_check_device(index, err);
+    r = export_prepare(m, index, true, &e, err);
     if (r < 0)
         return r;
-    (void)gpu_probe(&p);
-    d = &p->dev[index];
-    if (!drv_ok || !d->vmm || !d->posix_fd || force_legacy)
-        return fmt_fail(err, WSD_EGPU, "E_GPU_ADOPT", "cuda:%d: no VMM with POSIX fd handles "
-                        "here, so a kept copy cannot be taken back", index);
-    r = gpu_layout(m, &e.offsets, &layout, err);
-    if (r < 0)
-        return r;
-    e.noffsets = m->nstorages;
-    e.has_uuid = d->has_uuid;
-    memcpy(e.uuid, d->uuid, GPU_UUID_SIZE);
-    if (!ck_align_u64(layout ? layout : 1, d->granularity, &e.size)) {
-        r = fmt_fail(err, WSD_EBADCKPT, "E_TENSOR_OVERFLOW", "GPU allocation size overflows");
-        goto fail;
-    }
-    ce = cudaSetDevice(index);
-    if (ce == cudaSuccess)
-        ce = cudaFree(NULL);
-    if (ce != cudaSuccess) {
-        r = rt_fail(err, index, "initialising the device", ce);
-        goto fail;
-    }
+    t0 = now_ns();
     r = check_kept(fd, index, e.size, err);
-    if (r < 0)
-        goto fail;
+    if (r < 0) {
+        free(e.offsets);
+        return r;
+    }
     e.fd = fd;
     e.upload_ns = now_ns() - t0;
     *ret = e;
     return 0;
-
-fail:
-    free(e.offsets);
-    return r;
 }
 
 void gpu_release(gpu_export_t *e)

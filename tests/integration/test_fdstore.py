@@ -32,6 +32,36 @@ def cleanup(proc, store):
             os.close(fd)
 
 
+def _preloaded_then_killed(store, tmp, *preloads):
+    """A daemon under `store` that preloads each argument list of `preloads` (weightsctl
+    preload ...), lets the store take the fds, and is SIGKILLed. Returns the first answer."""
+    proc = store.start(tmp)
+    try:
+        wait_ready(store, proc)
+        outs = [ctl_json(tmp, "preload", *args) for args in preloads]
+        store.pump(0.5)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        raise
+    return outs[0]
+
+
+def _log_until(store, log, start, want, rounds=250):
+    """The daemon log from byte `start` on, once it holds `want` (or after `rounds` looks),
+    pumping `store` meanwhile."""
+    text = ""
+    for _ in range(rounds):
+        store.pump(0.02)
+        with open(log, errors="replace") as f:
+            f.seek(start)
+            text = f.read()
+        if want in text:
+            break
+    return text
+
+
 def test_kill9_restart_readopts_without_reading_checkpoint(tmp_path):
     tmp = str(tmp_path)
     store = FdStore(os.path.join(tmp, "notify.sock"))
@@ -101,16 +131,7 @@ def test_readoption_of_many_tensors_is_linear(tmp_path):
     path = write_safetensors(tmp_path / "moe.safetensors",
                              [(f"e{i}", kinds[i % 3][0], [1], bytes(kinds[i % 3][1]))
                               for i in range(n)])
-    proc = store.start(tmp)
-    try:
-        wait_ready(store, proc)
-        out = ctl_json(tmp, "preload", "moe", str(path))
-        store.pump(0.5)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    except BaseException:
-        proc.kill()
-        raise
+    out = _preloaded_then_killed(store, tmp, ("moe", str(path)))
     store.messages.clear()
     t0 = time.monotonic()
     proc = store.start(tmp)
@@ -138,16 +159,7 @@ def test_readopted_model_can_be_preloaded_again_for_a_device(tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save({"model": {"w": torch.arange(8.0)}, "step": 3}, path)
     store = FdStore(os.path.join(tmp, "notify.sock"))
-    proc = store.start(tmp)
-    try:
-        wait_ready(store, proc)
-        out = ctl_json(tmp, "preload", "k", str(path), "--key", "model")
-        store.pump(0.5)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    except BaseException:
-        proc.kill()
-        raise
+    out = _preloaded_then_killed(store, tmp, ("k", str(path), "--key", "model"))
     store.messages.clear()
     proc = store.start(tmp)
     try:
@@ -208,17 +220,7 @@ def test_readopted_model_is_uploaded_to_its_devices_again(tmp_path):
     data = os.urandom(1 << 16)
     path = write_safetensors(tmp_path / "m.safetensors", [("w", "U8", [len(data)], data)])
     store = FdStore(os.path.join(tmp, "notify.sock"))
-    proc = store.start(tmp)
-    try:
-        wait_ready(store, proc)
-        out = ctl_json(tmp, "preload", "m", str(path))
-        ctl_json(tmp, "preload", "n", str(path))
-        store.pump(0.5)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    except BaseException:
-        proc.kill()
-        raise
+    out = _preloaded_then_killed(store, tmp, ("m", str(path)), ("n", str(path)))
     head, manifest = _record(store, "m")
     assert head["devices"] == [] and head["allow_gpu_write"] is False and head["key"] is None
     _replace_record(store, "m", {**head, "devices": [0]}, manifest)
@@ -230,14 +232,7 @@ def test_readopted_model_is_uploaded_to_its_devices_again(tmp_path):
     proc = store.start(tmp)
     try:
         wait_ready(store, proc)
-        text = ""
-        for _ in range(200):
-            with open(log, errors="replace") as f:
-                f.seek(start)
-                text = f.read()
-            if "upload of 'm' to more devices failed" in text:
-                break
-            time.sleep(0.02)
+        text = _log_until(store, log, start, "upload of 'm' to more devices failed")
         assert "uploading 'm' to 1 more device from its host copy" in text, text
         assert "upload of 'm' to more devices failed" in text, text
         assert any(s in text for s in ("no CUDA device", "built without CUDA support")), text
@@ -264,16 +259,7 @@ def test_kept_gpu_copies_are_taken_out_of_the_store(tmp_path):
     data = os.urandom(1 << 12)
     path = write_safetensors(tmp_path / "m.safetensors", [("w", "U8", [len(data)], data)])
     store = FdStore(os.path.join(tmp, "notify.sock"))
-    proc = store.start(tmp)
-    try:
-        wait_ready(store, proc)
-        out = ctl_json(tmp, "preload", "m", str(path))
-        store.pump(0.5)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    except BaseException:
-        proc.kill()
-        raise
+    out = _preloaded_then_killed(store, tmp, ("m", str(path)))
     # Host-only: nothing under a GPU name was stored.
     assert not [n for n in store.fds if n.startswith("wsd-g")], sorted(store.fds)
     head, manifest = _record(store, "m")
@@ -286,14 +272,7 @@ def test_kept_gpu_copies_are_taken_out_of_the_store(tmp_path):
     proc = store.start(tmp)
     try:
         wait_ready(store, proc)
-        text = ""
-        for _ in range(250):
-            store.pump(0.02)
-            with open(log, errors="replace") as f:
-                f.seek(start)
-                text = f.read()
-            if "upload of 'm' to more devices failed" in text:
-                break
+        text = _log_until(store, log, start, "upload of 'm' to more devices failed")
         assert ("uploading 'm' to 1 more device from its host copy, unless the copy kept there "
                 "from before the restart can be taken back") in text, text
         assert "upload of 'm' to more devices failed" in text, text
