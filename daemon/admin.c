@@ -166,9 +166,10 @@ static void gpu_state_set(json_t *d, int device)
 
 /*
  * The GPU tier for stats: whether the build has CUDA, and once a preload has probed the
- * devices (stats never starts the probe: it can block the loop for seconds), each device.
+ * devices (stats never starts the probe: it can block the loop for seconds), each device
+ * with the copies of listed models on it (draining ones included: they still hold memory).
  */
-static json_t *gpu_json(void)
+static json_t *gpu_json(const registry_t *r)
 {
     const gpu_probe_t *p = gpu_probe_peek();
     json_t *doc = json_pack("{s:b, s:b}", "cuda_build", gpu_build_has_cuda(), "probed", p != NULL);
@@ -190,6 +191,18 @@ static json_t *gpu_json(void)
                       "total_bytes", (json_int_t)p->dev[i].total_bytes, "vmm", p->dev[i].vmm,
                       "posix_fd", p->dev[i].posix_fd);
         gpu_state_set(d, i);
+        {
+            json_int_t copies = 0, bytes = 0;
+
+            for (const model_t *m = r->models; m; m = m->next)
+                for (size_t k = 0; k < m->ngpu; k++)
+                    if (m->gpu[k].device == i) {
+                        copies++;
+                        bytes += (json_int_t)m->gpu[k].size;
+                    }
+            json_object_set_new(d, "copies", json_integer(copies));
+            json_object_set_new(d, "copy_bytes", json_integer(bytes));
+        }
         json_array_append_new(devs, d);
     }
     json_object_set_new(doc, "devices", devs);
@@ -589,7 +602,7 @@ static void handle_stats(conn_t *c, uint64_t id)
     if (doc) {
         /* Whether --page-cache auto can drop anything on this kernel (cachestat). */
         json_object_set_new(doc, "page_cache_auto", json_boolean(source_cache_auto_works()));
-        json_object_set_new(doc, "gpu", gpu_json());
+        json_object_set_new(doc, "gpu", gpu_json(r));
     }
     send_json(c, id, doc);
 }

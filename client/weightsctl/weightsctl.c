@@ -626,6 +626,15 @@ static int render_prometheus(const char *stats, const char *models)
             prom_label(jstr(d, "device"));
             fprintf(prom_out, "\"} %d\n", strcmp(jstr(d, "state"), "degraded") == 0);
         }
+        fprintf(prom_out, "# HELP weightsd_gpu_copy_bytes Device memory the listed models' "
+                          "copies hold on the device.\n"
+                          "# TYPE weightsd_gpu_copy_bytes gauge\n");
+        json_array_foreach(m, i, d)
+        {
+            fprintf(prom_out, "weightsd_gpu_copy_bytes{device=\"");
+            prom_label(jstr(d, "device"));
+            fprintf(prom_out, "\"} %" PRIu64 "\n", jint(d, "copy_bytes"));
+        }
     }
     json_decref(st);
     json_decref(ms);

@@ -517,7 +517,13 @@ def check_device_evicted(res, d, tmp):
     def listed_devices():
         return [x.get("devices") for x in d.ctl_json("list") if x["name"] == "evd"]
 
+    def stats_copy_bytes():
+        devs = d.ctl_json("stats")["gpu"]["devices"]
+        return [x["copy_bytes"] for x in devs if x["device"] == "cuda:0"][0]
+
     res["listed_before"] = listed_devices()
+    res["copy_bytes_of_evd"] = devices()["cuda:0"]["bytes"]
+    res["stats_copy_bytes_before"] = stats_copy_bytes()
     w = Worker(d.sock, "evd", path)
     try:
         w.ask("attach")
@@ -537,6 +543,7 @@ def check_device_evicted(res, d, tmp):
     time.sleep(1)
     res["devices_after_drain"] = sorted(devices())
     res["listed_after_drain"] = listed_devices()
+    res["stats_copy_bytes_after_drain"] = stats_copy_bytes()
     # The worker (and its context) is gone; so must the 64 MiB copy be.
     res["mib_above_start_after_drain"] = smi_used_mib() - used_start
     # Back on cuda:0 from the host copy, then forced off under a live mapping.
@@ -552,6 +559,8 @@ def check_device_evicted(res, d, tmp):
     res["listed"] = [x["name"] for x in d.ctl_json("list")].count("evd") == 1
     d.ctl("evict", "evd")
     res["ok"] = (res["listed_before"] == [["cuda:0"]] and res["listed_after_drain"] == [None]
+                 and res["stats_copy_bytes_before"] - res["stats_copy_bytes_after_drain"]
+                 == res["copy_bytes_of_evd"]
                  and res["leases_on_cuda0"] >= 1 and res["refused_with_lease"]
                  and res["drain"].startswith("draining evd from cuda:0")
                  and res["draining_flag"] is True and res["info_text_says_draining"]
