@@ -6,7 +6,8 @@
  *   FDNAME "wsd-m.<name>"  its record: u32 LE length, JSON {name, source, key, hash, dtype,
  *                          arena_size, format, devices, allow_gpu_write}, then the packed
  *                          weightsd.v1.Manifest
- *   FDNAME "wsd-gN.<name>" the CUDA VMM export fd of its copy on cuda:N, for each such copy
+ *   FDNAME "wsd-gN.<hash>.<name>"  the CUDA VMM export fd of its copy on cuda:N, for each
+ *                          such copy; the content hash ties it to the record it goes with
  *
  * Names are encoded with notify_fdname(). An evicted model's pair is removed from the store
  * (FDSTOREREMOVE=1); a clean stop or a crash leaves it there, which is the point. Models served
@@ -35,7 +36,7 @@
 
 #define PREFIX_ARENA  "wsd-a."
 #define PREFIX_RECORD "wsd-m."
-#define PREFIX_GPU    "wsd-g" /* + the CUDA ordinal + '.': "wsd-g0.<name>" */
+#define PREFIX_GPU    "wsd-g" /* "wsd-g<ordinal>.<content hash>.<name>" */
 #define RECORD_MAX    (WSD_FRAME_MAX + (1u << 20)) /* a manifest plus its JSON header */
 
 void fdstore_init(fdstore_t *fs, notify_t *n)
@@ -128,12 +129,15 @@ static int record_new(const model_t *m)
     return fd;
 }
 
-/* FDNAME of the export fd of \p name's copy on cuda:\p device. */
-static int gpu_fdname(char *dst, size_t size, int device, const char *name)
+/* FDNAME of the export fd of the copy on cuda:\p device of model \p name with content \p hash
+ * (a copy is only ever taken back for a record of the same content). */
+static int gpu_fdname(char *dst, size_t size, int device, const char *hash, const char *name)
 {
-    char prefix[24];
+    char prefix[64];
 
-    snprintf(prefix, sizeof(prefix), PREFIX_GPU "%d.", device);
+    if (strlen(hash) != 32 || strspn(hash, "0123456789abcdef") != 32)
+        return -EINVAL;
+    snprintf(prefix, sizeof(prefix), PREFIX_GPU "%d.%s.", device, hash);
     return notify_fdname(dst, size, prefix, name);
 }
 
@@ -158,7 +162,7 @@ static void store_gpu(fdstore_t *fs, const model_t *m)
         const gpu_export_t *g = model_gpu(m, d);
         char gn[256];
 
-        if (gpu_fdname(gn, sizeof(gn), d, m->name) < 0)
+        if (gpu_fdname(gn, sizeof(gn), d, m->hash, m->name) < 0)
             continue;
         (void)notify_fdstore_remove(fs->notify, gn);
         if (g && g->kind == GPU_HANDLE_POSIX_FD && g->fd >= 0 &&
@@ -205,7 +209,7 @@ static void on_gone(void *data, model_t *m)
     if (notify_fdname(mn, sizeof(mn), PREFIX_RECORD, m->name) == 0)
         (void)notify_fdstore_remove(fs->notify, mn);
     for (int d = 0; d < gpu_ordinals(); d++)
-        if (gpu_fdname(mn, sizeof(mn), d, m->name) == 0)
+        if (gpu_fdname(mn, sizeof(mn), d, m->hash, m->name) == 0)
             (void)notify_fdstore_remove(fs->notify, mn);
 }
 
@@ -328,13 +332,14 @@ static manifest_t *manifest_from_pb(const Weightsd__V1__Manifest *pb)
  * taken back, on_devices stores its fd again, and one that cannot be is closed rather than
  * left there holding device memory.
  */
-static void take_kept(fdstore_t *fs, const char *name, const int *devs, size_t n, int *kept)
+static void take_kept(fdstore_t *fs, const char *name, const char *hash, const int *devs,
+                      size_t n, int *kept)
 {
     for (size_t i = 0; i < n; i++) {
         char gn[256];
 
         kept[i] = -1;
-        if (gpu_fdname(gn, sizeof(gn), devs[i], name) < 0)
+        if (!hash || gpu_fdname(gn, sizeof(gn), devs[i], hash, name) < 0)
             continue;
         for (size_t k = 0; k < fs->npending; k++)
             if (fs->pending[k].fd >= 0 && strcmp(fs->pending[k].name, gn) == 0) {
@@ -392,7 +397,7 @@ static int adopt_one(fdstore_t *fs, registry_t *r, int rec_fd, int arena_fd, con
         int devs[GPU_DEVICES_MAX], kept[GPU_DEVICES_MAX];
         size_t n = record_devices(doc, want, devs);
 
-        take_kept(fs, want, devs, n, kept);
+        take_kept(fs, want, json_string_value(json_object_get(doc, "hash")), devs, n, kept);
         if (n && registry_upload_again(r, want, devs, n, kept,
                                        json_is_true(json_object_get(doc, "allow_gpu_write")),
                                        msg, sizeof(msg)) < 0)

@@ -576,7 +576,7 @@ def check_device_evicted(res, d, tmp):
 def check_restart_reupload(res, tmp):
     """Restart without reloading, GPU tier: a model preloaded for cuda:0 under an emulation of
     systemd's fd store, the daemon SIGKILLed and started again. The copy's export fd, kept in
-    the store ("wsd-g0.r"), must hold the device memory while nothing else does, and the new
+    the store ("wsd-g0.<hash>.r"), must hold the device memory while nothing else does, and the new
     daemon must take it back (gpu_adopt(): no upload, fill_us 0) and store it again, reading
     no checkpoint (the file is deleted first); a worker opening with wait=True as soon as the
     daemon is READY must get the GPU copy, equal to what the file held. Times the start to that attach (for scale only: Dynamo GMS reports ~1.04 s for its failover)."""
@@ -610,7 +610,8 @@ def check_restart_reupload(res, tmp):
     ctl("preload", "r", path, "--device", "cuda:0")
     store.pump(0.5)
     res["records_stored"] = len(store.fds.get("wsd-m.r", []))
-    res["gpu_fds_stored"] = len(store.fds.get("wsd-g0.r", []))
+    kept_name = f"wsd-g0.{first['hash']}.r"
+    res["gpu_fds_stored"] = len(store.fds.get(kept_name, []))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(1)
@@ -637,7 +638,7 @@ def check_restart_reupload(res, tmp):
         with open(os.path.join(sub, "weightsd.log"), errors="replace") as f:
             res["taken_back"] = "took back its copy kept from before the restart" in f.read()
         store.pump(0.3)
-        res["gpu_fds_stored_again"] = len(store.fds.get("wsd-g0.r", []))
+        res["gpu_fds_stored_again"] = len(store.fds.get(kept_name, []))
         res["same_hash"] = info["hash"] == first["hash"]
         res["verify"] = w.ask("verify")
     finally:

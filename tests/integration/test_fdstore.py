@@ -250,11 +250,12 @@ def test_readopted_model_is_uploaded_to_its_devices_again(tmp_path):
 
 
 def test_kept_gpu_copies_are_taken_out_of_the_store(tmp_path):
-    """A VMM copy's export fd is kept in the store as "wsd-gN.<name>" so that the device memory
-    survives a restart. At the next start such an fd is taken out of the store (stored again
-    only once the copy is taken back), and one that belongs to no re-adopted model is dropped.
-    No GPU here: a forged fd (a memfd) under cuda:0 for a record naming cuda:0 ends with the
-    model on the host tier, the fd closed by the daemon, and no GPU name left in the store."""
+    """A VMM copy's export fd is kept in the store as "wsd-gN.<hash>.<name>" so that the device
+    memory survives a restart. At the next start one whose hash is the re-adopted record's is
+    taken out of the store (stored again only once the copy is taken back); any other (another
+    content under that name, or no such model) is only dropped. No GPU here: forged fds
+    (memfds) under cuda:0 for a record naming cuda:0 end with the model on the host tier, the
+    fds closed by the daemon, and no GPU name left in the store."""
     tmp = str(tmp_path)
     data = os.urandom(1 << 12)
     path = write_safetensors(tmp_path / "m.safetensors", [("w", "U8", [len(data)], data)])
@@ -264,27 +265,46 @@ def test_kept_gpu_copies_are_taken_out_of_the_store(tmp_path):
     assert not [n for n in store.fds if n.startswith("wsd-g")], sorted(store.fds)
     head, manifest = _record(store, "m")
     _replace_record(store, "m", {**head, "devices": [0]}, manifest)
-    store.fds["wsd-g0.m"] = [os.memfd_create("forged-gpu-copy", os.MFD_CLOEXEC)]
-    store.fds["wsd-g1.gone"] = [os.memfd_create("forged-gpu-stray", os.MFD_CLOEXEC)]
-    store.messages.clear()
-    log = os.path.join(tmp, "weightsd.log")
-    start = os.path.getsize(log)
-    proc = store.start(tmp)
     try:
-        wait_ready(store, proc)
-        text = _log_until(store, log, start, "upload of 'm' to more devices failed")
-        assert ("uploading 'm' to 1 more device from its host copy, unless the copy kept there "
-                "from before the restart can be taken back") in text, text
-        assert "upload of 'm' to more devices failed" in text, text
-        store.pump(0.2)
-        removed = [m["FDNAME"] for m in store.messages if m.get("FDSTOREREMOVE") == "1"]
-        assert "wsd-g0.m" in removed and "wsd-g1.gone" in removed, store.messages
-        assert not [n for n in store.fds if n.startswith("wsd-g")], sorted(store.fds)
-        held = [os.readlink(f"/proc/{proc.pid}/fd/{f}") for f in os.listdir(f"/proc/{proc.pid}/fd")]
-        assert not [h for h in held if "forged-gpu" in h], held
-        assert [(x["name"], x["state"]) for x in ctl_json(tmp, "list")] == [("m", "ready")]
-        assert attach(Sockets(tmp), "m")[-1]["hash"] == out["hash"]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        _two_restarts_with_kept_fds(store, tmp, os.path.join(tmp, "weightsd.log"), head, out)
     finally:
-        cleanup(proc, store)
+        for lst in store.fds.values():  # each daemon was killed and reaped in there
+            for fd in lst:
+                os.close(fd)
+
+
+def _two_restarts_with_kept_fds(store, tmp, log, head, out):
+    """test_kept_gpu_copies_are_taken_out_of_the_store's two restarts: a kept fd of other
+    content (not taken), then one of the record's (taken), each beside a stray one."""
+    taken = ("uploading 'm' to 1 more device from its host copy, unless the copy kept there "
+             "from before the restart can be taken back")
+    for kept_hash, stray in (("0" * 32, "wsd-g1.%s.gone" % ("1" * 32)),
+                             (head["hash"], "wsd-g0.%s.m" % ("2" * 32))):
+        store.fds[f"wsd-g0.{kept_hash}.m"] = [os.memfd_create("forged-gpu-copy",
+                                                              os.MFD_CLOEXEC)]
+        store.fds[stray] = [os.memfd_create("forged-gpu-stray", os.MFD_CLOEXEC)]
+        store.messages.clear()
+        start = os.path.getsize(log)
+        proc = store.start(tmp)
+        try:
+            wait_ready(store, proc)
+            text = _log_until(store, log, start, "upload of 'm' to more devices failed")
+            assert "uploading 'm' to 1 more device from its host copy" in text, text
+            assert (taken in text) == (kept_hash == head["hash"]), (kept_hash, text)
+            assert "upload of 'm' to more devices failed" in text, text
+            store.pump(0.2)
+            removed = [m["FDNAME"] for m in store.messages if m.get("FDSTOREREMOVE") == "1"]
+            assert f"wsd-g0.{kept_hash}.m" in removed and stray in removed, store.messages
+            assert not [n for n in store.fds if n.startswith("wsd-g")], sorted(store.fds)
+            held = [os.readlink(f"/proc/{proc.pid}/fd/{f}")
+                    for f in os.listdir(f"/proc/{proc.pid}/fd")]
+            assert not [h for h in held if "forged-gpu" in h], held
+            assert [(x["name"], x["state"]) for x in ctl_json(tmp, "list")] == [("m", "ready")]
+            assert attach(Sockets(tmp), "m")[-1]["hash"] == out["hash"]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            store.pump(0.2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
