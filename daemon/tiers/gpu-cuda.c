@@ -531,6 +531,24 @@ static int fill(const manifest_t *m, const uint64_t *offsets, int host_fd, uint6
 }
 
 /* VMM: create, map for the fill, unmap, export. On success only the handle and fd remain. */
+/*
+ * Zeroes a new allocation before the fill (RELIABILITY G4): the fill writes the storages and
+ * the padding between storages it packs into one copy, but not the alignment gaps between
+ * copies nor the tail past the layout up to the allocation granularity, and device memory
+ * comes back from the driver as it was left (cuMemCreate and cudaMalloc promise nothing), here
+ * possibly another model's bytes that a worker of this one may not open. Every worker maps the
+ * whole allocation, so all of it is written. Synchronised before the fill starts (its streams
+ * do not wait on other streams).
+ */
+static int zero_device(int dev, void *ptr, uint64_t size, fmt_err_t *err)
+{
+    cudaError_t ce = cudaMemsetAsync(ptr, 0, (size_t)size, cudaStreamPerThread);
+
+    if (ce == cudaSuccess)
+        ce = cudaStreamSynchronize(cudaStreamPerThread);
+    return ce == cudaSuccess ? 0 : rt_fail(err, dev, "cudaMemsetAsync (zeroing)", ce);
+}
+
 static int upload_vmm(const manifest_t *m, const uint64_t *offsets, int host_fd,
                       uint64_t host_size, int dev, uint64_t size, host_progress_t *progress,
                       gpu_alloc_t *a, int *ret_fd, uint64_t *ret_fill_ns, fmt_err_t *err)
@@ -569,6 +587,9 @@ static int upload_vmm(const manifest_t *m, const uint64_t *offsets, int host_fd,
         r = cu_fail(err, dev, "cuMemSetAccess", cr);
         goto out;
     }
+    r = zero_device(dev, (void *)(uintptr_t)ptr, size, err);
+    if (r < 0)
+        goto out;
     r = fill(m, offsets, host_fd, host_size, dev, (char *)(uintptr_t)ptr, progress, ret_fill_ns,
              err);
     if (r < 0)
@@ -615,7 +636,9 @@ static int upload_legacy(const manifest_t *m, const uint64_t *offsets, int host_
         a->dptr = NULL;
         return rt_fail(err, dev, "cudaMalloc", ce);
     }
-    r = fill(m, offsets, host_fd, host_size, dev, a->dptr, progress, ret_fill_ns, err);
+    r = zero_device(dev, a->dptr, size, err);
+    if (r == 0)
+        r = fill(m, offsets, host_fd, host_size, dev, a->dptr, progress, ret_fill_ns, err);
     if (r == 0) {
         ce = cudaIpcGetMemHandle(&h, a->dptr);
         if (ce != cudaSuccess)

@@ -85,6 +85,27 @@ def worker(sock, name, ref_path):
             free1, _ = torch.cuda.mem_get_info()
             say(phase="attached", open_ms=(t1 - t0) * 1e3, state_dict_ms=(t2 - t1) * 1e3,
                 second_open_ms=(t3 - t2) * 1e3, free=free1, ntensors=len(sd), shared=same)
+        elif cmd.startswith("gaps "):
+            # G4: every byte of the allocation outside the storages reads zero (alignment gaps,
+            # the tail up to the granularity). The whole mapping is copied out with the driver
+            # API; storages are found through the library, the size is the daemon's.
+            size = int(cmd.split()[1])
+            lib = weightsd._lib
+            n = lib.wsd_model_storage_count(model.ptr)
+            spans = []
+            for i in range(n):
+                p, nb = ctypes.c_void_p(), ctypes.c_uint64()
+                if lib.wsd_model_storage(model.ptr, i, ctypes.byref(p), ctypes.byref(nb)) == 0:
+                    spans.append((p.value or 0, nb.value))
+            base = min(a for a, _ in spans)
+            buf = (ctypes.c_ubyte * size)()
+            cu = ctypes.CDLL("libcuda.so.1")
+            rc = cu.cuMemcpyDtoH_v2(buf, ctypes.c_uint64(base), ctypes.c_size_t(size))
+            raw = bytearray(buf)
+            for a, nb in spans:
+                raw[a - base:a - base + nb] = bytes(nb)
+            nonzero = len(raw) - raw.count(0) if rc == 0 else None
+            say(phase="gaps", rc=rc, size=size, storages=n, nonzero_outside_storages=nonzero)
         elif cmd == "verify":
             ref = load_file(ref_path, device="cuda")
             bad = [k for k, v in ref.items() if not torch.equal(sd[k], v)]
@@ -436,7 +457,8 @@ def check_load_into(res, d, tmp):
 def check_many_small(res, d, tmp):
     """20000 small tensors of four dtypes: the upload packs many storages into each staging
     copy (daemon/tiers/gpu-stage.c), padding between them, so every tensor read back through
-    a worker's read-only import must equal the file."""
+    a worker's read-only import must equal the file; and (G4) every byte of the allocation
+    outside the storages must read zero, the tail past the layout included."""
     import torch
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(9)
@@ -460,11 +482,13 @@ def check_many_small(res, d, tmp):
     try:
         res["attach"] = w.ask("attach", timeout=180)
         res["verify"] = w.ask("verify", timeout=180)
+        res["gaps"] = w.ask(f"gaps {dev['bytes']}", timeout=180)
     finally:
         w.kill() if w.p.poll() is None else None
     d.ctl("evict", "many")
     res["ok"] = (res["verify"]["mismatches"] == 0 and res["verify"]["on_cuda"]
-                 and res["attach"]["ntensors"] == res["ntensors"])
+                 and res["attach"]["ntensors"] == res["ntensors"]
+                 and res["gaps"]["rc"] == 0 and res["gaps"]["nonzero_outside_storages"] == 0)
 
 
 def check_device_added(res, d, tmp):
