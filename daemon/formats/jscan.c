@@ -101,7 +101,7 @@ static size_t decode(const uint8_t *p, size_t *pos, char *out, size_t cap)
     size_t i = *pos + 1, n = 0;
 
     while (p[i] != '"') {
-        unsigned u, lo;
+        unsigned u = 0, lo = 0xdc00; /* hex4() sets them: pass 1 checked the escapes */
 
         if (p[i] != '\\') {
             put(out, cap, &n, p[i++]);
