@@ -579,9 +579,14 @@ static int add_index_meta(manifest_t *m, jscan_t meta, fmt_err_t *err)
         at = meta.at;
         jscan_skip(&meta);
         v = json_loadb((const char *)meta.p + at, meta.at - at, JSON_DECODE_ANY, &je);
-        if (!v) { /* jscan's dialect is within jansson's; this is a safety net */
+        /* jansson says nothing when an allocation fails before it has begun to parse */
+        if (!v && (json_error_code(&je) == json_error_out_of_memory || !je.text[0]))
+            r = fmt_fail(err, -ENOMEM, NULL, "out of memory reading index metadata '%s'",
+                         SHOWN(key));
+        else if (!v) /* jscan's dialect is within jansson's; this is a safety net */
             r = fmt_fail(err, WSD_EBADCKPT, "E_IDX_JSON", "index metadata '%s' at byte %zu: %s",
                          SHOWN(key), at, je.text);
+        if (!v) {
             free(key);
             return r;
         }
