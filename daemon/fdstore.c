@@ -9,7 +9,7 @@
  *   FDNAME "wsd-gN.<hash>.<name>"  the CUDA VMM export fd of its copy on cuda:N, for each
  *                          such copy; the content hash ties it to the record it goes with
  *
- * Names are encoded with notify_fdname(). An evicted model's pair is removed from the store
+ * Names are encoded with notify_fdname(). An evicted model's fds are removed from the store
  * (FDSTOREREMOVE=1); a clean stop or a crash leaves it there, which is the point. Models served
  * with --share file are not stored (the file itself is their copy). The record names the CUDA
  * ordinals the model is on ("devices", rewritten when one is added or evicted). A VMM copy's
@@ -215,9 +215,9 @@ static void on_gone(void *data, model_t *m)
 
 /*
  * A stored model gained or lost devices (one being evicted from counts as lost): its record
- * is replaced (removed, then stored anew, since the
- * store keeps every fd under a name). A crash between the two leaves the arena without a
- * record, which the next start drops: that model is then preloaded from its checkpoint again.
+ * is replaced (removed, then stored anew, since the store keeps every fd under a name), and so
+ * are its kept GPU fds. A crash between the two leaves the arena without a record, which the
+ * next start drops: that model is then preloaded from its checkpoint again.
  */
 static void on_devices(void *data, model_t *m)
 {
