@@ -276,16 +276,25 @@ static size_t record_devices(const json_t *doc, const char *name, int *devs)
     return json_is_array(a) ? n : 0;
 }
 
-/* Rebuilds a manifest from its wire form (arena offsets included). A storage's dtype is that
- * of the first tensor on it (U8 for one no tensor uses), found in one pass over the tensors. */
-static manifest_t *manifest_from_pb(const Weightsd__V1__Manifest *pb)
+/* manifest_add_*()'s failure as manifest_from_pb() reports it. */
+static int pb_fail(manifest_t *m, int r)
+{
+    manifest_free(m);
+    return r == -ENOMEM ? -ENOMEM : -EINVAL;
+}
+
+/* Rebuilds a manifest from its wire form (arena offsets included) into *ret. A storage's dtype
+ * is that of the first tensor on it (U8 for one no tensor uses), found in one pass over the
+ * tensors. \retval 0, -ENOMEM, or -EINVAL (the record does not describe a model). */
+static int manifest_from_pb(const Weightsd__V1__Manifest *pb, manifest_t **ret)
 {
     manifest_t *m = manifest_new();
     int *dtype = calloc(pb->n_storages ? pb->n_storages : 1, sizeof(*dtype));
+    int e;
 
     if (!m || !dtype) {
         free(dtype);
-        return manifest_free(m);
+        return pb_fail(m, -ENOMEM);
     }
     for (size_t i = 0; i < pb->n_storages; i++)
         dtype[i] = -1;
@@ -298,10 +307,11 @@ static manifest_t *manifest_from_pb(const Weightsd__V1__Manifest *pb)
     for (size_t i = 0; i < pb->n_storages; i++) {
         const Weightsd__V1__StorageInfo *s = pb->storages[i];
 
-        if (manifest_add_storage(m, s->key, 0, s->offset, s->nbytes,
-                                 dtype[i] < 0 ? WSD_DTYPE_U8 : dtype[i], NULL) < 0) {
+        e = manifest_add_storage(m, s->key, 0, s->offset, s->nbytes,
+                                 dtype[i] < 0 ? WSD_DTYPE_U8 : dtype[i], NULL);
+        if (e < 0) {
             free(dtype);
-            return manifest_free(m);
+            return pb_fail(m, e);
         }
         m->storages[i].arena_offset = s->offset;
     }
@@ -312,18 +322,22 @@ static manifest_t *manifest_from_pb(const Weightsd__V1__Manifest *pb)
                           .storage = t->storage, .storage_offset = t->storage_offset};
 
         if (t->n_shape > WSD_MAX_NDIM || t->n_stride != t->n_shape)
-            return manifest_free(m);
+            return pb_fail(m, -EINVAL);
         if (t->n_shape) {
             memcpy(mt.shape, t->shape, t->n_shape * sizeof(int64_t));
             memcpy(mt.stride, t->stride, t->n_stride * sizeof(int64_t));
         }
-        if (manifest_add_tensor(m, &mt) < 0)
-            return manifest_free(m);
+        e = manifest_add_tensor(m, &mt);
+        if (e < 0)
+            return pb_fail(m, e);
     }
-    for (size_t i = 0; i < pb->n_meta; i++)
-        if (manifest_add_meta(m, pb->meta[i]->key, pb->meta[i]->value) < 0)
-            return manifest_free(m);
-    return m;
+    for (size_t i = 0; i < pb->n_meta; i++) {
+        e = manifest_add_meta(m, pb->meta[i]->key, pb->meta[i]->value);
+        if (e < 0)
+            return pb_fail(m, e);
+    }
+    *ret = m;
+    return 0;
 }
 
 /*
@@ -358,30 +372,42 @@ static int adopt_one(fdstore_t *fs, registry_t *r, int rec_fd, int arena_fd, con
 {
     Weightsd__V1__Manifest *pb = NULL;
     json_t *doc = NULL;
+    json_error_t je;
     manifest_t *mf = NULL;
     uint8_t *buf = NULL;
     off_t size = lseek(rec_fd, 0, SEEK_END);
     uint32_t tlen;
     char msg[512];
-    int r2 = WSD_EBADCKPT;
+    int r2 = WSD_EBADCKPT, k;
 
     if (size < 4 || size > (off_t)RECORD_MAX)
         goto out;
     buf = malloc((size_t)size);
-    if (!buf || pread(rec_fd, buf, (size_t)size, 0) != size)
+    if (!buf) {
+        r2 = -ENOMEM;
+        goto out;
+    }
+    if (pread(rec_fd, buf, (size_t)size, 0) != size)
         goto out;
     tlen = (uint32_t)buf[0] | (uint32_t)buf[1] << 8 | (uint32_t)buf[2] << 16 |
            (uint32_t)buf[3] << 24;
     if (tlen > (uint64_t)size - 4)
         goto out;
-    doc = json_loadb((const char *)buf + 4, tlen, 0, NULL);
+    doc = json_loadb((const char *)buf + 4, tlen, 0, &je);
+    /* jansson says nothing when an allocation fails before it has begun to parse */
+    if (!doc && (json_error_code(&je) == json_error_out_of_memory || !je.text[0])) {
+        r2 = -ENOMEM;
+        goto out;
+    }
     pb = weightsd__v1__manifest__unpack(NULL, (size_t)size - 4 - tlen, buf + 4 + tlen);
     if (!doc || !pb || !json_is_string(json_object_get(doc, "name")) ||
         strcmp(json_string_value(json_object_get(doc, "name")), want) != 0)
         goto out;
-    mf = manifest_from_pb(pb);
-    if (!mf)
+    k = manifest_from_pb(pb, &mf);
+    if (k < 0) {
+        r2 = k == -ENOMEM ? -ENOMEM : WSD_EBADCKPT;
         goto out;
+    }
     snprintf(mf->format, sizeof(mf->format), "%s",
              json_string_value(json_object_get(doc, "format")) ?: "");
     r2 = registry_adopt(r, want, json_string_value(json_object_get(doc, "source")),
@@ -405,7 +431,10 @@ static int adopt_one(fdstore_t *fs, registry_t *r, int rec_fd, int arena_fd, con
                       "the host tier", want, msg);
     }
 out:
-    if (r2 == WSD_EBADCKPT && !doc)
+    if (r2 == -ENOMEM)
+        log_warning("fd store: out of memory re-adopting '%s'; it stays in the store for the "
+                    "next start", want);
+    else if (r2 == WSD_EBADCKPT && !doc)
         log_warning("fd store: unreadable record for '%s', dropping it", want);
     manifest_free(mf);
     if (pb)
@@ -421,7 +450,7 @@ unsigned fdstore_adopt_all(fdstore_t *fs, registry_t *r)
 
     for (size_t i = 0; i < fs->npending; i++) {
         char name[256];
-        int rec = -1;
+        int rec = -1, res;
 
         if (fs->pending[i].fd < 0 || strncmp(fs->pending[i].name, PREFIX_ARENA,
                                              strlen(PREFIX_ARENA)) != 0)
@@ -436,9 +465,13 @@ unsigned fdstore_adopt_all(fdstore_t *fs, registry_t *r)
                 rec = (int)k;
         if (rec < 0)
             continue;
-        if (adopt_one(fs, r, fs->pending[rec].fd, fs->pending[i].fd, name) == 0) {
+        res = adopt_one(fs, r, fs->pending[rec].fd, fs->pending[i].fd, name);
+        if (res == 0) {
             fs->pending[i].fd = -1; /* the registry owns the arena now */
             adopted++;
+        } else if (res == -ENOMEM) { /* not the model's fault: kept for the next start */
+            fs->pending[i].keep = true;
+            fs->pending[rec].keep = true;
         }
     }
     return adopted;
@@ -452,7 +485,7 @@ void fdstore_purge(fdstore_t *fs, registry_t *r)
             (void)notify_fdstore_remove(fs->notify, fs->pending[i].name); /* see take_kept() */
             continue;
         }
-        if (fs->pending[i].fd >= 0) {
+        if (fs->pending[i].fd >= 0 && !fs->pending[i].keep) {
             bool record = strncmp(fs->pending[i].name, PREFIX_RECORD, strlen(PREFIX_RECORD)) == 0;
             char name[256];
 

@@ -5,6 +5,7 @@
 #ifndef WSD_FDSTORE_H
 #define WSD_FDSTORE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "notify.h"
@@ -18,6 +19,7 @@ typedef struct fdstore {
     struct {
         char name[256];          /* FDNAME as stored */
         int fd;                  /* owned until adopted or closed */
+        bool keep;               /* left in the store at purge (adoption ran out of memory) */
     } pending[FDSTORE_PENDING_MAX];
     size_t npending;
 } fdstore_t;

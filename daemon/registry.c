@@ -1171,7 +1171,7 @@ int registry_adopt(registry_t *r, const char *name, const char *source, const ch
     fmt_err_t err = {0};
     struct stat st;
     model_t *m;
-    int seals = fcntl(arena_fd, F_GET_SEALS);
+    int seals = fcntl(arena_fd, F_GET_SEALS), k;
 
     if (registry_find(r, name) || !name_ok(name)) {
         snprintf(msg, msglen, "model '%s' exists already or has an invalid name", name);
@@ -1185,10 +1185,11 @@ int registry_adopt(registry_t *r, const char *name, const char *source, const ch
         manifest_free(mf);
         return WSD_EBADCKPT;
     }
-    if (manifest_validate(mf, &err) < 0) {
+    k = manifest_validate(mf, &err);
+    if (k < 0) {
         snprintf(msg, msglen, "stored manifest of '%s': %s", name, err.msg);
         manifest_free(mf);
-        return WSD_EBADCKPT;
+        return k == -ENOMEM ? -ENOMEM : WSD_EBADCKPT;
     }
     for (size_t i = 0; i < mf->nstorages; i++)
         if (mf->storages[i].arena_offset > arena_size ||
@@ -1209,14 +1210,16 @@ int registry_adopt(registry_t *r, const char *name, const char *source, const ch
         snprintf(msg, msglen, "out of memory");
         return -ENOMEM;
     }
-    if (manifest_pb_encode(mf, arena_size, hash, &m->manifest_pb, &m->manifest_pb_len) < 0) {
+    k = manifest_pb_encode(mf, arena_size, hash, &m->manifest_pb, &m->manifest_pb_len);
+    if (k < 0) {
         free(m->name);
         free(m->source);
         free(m->key);
         free(m);
         manifest_free(mf);
-        snprintf(msg, msglen, "cannot encode the manifest of '%s'", name);
-        return WSD_ELIMIT;
+        snprintf(msg, msglen, "cannot encode the manifest of '%s': %s", name,
+                 k == -ENOMEM ? "out of memory" : "too large for a reply");
+        return k == -ENOMEM ? -ENOMEM : WSD_ELIMIT;
     }
     m->reg = r;
     m->mf = mf;

@@ -273,8 +273,9 @@ class FdStore:
                 for fd in fds:
                     os.close(fd)
 
-    def start(self, tmp, extra=()):
-        """Starts weightsd with the stored fds as systemd would pass them."""
+    def start(self, tmp, extra=(), env=None):
+        """Starts weightsd with the stored fds as systemd would pass them (and `env` added to
+        its environment)."""
         names, fds = [], []
         for name, lst in sorted(self.fds.items()):
             for fd in lst:
@@ -290,8 +291,8 @@ class FdStore:
             os.closerange(3 + len(high), 4096)
 
         log = open(os.path.join(tmp, "weightsd.log"), "ab")
-        env = {**os.environ, "NOTIFY_SOCKET": self.path, "LISTEN_FDS": str(len(fds)),
-               "LISTEN_FDNAMES": ":".join(names)}
+        env = {**os.environ, **(env or {}), "NOTIFY_SOCKET": self.path,
+               "LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": ":".join(names)}
         proc = subprocess.Popen(
             ["/bin/sh", "-c", 'LISTEN_PID=$$ exec "$0" "$@"', os.path.join(BIN, "weightsd"),
              "--socket", os.path.join(tmp, "c.sock"), "--admin-socket",
