@@ -237,14 +237,16 @@ model_t *registry_find(registry_t *r, const char *name)
     return NULL;
 }
 
-void model_lease_get(model_t *m, int device)
+uint32_t model_lease_get(model_t *m, int device)
 {
     m->last_used_ms = uv_now(m->reg->loop);
     m->refs++;
     m->leases++;
     m->opens++;
-    if (device >= 0 && device < GPU_DEVICES_MAX)
-        m->gpu_leases[device]++;
+    if (device < 0 || device >= GPU_DEVICES_MAX)
+        return 0;
+    m->gpu_leases[device]++;
+    return m->gpu_gen[device];
 }
 
 /* Frees the copy at m->gpu[i] and closes the gap (opens look copies up by device and keep no
@@ -268,12 +270,13 @@ static ssize_t gpu_index(const model_t *m, int device)
     return -1;
 }
 
-void model_lease_put(model_t *m, int device)
+void model_lease_put(model_t *m, int device, uint32_t gen)
 {
     m->last_used_ms = uv_now(m->reg->loop);
     m->leases--;
-    if (device >= 0 && device < GPU_DEVICES_MAX && m->gpu_leases[device] &&
-        --m->gpu_leases[device] == 0 && model_gpu_removing(m, device)) {
+    if (device >= 0 && device < GPU_DEVICES_MAX && gen == m->gpu_gen[device] &&
+        m->gpu_leases[device] && --m->gpu_leases[device] == 0 &&
+        model_gpu_removing(m, device)) {
         ssize_t i = gpu_index(m, device);
 
         log_info("model '%s' drained from cuda:%d, freeing its copy there", m->name, device);
@@ -1409,6 +1412,10 @@ int registry_evict_device(registry_t *r, const char *name, int device, unsigned 
              n ? " (forced: mapped workers keep the memory)" : "");
     snprintf(msg, msglen, n ? "forced" : "evicted");
     gpu_remove_at(m, (size_t)i);
+    /* Leases left on the copy forced off hold nothing of the daemon's: a copy uploaded there
+     * later starts with none. */
+    m->gpu_leases[device] = 0;
+    m->gpu_gen[device]++;
     if (r->on_devices)
         r->on_devices(r->hook_data, m);
     return 0;

@@ -74,7 +74,9 @@ struct model {
     gpu_export_t *gpu;        /* ngpu device copies (GPU tier), owned; freed with the model, so
                                  never while a lease exists (legacy IPC memory dies with it) */
     size_t ngpu;
-    unsigned gpu_leases[GPU_DEVICES_MAX]; /* of leases, those on each CUDA ordinal */
+    unsigned gpu_leases[GPU_DEVICES_MAX]; /* of leases, those on the copy on each ordinal */
+    uint32_t gpu_gen[GPU_DEVICES_MAX]; /* which copy on that ordinal leases count for: bumped
+                                        * when one is forced off with leases left */
     uint64_t gpu_removing;    /* bit d: the copy on cuda:d takes no new opens and is freed
                                * with its last lease there (registry_evict_device()) */
     bool allow_gpu_write;     /* opens may map the device copies writable */
@@ -254,8 +256,9 @@ bool model_gpu_removing(const model_t *m, int index);
 bool model_uploading_to(const model_t *m, int index);
 
 /* Lease bookkeeping for sessions; \p device is the CUDA ordinal the lease maps, or -1 for
- * the host tier. */
-void model_lease_get(model_t *m, int device);
-void model_lease_put(model_t *m, int device);
+ * the host tier. Get returns the copy's generation, which put is given back: a lease on a
+ * copy forced off its device no longer counts for the one there now. */
+uint32_t model_lease_get(model_t *m, int device);
+void model_lease_put(model_t *m, int device, uint32_t gen);
 
 #endif /* WSD_REGISTRY_H */

@@ -42,6 +42,7 @@ typedef struct lease {
     uint64_t id;
     model_t *model;                /* holds a lease reference */
     int device;                    /* the CUDA ordinal it maps, or -1 for the host tier */
+    uint32_t gen;                  /* which copy there (model_lease_get()) */
 } lease_t;
 
 /* One queued outgoing frame; its fds go with its first byte and are closed once sent. */

@@ -39,8 +39,8 @@ static int lease_add(conn_t *c, model_t *m, int device, uint64_t *ret_id)
     c->leases[c->nleases].id = ++c->srv->next_lease_id;
     c->leases[c->nleases].model = m;
     c->leases[c->nleases].device = device;
+    c->leases[c->nleases].gen = model_lease_get(m, device);
     c->nleases++;
-    model_lease_get(m, device);
     *ret_id = c->srv->next_lease_id;
     return 0;
 }
@@ -299,7 +299,7 @@ static void handle_release(conn_t *c, uint64_t id, const Weightsd__V1__ReleaseRe
     for (size_t i = 0; i < c->nleases; i++) {
         if (c->leases[i].id != req->lease)
             continue;
-        model_lease_put(c->leases[i].model, c->leases[i].device);
+        model_lease_put(c->leases[i].model, c->leases[i].device, c->leases[i].gen);
         c->leases[i] = c->leases[--c->nleases];
         c->srv->stats.releases_total++;
         out.id = id;
@@ -320,7 +320,8 @@ void session_release_all(conn_t *c)
     c->srv->stats.leases_released_on_close += c->nleases;
     while (c->nleases > 0) {
         c->nleases--;
-        model_lease_put(c->leases[c->nleases].model, c->leases[c->nleases].device);
+        model_lease_put(c->leases[c->nleases].model, c->leases[c->nleases].device,
+                        c->leases[c->nleases].gen);
     }
 }
 

@@ -578,6 +578,13 @@ def check_device_evicted(res, d, tmp):
         res["force"] = d.ctl("evict", "evd", "--device", "cuda:0", "--force").stdout.strip()
         res["devices_after_force"] = sorted(devices())
         res["verify_after_force"] = w.ask("verify")["mismatches"]
+        # A new copy there while the forced-off one is still leased: those leases are not
+        # the new copy's, so a plain evict of it goes through.
+        d.preload("evd", path, "--device", "cuda:0")
+        res["leases_on_new_copy"] = devices()["cuda:0"]["leases"]
+        p = d.ctl("evict", "evd", "--device", "cuda:0", check=False)
+        res["new_copy_evicted_plain"] = (p.returncode == 0
+                                         and p.stdout.startswith("evicted evd from cuda:0"))
     finally:
         w.close()
     res["listed"] = [x["name"] for x in d.ctl_json("list")].count("evd") == 1
@@ -594,6 +601,7 @@ def check_device_evicted(res, d, tmp):
                  and res["mib_above_start_after_drain"] < 32
                  and res["force"].startswith("forced evd off cuda:0")
                  and res["devices_after_force"] == ["cpu"] and res["verify_after_force"] == 0
+                 and res["leases_on_new_copy"] == 0 and res["new_copy_evicted_plain"]
                  and res["listed"])
 
 
