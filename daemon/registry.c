@@ -442,23 +442,23 @@ static int preload_gpu(preload_work_t *w)
     atomic_store(&w->progress.done, 0);
     atomic_store(&w->phase, PHASE_UPLOAD);
     for (size_t i = 0; r == 0 && i < w->ndevices; i++) {
+        bool taken = false;
+
         if (w->kept_fds && w->kept_fds[i] >= 0) {
             fmt_err_t kerr = {0};
 
-            r = gpu_adopt(w->mf, w->kept_fds[i], w->devices[i], &w->gpu[i], &kerr);
-            if (r == 0) {
-                w->kept_fds[i] = KEPT_TAKEN;
-                r = manifest_pb_gpu_export(&w->gpu[i], &w->gpu[i].pb, &w->gpu[i].pb_len);
-                continue;
+            taken = gpu_adopt(w->mf, w->kept_fds[i], w->devices[i], &w->gpu[i], &kerr) == 0;
+            if (!taken) {
+                log_warning("'%s': the copy on cuda:%d kept from before the restart cannot be "
+                            "taken back (%s); uploading it again", w->model->name,
+                            w->devices[i], kerr.msg);
+                (void)close(w->kept_fds[i]);
             }
-            log_warning("'%s': the copy on cuda:%d kept from before the restart cannot be "
-                        "taken back (%s); uploading it again", w->model->name, w->devices[i],
-                        kerr.msg);
-            (void)close(w->kept_fds[i]);
-            w->kept_fds[i] = -1;
+            w->kept_fds[i] = taken ? KEPT_TAKEN : -1;
         }
-        r = gpu_upload(w->mf, w->arena.fd, w->arena.size, w->devices[i], &w->progress,
-                       &w->gpu[i], &w->err);
+        if (!taken)
+            r = gpu_upload(w->mf, w->arena.fd, w->arena.size, w->devices[i], &w->progress,
+                           &w->gpu[i], &w->err);
         if (r == 0)
             r = manifest_pb_gpu_export(&w->gpu[i], &w->gpu[i].pb, &w->gpu[i].pb_len);
         if (r < 0 && !w->err.code)
