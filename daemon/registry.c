@@ -1122,6 +1122,15 @@ const gpu_export_t *model_gpu(const model_t *m, int index)
     return i >= 0 ? &m->gpu[i] : NULL;
 }
 
+void model_served_on(const model_t *m, char *buf, size_t len)
+{
+    size_t n = (size_t)snprintf(buf, len, "the host tier (cpu)");
+
+    for (size_t i = 0; i < m->ngpu && n < len; i++)
+        if (!model_gpu_removing(m, m->gpu[i].device))
+            n += (size_t)snprintf(buf + n, len - n, ", cuda:%d", m->gpu[i].device);
+}
+
 bool model_gpu_removing(const model_t *m, int index)
 {
     return index >= 0 && index < GPU_DEVICES_MAX && (m->gpu_removing >> index) & 1;
@@ -1381,12 +1390,11 @@ int registry_evict_device(registry_t *r, const char *name, int device, unsigned 
         return WSD_ELOADING;
     }
     if (i < 0) {
-        size_t len = (size_t)snprintf(msg, msglen, "model '%s' is not on cuda:%d; it is served "
-                                      "on the host tier (cpu)", name, device);
+        char where[256];
 
-        for (size_t j = 0; j < m->ngpu && len < msglen; j++)
-            if (!model_gpu_removing(m, m->gpu[j].device))
-                len += (size_t)snprintf(msg + len, msglen - len, ", cuda:%d", m->gpu[j].device);
+        model_served_on(m, where, sizeof(where));
+        snprintf(msg, msglen, "model '%s' is not on cuda:%d; it is served on %s", name, device,
+                 where);
         return WSD_ENODEV;
     }
     n = m->gpu_leases[device];

@@ -249,6 +249,9 @@ bool model_progress(const model_t *m, const char **ret_phase, uint64_t *ret_done
  * removed: see model_gpu_removing()). */
 const gpu_export_t *model_gpu(const model_t *m, int index);
 
+/* "the host tier (cpu), cuda:0, cuda:3": where \p m takes opens, for errors naming them. */
+void model_served_on(const model_t *m, char *buf, size_t len);
+
 /* Whether the copy on CUDA device \p index is draining away (evicted from that device). */
 bool model_gpu_removing(const model_t *m, int index);
 

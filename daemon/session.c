@@ -45,16 +45,6 @@ static int lease_add(conn_t *c, model_t *m, int device, uint64_t *ret_id)
     return 0;
 }
 
-/* "the host tier (cpu), cuda:0, cuda:3": where \p m is served, for errors naming alternatives. */
-static void served_on(const model_t *m, char *buf, size_t len)
-{
-    size_t n = (size_t)snprintf(buf, len, "the host tier (cpu)");
-
-    for (size_t i = 0; i < m->ngpu && n < len; i++)
-        if (!model_gpu_removing(m, m->gpu[i].device))
-            n += (size_t)snprintf(buf + n, len - n, ", cuda:%d", m->gpu[i].device);
-}
-
 /* The device copy an open asks for, or NULL after sending the error that says why not. */
 static const gpu_export_t *open_gpu(conn_t *c, uint64_t id, model_t *m, int device,
                                     unsigned flags)
@@ -78,7 +68,7 @@ static const gpu_export_t *open_gpu(conn_t *c, uint64_t id, model_t *m, int devi
         return NULL;
     }
     if (!g) {
-        served_on(m, where, sizeof(where));
+        model_served_on(m, where, sizeof(where));
         c->srv->stats.open_errors++;
         conn_send_error(c, id, WSD_ENODEV,
                         "device 'cuda:%d' unavailable: model '%s' is served on %s only "
