@@ -179,3 +179,51 @@ int gpu_stage_read(const manifest_t *m, const uint64_t *offsets, const gpu_chunk
     }
     return 0;
 }
+
+/* The first index where \p a and \p b differ; they do somewhere below \p len. */
+static uint64_t first_diff(const uint8_t *a, const uint8_t *b, uint64_t len)
+{
+    uint64_t lo = 0;
+
+    /* Halve with memcmp (fast) down to a page, then bytes. */
+    while (len - lo > 4096) {
+        uint64_t half = (len - lo) / 2;
+
+        if (memcmp(a + lo, b + lo, (size_t)half) != 0)
+            len = lo + half;
+        else
+            lo += half;
+    }
+    while (a[lo] == b[lo])
+        lo++;
+    return lo;
+}
+
+uint32_t gpu_stage_diff(const manifest_t *m, const uint64_t *offsets, const gpu_chunk_t *c,
+                        const void *want, const void *got, uint8_t *seen, uint32_t *ret_first,
+                        uint64_t *ret_offset, bool *ret_padding)
+{
+    const uint8_t *w = want, *g = got;
+    uint32_t n = 0, last = c->first + (c->count ? c->count : 1);
+    uint64_t pos = 0;
+
+    for (uint32_t j = c->first; j < last; j++) {
+        uint64_t d = c->count ? offsets[j] - c->dev_off : 0;
+        uint64_t len = c->count ? m->storages[j].nbytes : c->len;
+
+        if (len == 0)
+            continue;
+        if (d > pos && ret_padding && memcmp(w + pos, g + pos, (size_t)(d - pos)) != 0)
+            *ret_padding = true;
+        pos = d + len;
+        if (memcmp(w + d, g + d, (size_t)len) == 0)
+            continue;
+        if (n++ == 0) {
+            *ret_first = j;
+            *ret_offset = (c->count ? 0 : c->slice) + first_diff(w + d, g + d, len);
+        }
+        if (seen)
+            (void)__atomic_fetch_or(&seen[j / 8], (uint8_t)(1u << (j % 8)), __ATOMIC_RELAXED);
+    }
+    return n;
+}

@@ -13,6 +13,7 @@
 #ifndef WSD_GPU_STAGE_H
 #define WSD_GPU_STAGE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -50,5 +51,20 @@ int gpu_stage_plan(const manifest_t *m, const uint64_t *offsets, uint64_t stage,
  */
 int gpu_stage_read(const manifest_t *m, const uint64_t *offsets, const gpu_chunk_t *c, int host_fd,
                    uint64_t host_size, void *buf, fmt_err_t *err);
+
+/*
+ * Compares chunk \p c as read back from the device (\p got) with what the upload wrote there
+ * (\p want: gpu_stage_read() of the same chunk), for a verify (RELIABILITY G5). Storage bytes
+ * and the padding between packed storages are compared; a differing storage j sets bit j of
+ * \p seen (m->nstorages bits, may be NULL; set atomically, so threads comparing chunks of one
+ * sliced storage may share it).
+ * \param[out] ret_first, ret_offset  the first differing storage and the byte within it where
+ *             they first differ; written only when some storage differs.
+ * \param[out] ret_padding  set to true when padding bytes differ (may be NULL).
+ * \retval how many storages of the chunk differ (0: it matches).
+ */
+uint32_t gpu_stage_diff(const manifest_t *m, const uint64_t *offsets, const gpu_chunk_t *c,
+                        const void *want, const void *got, uint8_t *seen, uint32_t *ret_first,
+                        uint64_t *ret_offset, bool *ret_padding);
 
 #endif /* WSD_GPU_STAGE_H */

@@ -305,6 +305,106 @@ TEST(short_or_unreadable_arena)
     }
 }
 
+/*
+ * A verify of image \p p against the arena, as gpu-cuda.c runs one: every chunk read again
+ * from the arena and compared with the image's bytes there. \retval storages that differ
+ * (each counted once), with the lowest one's first differing byte.
+ */
+static size_t verify_play(const manifest_t *m, int fd, uint64_t host_size, uint64_t stage,
+                          const played_t *p, uint32_t *first, uint64_t *at, bool *padding)
+{
+    fmt_err_t err = {0};
+    gpu_chunk_t *c = NULL;
+    size_t n = 0, nc = 0;
+    uint8_t *want = malloc(stage), *seen = calloc(m->nstorages / 8 + 1, 1);
+
+    ASSERT(want && seen);
+    *first = UINT32_MAX;
+    *padding = false;
+    ASSERT_EQ(gpu_stage_plan(m, p->off, stage, &c, &nc, &err), 0);
+    for (size_t i = 0; i < nc; i++) {
+        uint32_t f = 0;
+        uint64_t o = 0;
+
+        if (gpu_stage_read(m, p->off, &c[i], fd, host_size, want, &err) != 0)
+            TEST_FAIL("chunk %zu: %s", i, err.msg);
+        if (gpu_stage_diff(m, p->off, &c[i], want, p->dev + c[i].dev_off, seen, &f, &o,
+                           padding) && f < *first) {
+            *first = f;
+            *at = o;
+        }
+    }
+    for (size_t j = 0; j < m->nstorages; j++)
+        n += (seen[j / 8] >> (j % 8)) & 1;
+    free(c);
+    free(seen);
+    free(want);
+    return n;
+}
+
+/* A verify finds every storage a worker wrote, once each, naming the first byte it changed;
+ * padding that is no longer zero is told apart; an untouched copy matches. */
+TEST(verify_finds_what_was_written)
+{
+    static const uint64_t sizes[] = {10, 3 * 4096 + 17, 20, 4096, 4097, 30};
+    uint64_t host, at = 0;
+    manifest_t *m = model(6, sizes, 6, &host);
+    int fd = arena_fd(host);
+    uint32_t first;
+    bool pad;
+    played_t p;
+
+    play(m, fd, host, 4096, &p);
+    ASSERT_UINT_EQ(verify_play(m, fd, host, 4096, &p, &first, &at, &pad), 0);
+    ASSERT(!pad);
+    ASSERT_UINT_EQ(verify_play(m, fd, host, 1u << 20, &p, &first, &at, &pad), 0);
+    /* s1 is sliced at 4096: bytes in its second and fourth slices; s4 once; s5's last byte. */
+    p.dev[p.off[1] + 4096 + 100] ^= 1;
+    p.dev[p.off[1] + 3 * 4096 + 3] ^= 0x80;
+    p.dev[p.off[4] + 4096] ^= 0xff;
+    p.dev[p.off[5] + 29] ^= 2;
+    ASSERT_UINT_EQ(verify_play(m, fd, host, 4096, &p, &first, &at, &pad), 3);
+    ASSERT_UINT_EQ(first, 1);
+    ASSERT_UINT_EQ(at, 4096 + 100);
+    ASSERT(!pad);
+    /* Packed whole in one 1 MiB chunk, the same storages and the same first byte. */
+    ASSERT_UINT_EQ(verify_play(m, fd, host, 1u << 20, &p, &first, &at, &pad), 3);
+    ASSERT_UINT_EQ(first, 1);
+    ASSERT_UINT_EQ(at, 4096 + 100);
+    /* Padding between s2 and s3, written: packed chunks carry it, so they notice. */
+    p.dev[p.off[2] + 20 + 7] = 0x5a;
+    ASSERT_UINT_EQ(verify_play(m, fd, host, 1u << 20, &p, &first, &at, &pad), 3);
+    ASSERT(pad);
+    played_free(&p);
+    close(fd);
+    manifest_free(m);
+}
+
+/* The first differing byte of a large storage is found exactly, wherever it lies. */
+TEST(verify_offset_is_exact)
+{
+    static const uint64_t sizes[] = {1u << 20};
+    static const uint64_t where[] = {0, 1, 4095, 4096, 65537, (1u << 19) + 3, (1u << 20) - 1};
+    uint64_t host, at = 0;
+    manifest_t *m = model(1, sizes, 1, &host);
+    int fd = arena_fd(host);
+    uint32_t first;
+    bool pad;
+    played_t p;
+
+    play(m, fd, host, 1u << 20, &p);
+    for (size_t i = 0; i < sizeof(where) / sizeof(where[0]); i++) {
+        p.dev[where[i]] ^= 0x10;
+        ASSERT_UINT_EQ(verify_play(m, fd, host, 1u << 20, &p, &first, &at, &pad), 1);
+        ASSERT_UINT_EQ(at, where[i]);
+        p.dev[where[i]] ^= 0x10;
+    }
+    ASSERT_UINT_EQ(verify_play(m, fd, host, 1u << 20, &p, &first, &at, &pad), 0);
+    played_free(&p);
+    close(fd);
+    manifest_free(m);
+}
+
 /* Offsets that are not a layout of the model are refused, not copied over each other. */
 TEST(bad_layout_is_refused)
 {
